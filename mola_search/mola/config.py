@@ -1,0 +1,104 @@
+"""MoLA adapter configuration: everything needed to rebuild the adapter on its base model.
+
+Kept separate from the layer code so a saved adapter folder is self-describing
+(`adapter_config.json`) and can be inspected without building a model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mola_search.allocation import AllocationSpec
+from mola_search.errors import UserError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+DEFAULT_TARGETS: tuple[str, ...] = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+)
+
+
+@dataclass(frozen=True)
+class MoLAConfig:
+    """Per-layer experts / top-k / rank plus the LoRA and router hyper-parameters.
+
+    `aux_loss_coef` weights the Switch-style load-balancing loss that is added to
+    the task loss (the official MoLA code computes no such term; we do).
+    """
+
+    experts: tuple[int, ...]
+    top_k: tuple[int, ...]
+    rank: tuple[int, ...]
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    aux_loss_coef: float = 0.01
+    init: str = "kaiming"
+    base_model: str = ""
+    source: str = "custom"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Re-use the allocation validation (lengths, bounds, top_k <= experts).
+        AllocationSpec(tuple(self.experts), tuple(self.top_k), tuple(self.rank), self.source)
+        if self.init not in ("kaiming", "gaussian"):
+            raise UserError(f"unknown LoRA init '{self.init}': use 'kaiming' or 'gaussian'")
+        if not self.target_modules:
+            raise UserError("target_modules is empty: name at least one linear module suffix, e.g. q_proj")
+        if self.lora_alpha <= 0 or not 0.0 <= self.lora_dropout < 1.0 or self.aux_loss_coef < 0:
+            raise UserError("need lora_alpha > 0, 0 <= lora_dropout < 1 and aux_loss_coef >= 0")
+
+    @classmethod
+    def from_spec(cls, spec: AllocationSpec, **kwargs: Any) -> "MoLAConfig":
+        return cls(experts=tuple(spec.experts), top_k=tuple(spec.top_k), rank=tuple(spec.rank),
+                   source=spec.source, **kwargs)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.experts)
+
+    @property
+    def spec(self) -> AllocationSpec:
+        return AllocationSpec(tuple(self.experts), tuple(self.top_k), tuple(self.rank), self.source)
+
+    def scaling(self, layer: int) -> float:
+        return self.lora_alpha / self.rank[layer]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for key in ("experts", "top_k", "rank", "target_modules"):
+            d[key] = list(d[key])
+        d["method"] = "mola"
+        return d
+
+    def save(self, folder: str | Path) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "MoLAConfig":
+        path = Path(folder) / CONFIG_NAME
+        if not path.is_file():
+            raise UserError(f"{folder} is not a MoLA adapter folder: {CONFIG_NAME} is missing")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        if raw.get("method", "mola") != "mola":
+            raise UserError(f"{path} describes a '{raw.get('method')}' adapter, not a MoLA one")
+        raw.pop("method", None)
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise UserError(f"{path}: unknown keys {unknown}; expected a subset of {sorted(known)}")
+        for key in ("experts", "top_k", "rank", "target_modules"):
+            if key in raw:
+                raw[key] = tuple(raw[key])
+        try:
+            return cls(**raw)
+        except TypeError as exc:
+            raise UserError(f"{path}: {exc}") from None

@@ -1,0 +1,135 @@
+"""One adapted linear: frozen base weight + N LoRA experts + a top-k router.
+
+The experts are computed *densely and vectorised*: all N low-rank projections run
+as one matmul with the stacked A (N*r x d_in), the router's renormalised top-k
+weights (zero for unselected experts) scale each expert's r-dim slice, and one
+matmul with the stacked B maps back.  For the small N and r MoLA uses this is the
+same arithmetic as a single LoRA of rank N*r and beats gathering per-token expert
+weights; it needs no Python loop over experts and no host synchronisation, and
+gives exactly the top-k routed output (unselected experts get weight 0, hence
+zero gradient).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class RoutingState:
+    """State shared by every MoLA layer of one model during a forward pass.
+
+    `token_mask` (batch x seq, 1 = real token) keeps padding out of the
+    load-balancing statistics; `collect_stats` turns on per-expert counters.
+    """
+
+    token_mask: torch.Tensor | None = None
+    collect_stats: bool = False
+    aux_losses: list[torch.Tensor] = field(default_factory=list)
+
+
+class MoLALinear(nn.Module):
+    """A frozen `nn.Linear` plus a mixture of LoRA experts with a trainable router."""
+
+    def __init__(self, base: nn.Linear, num_experts: int, top_k: int, rank: int, *, alpha: float,
+                 dropout: float, layer_index: int, state: RoutingState, init: str = "kaiming",
+                 adapter_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.num_experts, self.top_k, self.rank = num_experts, top_k, rank
+        self.scaling = alpha / rank
+        self.layer_index = layer_index
+        self.state = state
+        d_in, d_out = base.in_features, base.out_features
+        device = base.weight.device
+        # A: (experts, r, d_in); B: (d_out, experts, r) so both flatten to matmul operands as views.
+        self.lora_A = nn.Parameter(torch.empty(num_experts, rank, d_in, device=device, dtype=adapter_dtype))
+        self.lora_B = nn.Parameter(torch.zeros(d_out, num_experts, rank, device=device, dtype=adapter_dtype))
+        self.router = nn.Parameter(torch.empty(num_experts, d_in, device=device, dtype=adapter_dtype))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.register_buffer("stat_counts", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
+        self.register_buffer("stat_weights", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
+        self.register_buffer("stat_tokens", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.reset_parameters(init)
+
+    def reset_parameters(self, init: str = "kaiming") -> None:
+        """LoRA's init: A random, B zero, so the adapted model starts equal to the base model."""
+        with torch.no_grad():
+            for e in range(self.num_experts):  # init only, not the hot path
+                if init == "gaussian":
+                    nn.init.normal_(self.lora_A[e], std=1.0 / self.rank)
+                else:
+                    nn.init.kaiming_uniform_(self.lora_A[e], a=math.sqrt(5))
+            nn.init.kaiming_uniform_(self.router, a=math.sqrt(5))
+            self.lora_B.zero_()
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router probabilities (fp32 softmax) and dense gates with renormalised top-k weights."""
+        probs = F.linear(x, self.router).float().softmax(dim=-1)
+        top_w, top_i = probs.topk(self.top_k, dim=-1)
+        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        gates = torch.zeros_like(probs).scatter(-1, top_i, top_w)
+        return probs, gates
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        xa = x.to(self.lora_A.dtype)
+        probs, gates = self.route(xa)
+        if self.training or self.state.collect_stats:
+            self._record(probs, gates)
+        e, r = self.num_experts, self.rank
+        hidden = F.linear(self.dropout(xa), self.lora_A.view(e * r, -1))
+        hidden = (hidden.view(*hidden.shape[:-1], e, r) * gates.to(hidden.dtype).unsqueeze(-1)).flatten(-2)
+        delta = F.linear(hidden, self.lora_B.view(-1, e * r)) * self.scaling
+        return result + delta.to(result.dtype)
+
+    def _record(self, probs: torch.Tensor, gates: torch.Tensor) -> None:
+        """Load-balancing loss (training) and selection statistics (on demand), padding excluded."""
+        mask = self.state.token_mask
+        flat_p = probs.reshape(-1, self.num_experts)
+        chosen = (gates.reshape(-1, self.num_experts) > 0).to(flat_p.dtype)
+        if mask is not None and mask.numel() == flat_p.shape[0]:
+            m = mask.reshape(-1, 1).to(flat_p.dtype)
+            flat_p = torch.where(m > 0, flat_p, 0.0)  # padding rows must not leak NaN/inf into the sums
+        else:
+            m = torch.ones_like(flat_p[:, :1])
+        if self.training:
+            self.state.aux_losses.append(load_balancing_loss(flat_p, chosen, m, self.top_k))
+        if self.state.collect_stats:
+            with torch.no_grad():
+                self.stat_counts += (chosen * m).sum(0).double()
+                self.stat_weights += (gates.reshape(-1, self.num_experts).float() * m).sum(0).double()
+                self.stat_tokens += m.sum().double()
+
+    def reset_stats(self) -> None:
+        self.stat_counts.zero_()
+        self.stat_weights.zero_()
+        self.stat_tokens.zero_()
+
+    def expert_deltas(self) -> torch.Tensor:
+        """Each expert's weight update B_e A_e * scaling, shape (experts, d_out, d_in); for analysis."""
+        b = self.lora_B.detach().permute(1, 0, 2)  # (experts, d_out, r)
+        return torch.bmm(b, self.lora_A.detach()) * self.scaling
+
+    def extra_repr(self) -> str:
+        return (f"layer={self.layer_index}, experts={self.num_experts}, top_k={self.top_k}, "
+                f"rank={self.rank}, scaling={self.scaling:g}")
+
+
+def load_balancing_loss(probs: torch.Tensor, chosen: torch.Tensor, mask: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Switch-Transformer balance loss generalised to top-k: N * sum_i f_i * P_i.
+
+    f_i is the fraction of (token, slot) assignments that went to expert i (so the
+    f_i sum to 1 for any k) and P_i the mean router probability of expert i, both
+    over real tokens.  A perfectly balanced router gives exactly 1.
+    """
+    num_experts = probs.shape[-1]
+    tokens = mask.sum().clamp_min(1.0)
+    f = (chosen * mask).sum(0) / (tokens * top_k)
+    p = (probs * mask).sum(0) / tokens
+    return num_experts * (f * p).sum()

@@ -1,0 +1,1 @@
+"""Training and evaluation: batching (tokens), trainer (the loop), evaluate (scoring), run (one whole run)."""

@@ -1,0 +1,96 @@
+"""Examples -> token tensors: answer-only labels, left-truncated prompts, left-padded batches.
+
+Left padding puts every row's answer at the end of the batch, so the LM head
+(576 x 49k for SmolLM2: the biggest matmul of the model) only has to run on the
+last few positions (`logits_to_keep`) in training and scoring alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mola_search.tasks import Example
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE on prompt tokens: the loss is on the answer only
+
+    @property
+    def num_answer_tokens(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Prompt tokens, with the tokenizer's BOS if it uses one, so training and scoring agree."""
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def encode_answer(tokenizer, answer: str) -> list[int]:
+    return tokenizer(answer, add_special_tokens=False)["input_ids"]
+
+
+def encode_example(tokenizer, example: Example, cutoff_len: int) -> Encoded:
+    """Prompt + answer (+ EOS for free-form targets); prompt cut from the left to fit `cutoff_len`.
+
+    Cutting the prompt's start rather than the answer keeps the supervised tokens
+    and the text right before them, which is what the answer depends on most.
+    """
+    answer = encode_answer(tokenizer, example.answer)
+    if example.target is not None and tokenizer.eos_token_id is not None:
+        answer = answer + [tokenizer.eos_token_id]
+    answer = answer[:cutoff_len - 1]
+    prompt = encode_prompt(tokenizer, example.prompt)
+    prompt = prompt[max(0, len(prompt) - (cutoff_len - len(answer))):]
+    return Encoded(prompt + answer, [IGNORE] * len(prompt) + answer)
+
+
+def collate(items: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad a micro-batch to its longest sequence; positions restart at 0 after the padding."""
+    width = max(len(e.input_ids) for e in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, e in enumerate(items):
+        n = len(e.input_ids)
+        ids[row, width - n:] = torch.tensor(e.input_ids)
+        labels[row, width - n:] = torch.tensor(e.labels)
+        mask[row, width - n:] = 1
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
+
+
+def answer_span(batch: dict[str, torch.Tensor]) -> int:
+    """How many trailing positions hold logits that predict answer tokens (+1 for the one before)."""
+    labelled = (batch["labels"] != IGNORE).any(0).nonzero()
+    return int(batch["labels"].shape[1] - labelled.min()) + 1 if len(labelled) else 1
+
+
+def tail_logits(model, batch: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
+    """Logits of the last `keep` positions, computing the LM head only there when the model allows it."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    try:
+        return model(**inputs, logits_to_keep=keep).logits[:, -keep:]
+    except TypeError:  # models without logits_to_keep: full logits, then slice
+        return model(**inputs).logits[:, -keep:]
+
+
+def batches(encoded: Sequence[Encoded], batch_size: int, generator: torch.Generator,
+            shuffle: bool = True) -> Iterator[list[Encoded]]:
+    """Shuffled batches, length-sorted inside windows of 8 batches to cut padding on CPU."""
+    order = torch.randperm(len(encoded), generator=generator).tolist() if shuffle else list(range(len(encoded)))
+    window = batch_size * 8
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: len(encoded[i].input_ids))
+        groups = [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        if shuffle:
+            perm = torch.randperm(len(groups), generator=generator).tolist()
+            groups = [groups[i] for i in perm]
+        for g in groups:
+            yield [encoded[i] for i in g]

@@ -1,0 +1,236 @@
+"""One fine-tuning run from a `RunConfig`: resolve -> build adapter -> train -> score -> save.
+
+This is the unit the search's trials, the benchmark table and `mola-train` all
+call, so a run folder always looks the same: allocation.json, metrics.json,
+adapter/, router_stats.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mola_search.allocation import AllocationSpec, resolve_allocation
+from mola_search.errors import UserError
+from mola_search.mola import DEFAULT_TARGETS, MoLAConfig, MoLAModel
+from mola_search.models import DEFAULT_MODEL, decoder_layers, load_base_model
+from mola_search.tasks import Example, TaskData, load_task
+from mola_search.train.evaluate import evaluate_accuracy, evaluate_generation
+from mola_search.train.trainer import StepEvent, TrainConfig, train
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs; every field is a CLI flag of `mola-train` and a key of a YAML/JSON config."""
+
+    task: str = "mrpc"
+    model: str = DEFAULT_MODEL
+    dtype: str = "auto"
+    data_dir: str | None = None
+    method: str = "mola"
+    shape: str | None = None            # paper shape name, digit notation or comma list
+    allocation: str | None = None       # path to an allocation spec JSON
+    budget: int | None = None           # default 5 x layers
+    top_k: int = 2
+    rank: int = 8
+    min_experts: int = 1
+    max_experts: int | None = None
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    aux_loss_coef: float = 0.01
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    train: TrainConfig = field(default_factory=TrainConfig)
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+    eval_batch_size: int = 16
+    eval_mode: str = "loglik"           # or "generate" (greedy decoding + answer parsing, as the paper)
+    eval_splits: tuple[str, ...] = ("validation", "test")
+    out: str | None = None
+    threads: int | None = None
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "RunConfig":
+        known = {f.name for f in fields(cls)}
+        train_known = {f.name for f in fields(TrainConfig)}
+        raw = dict(raw)
+        train_raw = dict(raw.pop("train", {}) or {})
+        for key in list(raw):  # flat train keys (e.g. lr, epochs) are accepted too
+            if key in train_known and key not in known:
+                train_raw[key] = raw.pop(key)
+        unknown = sorted(set(raw) - known) + sorted(set(train_raw) - train_known)
+        if unknown:
+            raise UserError(f"unknown run config keys {unknown}; known: {sorted(known | train_known)}")
+        if "target_modules" in raw:
+            raw["target_modules"] = tuple(raw["target_modules"])
+        if "eval_splits" in raw:
+            raw["eval_splits"] = tuple(raw["eval_splits"])
+        return cls(**raw, train=TrainConfig(**train_raw))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        d["eval_splits"] = list(self.eval_splits)
+        return d
+
+
+@dataclass
+class Prepared:
+    """A resolved run: model loaded, data loaded, allocation fixed. Cheap to print for --dry-run."""
+
+    config: RunConfig
+    base_model: torch.nn.Module
+    tokenizer: Any
+    data: TaskData
+    spec: AllocationSpec | None
+    splits: dict[str, list[Example]]
+
+    @property
+    def num_layers(self) -> int:
+        return len(decoder_layers(self.base_model))
+
+
+def prepare(config: RunConfig, *, base: tuple[torch.nn.Module, Any] | None = None,
+            data: TaskData | None = None) -> Prepared:
+    """Resolve model, task and allocation; `base` / `data` let a caller reuse already loaded ones."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if config.eval_mode not in ("loglik", "generate"):
+        raise UserError(f"unknown eval mode '{config.eval_mode}': use 'loglik' or 'generate'")
+    data = data or load_task(config.task, config.data_dir, val_seed=0)
+    base_model, tokenizer = base or load_base_model(config.model, dtype=config.dtype)
+    spec = resolve_spec(config, len(decoder_layers(base_model))) if config.method == "mola" else None
+    splits = {
+        "train": _subsample(data.splits["train"], config.max_train_examples, config.train.seed),
+        **{s: _subsample(data.splits[s], config.max_eval_examples, 0) for s in ("validation", "test")},
+    }
+    return Prepared(config, base_model, tokenizer, data, spec, splits)
+
+
+def resolve_spec(config: RunConfig, num_layers: int) -> AllocationSpec:
+    if config.shape and config.allocation:
+        raise UserError("pass either --shape or --allocation, not both")
+    budget = config.budget if config.budget is not None else 5 * num_layers
+    value = config.allocation or config.shape or "inverted_triangle"
+    return resolve_allocation(value, num_layers, budget, top_k=config.top_k, rank=config.rank,
+                              min_count=config.min_experts, max_count=config.max_experts)
+
+
+def build_model(prepared: Prepared) -> torch.nn.Module:
+    c = prepared.config
+    if c.method != "mola":
+        from mola_search.methods import build_baseline  # baselines live beside, not inside, MoLA
+        return build_baseline(c, prepared.base_model)
+    mola_config = MoLAConfig.from_spec(prepared.spec, target_modules=tuple(c.target_modules),
+                                       lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
+                                       aux_loss_coef=c.aux_loss_coef, base_model=c.model)
+    return MoLAModel(prepared.base_model, mola_config)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, frozen base) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return trainable, frozen
+
+
+def describe(prepared: Prepared, model: torch.nn.Module) -> dict[str, Any]:
+    trainable, frozen = count_parameters(model)
+    spec = prepared.spec
+    return {
+        "model": prepared.config.model, "task": prepared.data.name, "method": prepared.config.method,
+        "num_layers": prepared.num_layers,
+        "allocation": list(spec.experts) if spec else None,
+        "top_k": list(spec.top_k) if spec else None, "rank": list(spec.rank) if spec else None,
+        "budget": spec.budget if spec else None,
+        "trainable_params": trainable, "base_params": frozen,
+        "trainable_percent": 100.0 * trainable / max(1, frozen),
+        "split_sizes": {k: len(v) for k, v in prepared.splits.items()},
+        "split_notes": list(prepared.data.notes), "data_source": prepared.data.source,
+    }
+
+
+def evaluate(model: torch.nn.Module, prepared: Prepared, split: str) -> dict[str, Any]:
+    c = prepared.config
+    examples = prepared.splits[split]
+    if c.eval_mode == "generate":
+        res = evaluate_generation(model, prepared.tokenizer, examples, cutoff_len=c.train.cutoff_len)
+    else:
+        res = evaluate_accuracy(model, prepared.tokenizer, examples, batch_size=c.eval_batch_size,
+                                cutoff_len=c.train.cutoff_len)
+    return {**res.to_dict(), "majority_baseline": prepared.data.majority_baseline(split) if examples else None}
+
+
+@dataclass
+class RunOutcome:
+    metrics: dict[str, Any]
+    model: torch.nn.Module
+
+
+def execute(prepared: Prepared, *, callbacks: Sequence[Callable[[StepEvent], bool | None]] = (),
+            progress: bool = True, save: bool = True, init_from: str | None = None) -> RunOutcome:
+    """Train and score one run; write its folder when `config.out` is set and `save` is true."""
+    c = prepared.config
+    torch.manual_seed(c.train.seed)
+    random.seed(c.train.seed)
+    model = build_model(prepared)
+    if init_from:
+        from mola_search.methods import load_adapter_into
+        load_adapter_into(model, init_from)
+    info = describe(prepared, model)
+    t0 = time.perf_counter()
+    result = train(model, prepared.tokenizer, prepared.splits["train"], c.train, callbacks=callbacks,
+                   progress=progress)
+    metrics: dict[str, Any] = {**info, "train_loss_curve": result.loss_curve, "aux_loss_curve": result.aux_curve,
+                               "train_steps": result.steps, "train_tokens": result.train_tokens,
+                               "tokens_per_second": result.tokens_per_second,
+                               "train_wall_time_s": result.wall_time, "stopped_early": result.stopped_early}
+    router = None
+    for split in c.eval_splits:
+        if split == "validation" and isinstance(model, MoLAModel):
+            with model.collecting_router_stats():
+                metrics[split] = evaluate(model, prepared, split)
+            router = model.router_stats()
+        else:
+            metrics[split] = evaluate(model, prepared, split)
+    metrics["wall_time_s"] = time.perf_counter() - t0
+    metrics["config"] = c.to_dict()
+    metrics["environment"] = {"torch": torch.__version__, "python": platform.python_version(),
+                              "threads": torch.get_num_threads(), "machine": platform.machine()}
+    if save and c.out:
+        out = Path(c.out)
+        out.mkdir(parents=True, exist_ok=True)
+        if prepared.spec is not None:
+            from mola_search.allocation import save_spec
+            save_spec(prepared.spec, out / "allocation.json", model=c.model, task=prepared.data.name)
+        model.save_adapter(out / "adapter", task=prepared.data.name)
+        if router is not None:
+            (out / "router_stats.json").write_text(json.dumps(router, indent=1) + "\n")
+        (out / "metrics.json").write_text(json.dumps(_finite(metrics), indent=2) + "\n")
+    return RunOutcome(metrics, model)
+
+
+def _subsample(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
+    if limit is None or limit >= len(examples):
+        return list(examples)
+    rng = random.Random(seed)
+    return rng.sample(list(examples), limit)
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN: write null instead so every reader can parse the file."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj

@@ -1,0 +1,35 @@
+"""Shared fixtures. The model cache defaults to <repo>/.cache/mola-search (git-ignored) for tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Set before anything reads it, and only if the caller has not chosen a cache already, so the
+# embedded model is converted once per checkout rather than into the user's home cache.
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("MOLA_CACHE_DIR", str(REPO / ".cache" / "mola-search"))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real embedded SmolLM2-135M-Instruct in fp32, with its tokenizer (converted once, cached)."""
+    from mola_search.models import load_base_model
+
+    return load_base_model(None, dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm2):
+    """The SmolLM2 tokenizer (shared: do not change its settings in a test)."""
+    return smollm2[1]
+
+
+@pytest.fixture
+def tiny_model():
+    """A fresh 4-layer random LLaMA (fp32, frozen); cheap enough to build per test."""
+    from mola_search.models import tiny_llama
+
+    return tiny_llama(num_layers=4)

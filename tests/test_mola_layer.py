@@ -1,0 +1,138 @@
+"""The MoLA adapter: vectorised forward vs the per-expert loop, balance loss, injection, save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mola_search.errors import UserError
+from mola_search.mola import MoLAConfig, MoLALinear, MoLAModel, load_balancing_loss
+from mola_search.mola.layer import RoutingState
+from mola_search.models import tiny_llama
+from reference_mola import reference_forward
+
+
+def _layer(num_experts=5, top_k=2, rank=4, d_in=24, d_out=20, seed=0) -> MoLALinear:
+    torch.manual_seed(seed)
+    base = nn.Linear(d_in, d_out, bias=True)
+    base.requires_grad_(False)
+    layer = MoLALinear(base, num_experts, top_k, rank, alpha=8.0, dropout=0.0, layer_index=0,
+                       state=RoutingState())
+    with torch.no_grad():  # non-zero B so every expert contributes
+        layer.lora_B.normal_(std=0.5)
+    return layer
+
+
+@pytest.mark.parametrize("num_experts,top_k", [(1, 1), (2, 1), (5, 2), (8, 3), (4, 4)])
+def test_vectorised_forward_and_grads_match_per_expert_loop(num_experts, top_k):
+    layer = _layer(num_experts, top_k)
+    x = torch.randn(3, 7, 24)
+    fast = layer(x)
+    (fast * torch.linspace(-1, 1, fast.shape[-1])).sum().backward()
+    grads_fast = [p.grad.clone() for p in (layer.lora_A, layer.lora_B, layer.router)]
+    layer.zero_grad()
+    slow = reference_forward(layer, x)
+    (slow * torch.linspace(-1, 1, slow.shape[-1])).sum().backward()
+    grads_slow = [p.grad.clone() for p in (layer.lora_A, layer.lora_B, layer.router)]
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    for gf, gs in zip(grads_fast, grads_slow):
+        torch.testing.assert_close(gf, gs, atol=1e-5, rtol=1e-5)
+    if top_k > 1:  # renormalised top-1 weights are always 1: then only the balance loss trains the router
+        assert grads_fast[2].abs().sum() > 0
+
+
+def test_unselected_experts_get_no_gradient():
+    layer = _layer(num_experts=4, top_k=1)
+    x = torch.randn(1, 1, 24)  # one token: exactly one expert chosen
+    layer(x).sum().backward()
+    touched = (layer.lora_B.grad.abs().sum(dim=(0, 2)) > 0).tolist()
+    assert sum(touched) == 1
+
+
+def test_balance_loss_hand_computed():
+    probs = torch.tensor([[0.7, 0.3], [0.6, 0.4], [0.2, 0.8], [0.9, 0.1]])
+    chosen = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    # f = (3/4, 1/4), P = (0.6, 0.4): 2 * (0.75*0.6 + 0.25*0.4) = 1.1
+    assert load_balancing_loss(probs, chosen, torch.ones(4, 1), top_k=1).item() == pytest.approx(1.1)
+    # padding (last token) excluded: f = (2/3, 1/3), P = (0.5, 0.5) -> 1.0
+    mask = torch.tensor([[1.0], [1.0], [1.0], [0.0]])
+    assert load_balancing_loss(probs, chosen, mask, top_k=1).item() == pytest.approx(1.0)
+    # perfectly balanced top-2 of 2 experts -> exactly 1
+    assert load_balancing_loss(torch.full((3, 2), 0.5), torch.ones(3, 2), torch.ones(3, 1), 2).item() == pytest.approx(1.0)
+
+
+def _config(layers: int, experts=2, **kw) -> MoLAConfig:
+    return MoLAConfig(experts=(experts,) * layers, top_k=(1,) * layers, rank=(4,) * layers, lora_dropout=0.0, **kw)
+
+
+def test_injection_freezes_base_and_adapts_every_target():
+    base = tiny_llama(num_layers=3, hidden_size=32, vocab_size=128)
+    model = MoLAModel(base, MoLAConfig(experts=(1, 2, 3), top_k=(1, 1, 2), rank=(2, 4, 8), lora_dropout=0.0))
+    assert len(model.mola_layers) == 3 * 7
+    per_layer = {j: {l.num_experts for l in model.mola_layers.values() if l.layer_index == j} for j in range(3)}
+    assert per_layer == {0: {1}, 1: {2}, 2: {3}}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(("lora_A", "lora_B", "router")) for n in trainable)
+    # hand count: sum over layers and the 7 projections of E*(r*(d_in+d_out)) + E*d_in
+    cfg = base.config
+    shapes = [(32, 32), (32, 16), (32, 16), (32, 32), (32, cfg.intermediate_size), (32, cfg.intermediate_size),
+              (cfg.intermediate_size, 32)]
+    expected = sum(e * (r * (i + o) + i) for e, r in ((1, 2), (2, 4), (3, 8)) for i, o in shapes)
+    assert model.num_trainable() == expected
+
+
+def test_balance_loss_really_reaches_the_router():
+    """At init B = 0, so the task loss cannot move the router: only the added balance loss can."""
+    ids = torch.randint(0, 128, (2, 9))
+    grads = {}
+    for coef in (0.0, 0.5):
+        torch.manual_seed(0)
+        model = MoLAModel(tiny_llama(num_layers=2, hidden_size=32, vocab_size=128), _config(2, experts=3, aux_loss_coef=coef))
+        model.train()
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        loss = out.logits.float().logsumexp(-1).mean()
+        aux = model.auxiliary_loss()
+        (loss + aux if aux is not None else loss).backward()
+        grads[coef] = sum(l.router.grad.abs().sum().item() for l in model.mola_layers.values() if l.router.grad is not None)
+    assert grads[0.0] == 0.0
+    assert grads[0.5] > 0.0
+
+
+def test_save_load_reproduces_logits(tmp_path):
+    torch.manual_seed(1)
+    model = MoLAModel(tiny_llama(num_layers=2, hidden_size=32, vocab_size=128), _config(2, experts=3))
+    for layer in model.mola_layers.values():
+        with torch.no_grad():
+            layer.lora_B.normal_(std=0.1)
+    model.eval()
+    ids = torch.randint(0, 128, (2, 6))
+    before = model(input_ids=ids).logits
+    model.save_adapter(tmp_path / "adapter", task="unit")
+    reloaded = MoLAModel.from_pretrained(tiny_llama(num_layers=2, hidden_size=32, vocab_size=128), tmp_path / "adapter")
+    reloaded.eval()
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, before)
+    assert MoLAConfig.load(tmp_path / "adapter").extra["task"] == "unit"
+
+
+def test_router_stats_count_real_tokens_only():
+    model = MoLAModel(tiny_llama(num_layers=2, hidden_size=32, vocab_size=128), _config(2, experts=3))
+    ids = torch.randint(0, 128, (2, 5))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    model.eval()
+    with model.collecting_router_stats(), torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    for row in model.router_stats():
+        assert row["tokens"] == 7
+        assert sum(row["counts"]) == 7 * row["top_k"]
+        assert sum(row["share"]) == pytest.approx(1.0)
+        assert sum(row["mean_weight"]) == pytest.approx(1.0)
+
+
+def test_wrong_depth_and_missing_targets_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="allocation has 3 layers but the model has 2"):
+        MoLAModel(tiny_llama(num_layers=2, hidden_size=32, vocab_size=128), _config(3))
+    with pytest.raises(UserError, match="no linear module"):
+        MoLAModel(tiny_llama(num_layers=2, hidden_size=32, vocab_size=128), _config(2, target_modules=("c_attn",)))
+    with pytest.raises(UserError, match="not a MoLA adapter folder"):
+        MoLAConfig.load(tmp_path)
