@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from mola_search.allocation import AllocationSpec, resolve_allocation
+from mola_search.allocation import AllocationSpec, check_depth, resolve_allocation
 from mola_search.errors import UserError
 from mola_search.mola import DEFAULT_TARGETS, MoLAConfig, MoLAModel
 from mola_search.models import DEFAULT_MODEL, decoder_layers, load_base_model
@@ -47,6 +47,8 @@ class RunConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
     aux_loss_coef: float = 0.01
+    lora_rank: int | str | None = None  # --method lora: an int, "match" (MoLA's trainable count) or None (= rank)
+    num_virtual_tokens: int = 20        # --method prompt-tuning
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
     train: TrainConfig = field(default_factory=TrainConfig)
     max_train_examples: int | None = None
@@ -99,15 +101,21 @@ class Prepared:
 
 
 def prepare(config: RunConfig, *, base: tuple[torch.nn.Module, Any] | None = None,
-            data: TaskData | None = None) -> Prepared:
-    """Resolve model, task and allocation; `base` / `data` let a caller reuse already loaded ones."""
+            data: TaskData | None = None, spec: AllocationSpec | None = None) -> Prepared:
+    """Resolve model, task and allocation; `base` / `data` / `spec` let a caller pass already resolved ones."""
     if config.threads:
         torch.set_num_threads(config.threads)
+    if config.method != "mola":
+        from mola_search.methods import check_method
+        check_method(config.method)
     if config.eval_mode not in ("loglik", "generate"):
         raise UserError(f"unknown eval mode '{config.eval_mode}': use 'loglik' or 'generate'")
     data = data or load_task(config.task, config.data_dir, val_seed=0)
     base_model, tokenizer = base or load_base_model(config.model, dtype=config.dtype)
-    spec = resolve_spec(config, len(decoder_layers(base_model))) if config.method == "mola" else None
+    if spec is not None:
+        check_depth(spec, len(decoder_layers(base_model)))
+    elif config.method == "mola":
+        spec = resolve_spec(config, len(decoder_layers(base_model)))
     splits = {
         "train": _subsample(data.splits["train"], config.max_train_examples, config.train.seed),
         **{s: _subsample(data.splits[s], config.max_eval_examples, 0) for s in ("validation", "test")},
@@ -144,6 +152,8 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 def describe(prepared: Prepared, model: torch.nn.Module) -> dict[str, Any]:
     trainable, frozen = count_parameters(model)
+    if hasattr(model, "num_base"):  # full fine-tuning freezes nothing: the base size comes from the model
+        frozen = model.num_base()
     spec = prepared.spec
     return {
         "model": prepared.config.model, "task": prepared.data.name, "method": prepared.config.method,
@@ -155,6 +165,7 @@ def describe(prepared: Prepared, model: torch.nn.Module) -> dict[str, Any]:
         "trainable_percent": 100.0 * trainable / max(1, frozen),
         "split_sizes": {k: len(v) for k, v in prepared.splits.items()},
         "split_notes": list(prepared.data.notes), "data_source": prepared.data.source,
+        **({"method_info": model.method_info} if hasattr(model, "method_info") else {}),
     }
 
 
@@ -176,7 +187,8 @@ class RunOutcome:
 
 
 def execute(prepared: Prepared, *, callbacks: Sequence[Callable[[StepEvent], bool | None]] = (),
-            progress: bool = True, save: bool = True, init_from: str | None = None) -> RunOutcome:
+            progress: bool = True, save: bool = True, init_from: str | None = None,
+            on_model: Callable[[torch.nn.Module], None] | None = None) -> RunOutcome:
     """Train and score one run; write its folder when `config.out` is set and `save` is true."""
     c = prepared.config
     torch.manual_seed(c.train.seed)
@@ -185,6 +197,8 @@ def execute(prepared: Prepared, *, callbacks: Sequence[Callable[[StepEvent], boo
     if init_from:
         from mola_search.methods import load_adapter_into
         load_adapter_into(model, init_from)
+    if on_model is not None:  # lets callbacks (e.g. a search trial's rung evaluation) reach the model
+        on_model(model)
     info = describe(prepared, model)
     t0 = time.perf_counter()
     result = train(model, prepared.tokenizer, prepared.splits["train"], c.train, callbacks=callbacks,

@@ -1,0 +1,189 @@
+"""`mola-search`: find where a model needs its LoRA experts.
+
+    mola-search --budget 160 --task mrpc                 # a study with the defaults
+    mola-search --resume runs/<study>                    # continue an interrupted study
+    mola-search export runs/<study> --format json        # the best allocation spec
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from mola_search.cli.common import load_config_file, run_main
+from mola_search.errors import UserError
+
+SUBCOMMANDS = ("export",)
+
+# flag dest -> StudyConfig field (flags absent from the command line leave preset/config values alone)
+_STUDY_FLAGS = ("task", "model", "budget", "out", "space", "objective", "trials", "sampler", "seed", "data_dir", "dtype",
+                "storage", "study_name", "executor", "address", "cpus_per_trial", "gpus_per_trial",
+                "max_concurrent", "scheduler", "finalist_top_n", "finalist_seeds", "finalist_train_examples",
+                "finalist_eval_examples")
+_FIDELITY_FLAGS = {"max_train_examples": "max_train_examples", "max_eval_examples": "max_eval_examples",
+                   "epochs": "epochs", "max_steps": "max_steps"}
+_TRAIN_FLAGS = ("lr", "batch_size", "micro_batch_size", "cutoff_len")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mola-search", description=__doc__.splitlines()[0],
+                                epilog="subcommands: export (see `mola-search export -h`)",
+                                argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", help="YAML/JSON study settings; flags override them")
+    p.add_argument("--resume", metavar="STUDY_DIR", help="continue the study in this folder")
+    p.add_argument("--preset", help="cpu-quick (default without a GPU) or paper")
+    w = p.add_argument_group("what to search")
+    w.add_argument("--task", help="mrpc | rte | cola | scienceqa | commonsenseqa | openbookqa | custom:task.yaml")
+    w.add_argument("--model", help="embedded smollm2-135m-instruct (default), a HF id or a local folder")
+    w.add_argument("--budget", type=int, help="total experts over all layers (default 5 x layers)")
+    w.add_argument("--space", help="search space: blocks | per_layer | profile or a YAML file")
+    w.add_argument("--objective", help="mola (fine-tune and score) or synthetic[:upper|middle|sparse]")
+    w.add_argument("--data-dir", dest="data_dir")
+    w.add_argument("--dtype", choices=["auto", "bf16", "fp32", "fp16"])
+    s = p.add_argument_group("search")
+    s.add_argument("--trials", type=int, help="trials to train (seeds included)")
+    s.add_argument("--sampler", help="tpe | cmaes | gp | random")
+    s.add_argument("--scheduler", help="asha (default) | none")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--storage", help="Optuna storage URL (default: sqlite file in the study folder)")
+    s.add_argument("--study-name", dest="study_name")
+    s.add_argument("--out", help="study folder (default runs/<study name>)")
+    f = p.add_argument_group("fidelity of one trial")
+    f.add_argument("--max-train-examples", type=int, dest="max_train_examples")
+    f.add_argument("--max-eval-examples", type=int, dest="max_eval_examples")
+    f.add_argument("--epochs", type=float)
+    f.add_argument("--max-steps", type=int, dest="max_steps")
+    f.add_argument("--lr", type=float)
+    f.add_argument("--batch-size", type=int, dest="batch_size")
+    f.add_argument("--micro-batch-size", type=int, dest="micro_batch_size")
+    f.add_argument("--cutoff-len", type=int, dest="cutoff_len")
+    r = p.add_argument_group("resources")
+    r.add_argument("--executor", help="ray (default) | local (in-process, sequential)")
+    r.add_argument("--address", help="Ray cluster address, e.g. auto or 10.0.0.1:6379")
+    r.add_argument("--cpus-per-trial", type=float, dest="cpus_per_trial")
+    r.add_argument("--gpus-per-trial", type=float, dest="gpus_per_trial", help="fractions share a GPU, e.g. 0.25")
+    r.add_argument("--max-concurrent", type=int, dest="max_concurrent")
+    fi = p.add_argument_group("finalists")
+    fi.add_argument("--finalists", type=int, dest="finalist_top_n", help="searched allocations to retrain")
+    fi.add_argument("--finalist-seeds", type=int, dest="finalist_seeds", help="seeds per finalist (0 = none)")
+    fi.add_argument("--finalist-train-examples", type=int, dest="finalist_train_examples")
+    fi.add_argument("--finalist-eval-examples", type=int, dest="finalist_eval_examples")
+    return p
+
+
+def study_config_from_args(args: argparse.Namespace):
+    from mola_search.search.config import apply_preset, default_preset
+
+    given = vars(args)
+    raw: dict[str, Any] = load_config_file(given["config"]) if "config" in given else {}
+    for key in _STUDY_FLAGS:
+        if key in given:
+            raw[key] = given[key]
+    raw.setdefault("fidelity", {})
+    raw.setdefault("train", {})
+    for flag, key in _FIDELITY_FLAGS.items():
+        if flag in given:
+            raw["fidelity"][key] = given[flag]
+    for key in _TRAIN_FLAGS:
+        if key in given:
+            raw["train"][key] = given[key]
+    preset = given.get("preset", raw.pop("preset", None))
+    if preset is None:
+        preset = default_preset() or None
+    return apply_preset(preset, raw)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return {"export": export_main}[argv[0]](argv[1:])
+    args = build_parser().parse_args(argv)
+    from mola_search.search.config import StudyConfig
+    from mola_search.search.runner import run_study
+
+    if "resume" in args:
+        folder = Path(args.resume)
+        config = StudyConfig.load(folder)
+        extra = {k: v for k, v in vars(args).items() if k in ("trials", "executor", "address", "cpus_per_trial",
+                                                               "gpus_per_trial", "max_concurrent")}
+        if extra:
+            config = StudyConfig.from_dict({**config.to_dict(), **extra})
+            config.save(folder)
+        run_study(config, folder, resume=True)
+        return 0
+    config = study_config_from_args(args)
+    name = config.study_name or f"{_slug(config.task)}-b{config.budget or 'auto'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder = Path(config.out or f"runs/{name}")
+    if (folder / "study.json").exists():
+        raise UserError(f"{folder} already holds a study; continue it with `mola-search --resume {folder}` "
+                        "or choose another --out")
+    config = StudyConfig.from_dict({**config.to_dict(), "out": str(folder), "study_name": name})
+    run_study(config, folder)
+    return 0
+
+
+def export_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="mola-search export", description="Print or write a study's best allocation.")
+    p.add_argument("study", help="study folder")
+    p.add_argument("--format", choices=["json", "mola-flags"], default="json")
+    p.add_argument("--output", help="write here instead of stdout")
+    args = p.parse_args(argv)
+    spec, meta = best_spec(Path(args.study))
+    if args.format == "json":
+        text = json.dumps({**spec.to_dict(), **meta}, indent=2) + "\n"
+    else:
+        text = spec.to_mola_flags() + "\n"
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def best_spec(folder: Path):
+    """The exported best: best_allocation.json when finalists ran, else the best completed trial."""
+    from mola_search.allocation import load_spec_with_metadata
+    from mola_search.search.config import StudyConfig
+
+    config = StudyConfig.load(folder)  # raises "not a study folder"
+    path = folder / "best_allocation.json"
+    if path.is_file():
+        return load_spec_with_metadata(path)
+    import optuna
+    from optuna.trial import TrialState
+
+    from mola_search.allocation import AllocationSpec
+    from mola_search.search.study import default_storage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=config.study_name or folder.name,
+                                  storage=config.storage or default_storage(folder))
+    except KeyError:
+        raise UserError(f"{folder} has no Optuna study '{config.study_name}' in its storage") from None
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not done:
+        raise UserError(f"study {folder} has no completed trial yet: nothing to export "
+                        f"(run or resume it: mola-search --resume {folder})")
+    t = max(done, key=lambda t: t.value)
+    a = t.user_attrs
+    spec = AllocationSpec(tuple(a["allocation"]), tuple(a["top_k"]), tuple(a["rank"]), a.get("origin", "search"))
+    return spec, {"validation_score": t.value, "trial": t.number, "chosen_by": "validation score of one search trial",
+                  "model": config.model, "task": config.task}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")[:40]
+
+
+def entry() -> int:
+    return run_main("mola-search", main)
+
+
+if __name__ == "__main__":
+    raise SystemExit(entry())

@@ -1,0 +1,142 @@
+"""What a study is: task, model, budget, space, sampler, resources, fidelity, finalists.
+
+Stored as `study.json` in the study folder, so `mola-search --resume <folder>`
+continues with exactly the settings it started with.  Presets are plain dicts of
+these fields, sized for the hardware they name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from mola_search.errors import UserError
+
+SAMPLERS = ("tpe", "cmaes", "gp", "random")
+STUDY_FILE = "study.json"
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # A whole search (seeds + a few TPE trials + finalists) in about half an hour on 2 CPU cores.
+    "cpu-quick": {
+        "model": "smollm2-135m-instruct", "trials": 10, "max_concurrent": 2, "cpus_per_trial": 1,
+        "finalist_top_n": 1, "finalist_seeds": 3, "finalist_train_examples": 128, "finalist_eval_examples": 100,
+        "train": {"batch_size": 16, "micro_batch_size": 16, "cutoff_len": 128, "lr": 1e-3},
+        "fidelity": {"max_train_examples": 96, "max_eval_examples": 100, "rungs": [0.5, 1.0]},
+        "seed_names": ["triangle", "inverted_triangle", "hourglass", "rectangle", "diamond", "alphalora"],
+    },
+    # The paper's setting (LLaMA-2-7B, 160 experts, cutoff 256, batch 128, lr 3e-4): for GPU boxes.
+    "paper": {
+        "model": "meta-llama/Llama-2-7b-hf", "budget": 160, "trials": 40, "gpus_per_trial": 1.0,
+        "cpus_per_trial": 4, "max_concurrent": None, "finalist_top_n": 3, "finalist_seeds": 3,
+        "train": {"batch_size": 128, "micro_batch_size": 8, "cutoff_len": 256, "lr": 3e-4, "epochs": 1.0},
+        "fidelity": {"max_train_examples": 2000, "max_eval_examples": 500, "rungs": [0.25, 0.5, 1.0]},
+    },
+}
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """One study. Every field is a `mola-search` flag; `train` holds TrainConfig overrides."""
+
+    task: str = "mrpc"
+    model: str = "smollm2-135m-instruct"
+    budget: int | None = None                 # default 5 x layers
+    space: str = "blocks"                     # builtin name or YAML path
+    objective: str = "mola"                   # "mola" or "synthetic[:name]"
+    trials: int = 20
+    sampler: str = "tpe"
+    seed: int = 0
+    data_dir: str | None = None
+    dtype: str = "auto"
+    storage: str | None = None                # default: sqlite file in the study folder
+    study_name: str | None = None
+    out: str | None = None
+    executor: str = "ray"                     # "ray" or "local" (in-process, sequential)
+    address: str | None = None                # Ray cluster address ("auto" = running cluster)
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent: int | None = None
+    scheduler: str = "asha"                   # "asha" or "none"
+    asha_reduction_factor: float = 2.0
+    seed_names: tuple[str, ...] = ("triangle", "inverted_triangle", "hourglass", "rectangle", "diamond", "alphalora")
+    finalist_top_n: int = 2
+    finalist_seeds: int = 3
+    finalist_train_examples: int | None = None   # default: the space's fidelity
+    finalist_eval_examples: int | None = None
+    train: dict[str, Any] = field(default_factory=dict)
+    fidelity: dict[str, Any] = field(default_factory=dict)   # overrides of the space's fidelity
+    preset: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"unknown sampler '{self.sampler}': choose one of {', '.join(SAMPLERS)}")
+        if self.executor not in ("ray", "local"):
+            raise UserError(f"unknown executor '{self.executor}': use 'ray' or 'local'")
+        if self.scheduler not in ("asha", "none"):
+            raise UserError(f"unknown scheduler '{self.scheduler}': use 'asha' or 'none'")
+        if self.trials < 1:
+            raise UserError(f"--trials must be at least 1, got {self.trials}")
+        if self.finalist_seeds < 0 or self.finalist_top_n < 0:
+            raise UserError("finalist counts must be >= 0")
+        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
+            raise UserError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "StudyConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise UserError(f"unknown study settings {unknown}; known: {sorted(known)}")
+        raw = dict(raw)
+        if "seed_names" in raw:
+            raw["seed_names"] = tuple(raw["seed_names"])
+        return cls(**raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["seed_names"] = list(self.seed_names)
+        return d
+
+    def save(self, folder: Path) -> None:
+        (folder / STUDY_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "StudyConfig":
+        path = Path(folder) / STUDY_FILE
+        if not path.is_file():
+            raise UserError(f"{folder} is not a mola-search study folder ({STUDY_FILE} is missing); "
+                            "pass the folder a previous `mola-search` run wrote, e.g. runs/<study>")
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path} is not valid JSON: {exc.msg}") from None
+
+
+def apply_preset(name: str | None, overrides: dict[str, Any]) -> StudyConfig:
+    """Preset values first, then the user's flags (nested train/fidelity dicts are merged)."""
+    base: dict[str, Any] = {}
+    if name:
+        if name not in PRESETS:
+            raise UserError(f"unknown preset '{name}': choose one of {', '.join(PRESETS)}")
+        base = json.loads(json.dumps(PRESETS[name]))
+        base["preset"] = name
+    merged = {**base, **{k: v for k, v in overrides.items() if k not in ("train", "fidelity")}}
+    for key in ("train", "fidelity"):
+        merged[key] = {**base.get(key, {}), **overrides.get(key, {})}
+    return StudyConfig.from_dict(merged)
+
+
+def default_preset() -> str:
+    """cpu-quick where no GPU is visible (the common laptop/CI case), else none."""
+    try:
+        import torch
+
+        return "cpu-quick" if not torch.cuda.is_available() else ""
+    except ImportError:  # pragma: no cover
+        return "cpu-quick"
+
+
+def with_out(config: StudyConfig, out: str) -> StudyConfig:
+    return replace(config, out=out)

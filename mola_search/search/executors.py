@@ -1,0 +1,188 @@
+"""How trials run: in this process one after another, or as Ray Tune trials.
+
+Both executors drive the same `StudyDriver`.  In-process, Optuna's successive
+halving pruner stops weak trials at a rung; under Ray, Tune's ASHA does, and a
+trial stopped that way is told to Optuna as PRUNED (never as a completed trial
+with a partial score).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from mola_search.search.config import StudyConfig
+from mola_search.search.space import Fidelity
+from mola_search.search.study import Proposal, StudyDriver
+from mola_search.search.trial import TrialOutcome, TrialRequest, run_trial
+
+
+def run_local(driver: StudyDriver, fidelity: Fidelity) -> None:
+    """Sequential, in-process: what tests, benchmarks and single-core users need."""
+    while driver.remaining() > 0:
+        proposal = driver.ask()
+        if proposal is None:
+            driver.progress.message("sampler only proposes allocations already trained: stopping early")
+            return
+        prune = driver.config.scheduler == "asha"
+        outcome = run_trial(driver.config, fidelity, proposal.request,
+                            lambda rung, score, last: driver.report(proposal, rung, score) and prune and not last,
+                            driver.num_layers)
+        driver.finish(proposal, outcome)
+
+
+def run_local_requests(config: StudyConfig, fidelity: Fidelity, requests: list[TrialRequest],
+                       num_layers: int) -> list[TrialOutcome]:
+    return [run_trial(config, fidelity, r, lambda *_: False, num_layers) for r in requests]
+
+
+# --- Ray Tune ------------------------------------------------------------------------------
+
+def init_ray(config: StudyConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
+    if config.address:
+        ray.init(address=config.address, **kwargs)
+    else:
+        ray.init(**kwargs)
+
+
+def _trainable(config: dict[str, Any], study: dict[str, Any], fidelity: dict[str, Any], num_layers: int) -> None:
+    """Runs inside a Ray worker: one trial, reported rung by rung."""
+    from ray import tune
+
+    study_cfg = StudyConfig.from_dict(study)
+    fid = Fidelity.from_dict(fidelity)
+    request = TrialRequest.from_payload(config["request"])
+
+    def report(rung: int, score: float, last: bool) -> bool:
+        if last or score != score:  # the last rung is reported once, with the outcome, below
+            return False
+        tune.report({"rung": rung, "score": score, "node": _node()})
+        return False
+
+    outcome = run_trial(study_cfg, fid, request, report, num_layers)
+    tune.report({"rung": len(outcome.scores) or 1, "score": outcome.score if outcome.score == outcome.score and outcome.score is not None else -1.0,
+                 "final": True, "failure": outcome.failure or "", "pruned": outcome.pruned,
+                 "test_score": outcome.test_score if outcome.test_score is not None else float("nan"),
+                 "wall_time_s": outcome.wall_time_s, "node": outcome.node, "scores": list(outcome.scores)})
+
+
+def _node() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()[:12]
+
+
+def _resources(config: StudyConfig) -> dict[str, float]:
+    res = {"cpu": config.cpus_per_trial}
+    if config.gpus_per_trial:
+        res["gpu"] = config.gpus_per_trial
+    return res
+
+
+def run_ray(driver: StudyDriver, fidelity: Fidelity, folder: Path) -> None:
+    """Trials as Ray Tune trials with ASHA; this process keeps the Optuna study (one storage)."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import Searcher
+
+    config = driver.config
+    remaining = driver.remaining()
+    if remaining == 0:
+        return
+    init_ray(config)
+
+    class OptunaBridge(Searcher):
+        """Ray's view of our StudyDriver: suggest = ask, results = report, complete = tell."""
+
+        def __init__(self) -> None:
+            super().__init__(metric="score", mode="max")
+            self.live: dict[str, Proposal] = {}
+            self.exhausted = False
+
+        def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+            if self.exhausted:
+                return Searcher.FINISHED
+            proposal = driver.ask()
+            if proposal is None:
+                self.exhausted = True
+                driver.progress.message("sampler only proposes allocations already trained: stopping early")
+                return Searcher.FINISHED
+            self.live[trial_id] = proposal
+            return {"request": proposal.request.to_payload()}
+
+        def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+            proposal = self.live.get(trial_id)
+            if proposal is not None and not result.get("final"):
+                driver.report(proposal, int(result["rung"]), float(result["score"]))
+
+        def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+            proposal = self.live.pop(trial_id, None)
+            if proposal is None:
+                return
+            outcome = TrialOutcome()
+            if error or result is None:
+                outcome.failure = ("the Ray worker died or raised outside the trial (killed, or out of memory); "
+                                   f"see {folder / 'ray'}")
+            elif result.get("final"):
+                outcome.scores = list(result.get("scores", []))
+                outcome.failure = result.get("failure") or None
+                outcome.pruned = bool(result.get("pruned"))
+                outcome.wall_time_s = float(result.get("wall_time_s", 0.0))
+                outcome.node = str(result.get("node", ""))
+                if outcome.scores and not outcome.failure and not outcome.pruned:
+                    driver.report(proposal, len(outcome.scores), outcome.scores[-1])
+            else:  # stopped by ASHA after a rung: pruned, with the rung scores it reached
+                if "rung" in result and "score" in result:
+                    driver.report(proposal, int(result["rung"]), float(result["score"]))
+                outcome.pruned = True
+                outcome.node = str(result.get("node", ""))
+            driver.finish(proposal, outcome)
+
+    scheduler = (ASHAScheduler(time_attr="rung", max_t=len(fidelity.rungs), grace_period=1,
+                               reduction_factor=config.asha_reduction_factor)
+                 if config.scheduler == "asha" and len(fidelity.rungs) > 1 else FIFOScheduler())
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, study=config.to_dict(), fidelity=fidelity.to_dict(),
+                             num_layers=driver.num_layers),
+        _resources(config))
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=OptunaBridge(), scheduler=scheduler, num_samples=remaining,
+                                    max_concurrent_trials=config.max_concurrent, metric="score", mode="max"),
+        run_config=tune.RunConfig(name="tune", storage_path=str((folder / "ray").resolve()), verbose=0,
+                                  log_to_file=True),
+    )
+    tuner.fit()
+
+
+def run_ray_requests(config: StudyConfig, fidelity: Fidelity, requests: list[TrialRequest], folder: Path,
+                     num_layers: int) -> list[dict[str, Any]]:
+    """Independent runs (the finalists) spread over the Ray cluster; results in request order."""
+    from ray import tune
+
+    init_ray(config)
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, study=config.to_dict(), fidelity=fidelity.to_dict(), num_layers=num_layers),
+        _resources(config))
+    tuner = tune.Tuner(
+        trainable, param_space={"request": tune.grid_search([r.to_payload() for r in requests])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=config.max_concurrent, metric="score", mode="max"),
+        run_config=tune.RunConfig(name="finalists", storage_path=str((folder / "ray").resolve()), verbose=0,
+                                  log_to_file=True),
+    )
+    grid = tuner.fit()
+    by_number = {}
+    for result in grid:
+        payload = result.config["request"]
+        by_number[(payload["number"], payload["train_seed"])] = {**(result.metrics or {}),
+                                                                 "error": str(result.error) if result.error else ""}
+    return [by_number.get((r.number, r.train_seed), {"error": "no result"}) for r in requests]

@@ -1,0 +1,64 @@
+"""One line per finished trial: what ran, its score, best so far, counts and ETA."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from typing import TextIO
+
+from optuna.trial import TrialState
+
+
+class Progress:
+    def __init__(self, total: int, concurrency: int = 1, stream: TextIO | None = None) -> None:
+        self.total, self.concurrency = total, max(1, concurrency)
+        self.stream = stream or sys.stdout
+        self.start = time.time()
+        self.counts = {"complete": 0, "pruned": 0, "failed": 0}
+        self.done_before = 0
+
+    def resume_from(self, finished: Sequence) -> None:
+        self.done_before = len(finished)
+        for t in finished:
+            self.counts[_label(t.state)] += 1
+
+    def trial_done(self, number: int, origin: str, experts: Sequence[int], state: TrialState,
+                   score: float | None, failure: str | None, best: tuple[int, float] | None) -> None:
+        self.counts[_label(state)] += 1
+        done = sum(self.counts.values())
+        ran_now = done - self.done_before
+        elapsed = time.time() - self.start
+        remaining = max(0, self.total - done)
+        eta = elapsed / ran_now * remaining if ran_now else 0.0
+        shown = f"{score:.4f}" if score is not None and state == TrialState.COMPLETE else _label(state)
+        best_txt = f"best {best[1]:.4f} (#{best[0]})" if best else "best -"
+        line = (f"[{done}/{self.total}] trial {number:>3} {origin:<24} {_compact(experts):<22} {shown:<9} "
+                f"{best_txt}  done {self.counts['complete']} pruned {self.counts['pruned']} "
+                f"failed {self.counts['failed']}  ETA {_duration(eta)}")
+        if failure:
+            line += f"\n      failed: {failure}"
+        print(line, file=self.stream, flush=True)
+
+    def message(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+
+def _label(state: TrialState) -> str:
+    return {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned"}.get(state, "failed")
+
+
+def _compact(experts: Sequence[int]) -> str:
+    """Run-length form of an allocation, e.g. 2x8,4x8,6x7,8x7."""
+    runs: list[list[int]] = []
+    for e in experts:
+        if runs and runs[-1][0] == e:
+            runs[-1][1] += 1
+        else:
+            runs.append([e, 1])
+    return ",".join(f"{v}x{n}" if n > 1 else str(v) for v, n in runs)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"

@@ -1,0 +1,185 @@
+"""The Optuna side of a search: storage, seeds first, ask/tell, duplicate cache, resume.
+
+Executors (Ray Tune or in-process) only move `TrialRequest`s to workers and
+outcomes back; every decision about *which* allocation to try and what the
+study records is made here, in one process, against one storage.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from mola_search.allocation import AllocationSpec
+from mola_search.search.config import StudyConfig
+from mola_search.search.progress import Progress
+from mola_search.search.seeds import Seed
+from mola_search.search.space import SearchSpace
+from mola_search.search.trial import TrialOutcome, TrialRequest
+
+ORIGIN = "origin"            # user attr: "seed:<name>" or the sampler name
+ALLOCATION = "allocation"    # user attr: the trained allocation (experts list)
+TOP_K, RANK = "top_k", "rank"
+FORCED = "forced_allocation"  # user attr on enqueued seeds: train exactly this, whatever the encoding decodes
+DUPLICATE_OF = "duplicate_of"
+FAILURE = "failure"
+MAX_DUPLICATE_ASKS = 25
+
+
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    """Optuna's samplers, set up for parallel trials (TPE: multivariate + constant liar)."""
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=5)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def default_storage(folder: Path) -> str:
+    return f"sqlite:///{(folder / 'study.db').resolve()}"
+
+
+@dataclass
+class Proposal:
+    trial: optuna.trial.Trial
+    request: TrialRequest
+    started: float
+
+
+class StudyDriver:
+    def __init__(self, config: StudyConfig, folder: Path, space: SearchSpace, num_layers: int, budget: int,
+                 seeds: list[Seed], progress: Progress | None = None) -> None:
+        self.config, self.folder, self.space = config, folder, space
+        self.num_layers, self.budget = num_layers, budget
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.study = optuna.create_study(
+            study_name=config.study_name or folder.name, storage=config.storage or default_storage(folder),
+            sampler=make_sampler(config.sampler, config.seed), direction="maximize", load_if_exists=True,
+            pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=max(2, int(config.asha_reduction_factor))))
+        self.progress = progress or Progress(config.trials)
+        self.recovered = self._recover_interrupted()
+        self._enqueue_seeds(seeds)
+        self.progress.resume_from(self.trained_trials())
+
+    # --- bookkeeping -----------------------------------------------------------------
+    def trained_trials(self) -> list[optuna.trial.FrozenTrial]:
+        """Finished trials that really trained (duplicates answered from the cache are not counted)."""
+        return [t for t in self.study.get_trials(deepcopy=False)
+                if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+                and DUPLICATE_OF not in t.user_attrs and t.user_attrs.get(FAILURE, "").find("interrupted") < 0]
+
+    def remaining(self) -> int:
+        return max(0, self.config.trials - len(self.trained_trials()))
+
+    def _recover_interrupted(self) -> int:
+        """Trials left RUNNING by a killed study never finished: mark them failed and queue them again."""
+        stale = [t for t in self.study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
+        for t in stale:
+            attrs = {k: v for k, v in t.user_attrs.items() if k in (ORIGIN, FORCED)}
+            self.study.enqueue_trial(t.params, user_attrs={**attrs, "retry_of": t.number})
+            self.study._storage.set_trial_user_attr(  # Optuna has no public setter for a trial it did not hand out
+                t._trial_id, FAILURE, "interrupted: the study process ended before this trial finished; re-queued")
+            self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        return len(stale)
+
+    def _enqueue_seeds(self, seeds: list[Seed]) -> None:
+        if self.study.user_attrs.get("seeds_enqueued"):
+            return
+        for seed in seeds:
+            params, exact = self.space.encode(seed.spec)
+            attrs: dict[str, Any] = {ORIGIN: f"seed:{seed.name}", "seed_exact_in_encoding": exact}
+            if not exact:  # train the seed itself; the sampler learns from its nearest point
+                attrs[FORCED] = {"experts": list(seed.spec.experts), "top_k": list(seed.spec.top_k),
+                                 "rank": list(seed.spec.rank)}
+            self.study.enqueue_trial(params, user_attrs=attrs)
+        self.study.set_user_attr("seeds_enqueued", True)
+        self.study.set_user_attr("num_layers", self.num_layers)
+        self.study.set_user_attr("budget", self.budget)
+
+    # --- ask / report / tell -------------------------------------------------------------
+    def ask(self) -> Proposal | None:
+        """The next allocation to train, or None when the sampler only repeats finished ones."""
+        for _ in range(MAX_DUPLICATE_ASKS):
+            trial = self.study.ask()
+            spec = self._spec_for(trial)
+            origin = trial.user_attrs.get(ORIGIN) or self.config.sampler
+            trial.set_user_attr(ORIGIN, origin)
+            trial.set_user_attr(ALLOCATION, list(spec.experts))
+            trial.set_user_attr(TOP_K, list(spec.top_k))
+            trial.set_user_attr(RANK, list(spec.rank))
+            twin = self._twin(trial.number, spec)
+            if twin is None:
+                request = TrialRequest(trial.number, spec.experts, spec.top_k, spec.rank, origin,
+                                       train_seed=self.config.seed, min_experts=self.space.min_experts,
+                                       max_experts=self.space.max_experts)
+                return Proposal(trial, request, time.time())
+            self._answer_from_cache(trial, twin)
+        return None
+
+    def _spec_for(self, trial: optuna.trial.Trial) -> AllocationSpec:
+        forced = trial.user_attrs.get(FORCED)
+        spec = self.space.suggest(trial, self.num_layers, self.budget)  # also records params for the sampler
+        if forced:
+            return AllocationSpec(tuple(forced["experts"]), tuple(forced["top_k"]), tuple(forced["rank"]), spec.source)
+        return spec
+
+    def _twin(self, number: int, spec: AllocationSpec) -> optuna.trial.FrozenTrial | None:
+        """A trial that already trained (or is training) the same allocation."""
+        for t in self.study.get_trials(deepcopy=False):
+            if t.number == number or DUPLICATE_OF in t.user_attrs:
+                continue
+            if t.state == TrialState.FAIL:
+                continue
+            if (t.user_attrs.get(ALLOCATION) == list(spec.experts) and t.user_attrs.get(TOP_K) == list(spec.top_k)
+                    and t.user_attrs.get(RANK) == list(spec.rank)):
+                return t
+        return None
+
+    def _answer_from_cache(self, trial: optuna.trial.Trial, twin: optuna.trial.FrozenTrial) -> None:
+        trial.set_user_attr(DUPLICATE_OF, twin.number)
+        for step, value in twin.intermediate_values.items():
+            trial.report(value, step)
+        if twin.state == TrialState.COMPLETE:
+            self.study.tell(trial, twin.value)
+        elif twin.state == TrialState.PRUNED:
+            self.study.tell(trial, state=TrialState.PRUNED)
+        else:  # twin still running: nothing to copy yet; the sampler simply gets no signal from this one
+            trial.set_user_attr(FAILURE, f"duplicate of trial {twin.number}, still running")
+            self.study.tell(trial, state=TrialState.FAIL)
+
+    def report(self, proposal: Proposal, rung: int, score: float) -> bool:
+        """Record a rung score; True when Optuna's pruner would stop the trial (in-process executor)."""
+        if score == score:  # NaN is recorded as a failure by `finish`, not as an intermediate value
+            proposal.trial.report(score, rung)
+        return proposal.trial.should_prune()
+
+    def finish(self, proposal: Proposal, outcome: TrialOutcome) -> None:
+        trial = proposal.trial
+        trial.set_user_attr("wall_time_s", round(outcome.wall_time_s or time.time() - proposal.started, 2))
+        trial.set_user_attr("node", outcome.node)
+        if outcome.failure:
+            trial.set_user_attr(FAILURE, outcome.failure)
+            state = TrialState.FAIL
+            self.study.tell(trial, state=state)
+        elif outcome.pruned or outcome.score is None:
+            state = TrialState.PRUNED
+            self.study.tell(trial, state=state)
+        else:
+            state = TrialState.COMPLETE
+            self.study.tell(trial, outcome.score)
+        self.progress.trial_done(trial.number, proposal.request.origin, proposal.request.experts, state,
+                                 outcome.score, outcome.failure, self._best())
+
+    def _best(self) -> tuple[int, float] | None:
+        done = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        if not done:
+            return None
+        best = max(done, key=lambda t: t.value)
+        return best.number, best.value

@@ -1,0 +1,222 @@
+"""One search trial: an allocation in, validation scores at each rung out.
+
+The same function serves Ray Tune workers and the in-process executor; only the
+`report` callback differs (tune.report + ASHA vs Optuna's pruner).  Anything a
+trial raises becomes a failure *reason*, never a crashed study.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from mola_search.allocation import AllocationSpec
+from mola_search.search.config import StudyConfig
+from mola_search.search.space import Fidelity
+from mola_search.search.synthetic import is_synthetic, make_synthetic
+
+# report(rung_index starting at 1, score, is_last) -> True when the trial should stop (pruned)
+Report = Callable[[int, float, bool], bool]
+
+FAULTS_ENV = "MOLA_SEARCH_FAULTS"  # test hook, e.g. "raise@3,nan@5,oom@7,kill@9" (trial numbers)
+
+
+@dataclass(frozen=True)
+class TrialRequest:
+    number: int
+    experts: tuple[int, ...]
+    top_k: tuple[int, ...]
+    rank: tuple[int, ...]
+    origin: str                        # "seed:<name>" or the sampler's name
+    train_seed: int = 0
+    min_experts: int = 1               # the space's bounds (the synthetic objective is defined over them)
+    max_experts: int | None = None
+    final: bool = False                # finalists: full fidelity, test split scored, run folder saved
+    out: str | None = None
+
+    @property
+    def spec(self) -> AllocationSpec:
+        return AllocationSpec(self.experts, self.top_k, self.rank, self.origin)
+
+    def to_payload(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> "TrialRequest":
+        d = dict(payload)
+        for key in ("experts", "top_k", "rank"):
+            d[key] = tuple(d[key])
+        return cls(**d)
+
+
+@dataclass
+class TrialOutcome:
+    scores: list[float] = field(default_factory=list)      # validation score per reported rung
+    test_score: float | None = None
+    pruned: bool = False
+    failure: str | None = None
+    wall_time_s: float = 0.0
+    node: str = ""
+
+    @property
+    def score(self) -> float | None:
+        return self.scores[-1] if self.scores else None
+
+
+class TrialPruned(Exception):
+    """Raised out of the training loop when the pruner stops a trial at a rung."""
+
+
+def run_trial(study: StudyConfig, fidelity: Fidelity, request: TrialRequest, report: Report,
+              num_layers: int) -> TrialOutcome:
+    outcome = TrialOutcome(node=_node_name())
+    start = time.perf_counter()
+    try:
+        _inject_fault(request.number)
+        if is_synthetic(study.objective):
+            _synthetic_trial(study, fidelity, request, report, num_layers, outcome)
+        else:
+            _mola_trial(study, fidelity, request, report, outcome)
+        bad = [s for s in outcome.scores if not math.isfinite(s)]
+        if bad and outcome.failure is None:
+            outcome.failure = f"validation score is {bad[0]} (NaN or inf)"
+    except TrialPruned:
+        outcome.pruned = True
+    except Exception as exc:  # noqa: BLE001 - every failure is recorded with its reason; the study goes on
+        outcome.failure = _reason(exc)
+    outcome.wall_time_s = time.perf_counter() - start
+    return outcome
+
+
+def _synthetic_trial(study: StudyConfig, fidelity: Fidelity, request: TrialRequest, report: Report,
+                     num_layers: int, outcome: TrialOutcome) -> None:
+    objective = make_synthetic(study.objective, num_layers, sum(request.experts),
+                               min_experts=request.min_experts, max_experts=request.max_experts)
+    rng = random.Random(hash((study.seed, request.number, request.train_seed, request.experts)) & 0xFFFFFFFF)
+    delay = float(os.environ.get("MOLA_SYNTHETIC_DELAY", "0"))  # lets tests see trials overlap on a cluster
+    rungs = (1.0,) if request.final else fidelity.rungs
+    for i, fraction in enumerate(rungs, start=1):
+        if delay:
+            time.sleep(delay)
+        score = objective(request.experts, fidelity=fraction, rng=rng)
+        score = _nan_fault(request.number, score)
+        outcome.scores.append(score)
+        if report(i, score, i == len(rungs)):
+            raise TrialPruned
+    if request.final:
+        outcome.test_score = objective(request.experts, fidelity=1.0, rng=random.Random(rng.random()))
+        if request.out:
+            _write_json(Path(request.out) / "metrics.json", {
+                "validation": {"accuracy": outcome.scores[-1]}, "test": {"accuracy": outcome.test_score},
+                "allocation": list(request.experts), "objective": study.objective, "seed": request.train_seed})
+
+
+def _mola_trial(study: StudyConfig, fidelity: Fidelity, request: TrialRequest, report: Report,
+                outcome: TrialOutcome) -> None:
+    import torch
+
+    from mola_search.train.run import RunConfig, evaluate, execute, prepare
+    from mola_search.train.trainer import TrainConfig
+
+    threads = max(1, int(study.cpus_per_trial))
+    torch.set_num_threads(threads)
+    train_examples = study.finalist_train_examples if request.final else None
+    eval_examples = study.finalist_eval_examples if request.final else None
+    train_cfg = TrainConfig(**{**study.train, "seed": request.train_seed,
+                               **({"max_steps": fidelity.max_steps} if fidelity.max_steps else {}),
+                               "epochs": fidelity.epochs})
+    config = RunConfig(task=study.task, model=study.model, dtype=study.dtype, data_dir=study.data_dir,
+                       train=train_cfg,
+                       max_train_examples=train_examples or fidelity.max_train_examples,
+                       max_eval_examples=eval_examples or fidelity.max_eval_examples,
+                       eval_splits=("validation", "test") if request.final else (),
+                       out=request.out, threads=threads)
+    prepared = prepare(config, data=_task_data(study.task, study.data_dir), spec=request.spec)
+    total = train_cfg.steps_for(len(prepared.splits["train"]))
+    rungs = [] if request.final else [max(1, math.ceil(f * total)) for f in fidelity.rungs]
+    state = {"model": None}
+
+    def at_step(event) -> bool:
+        if event.step not in rungs:
+            return False
+        i = rungs.index(event.step) + 1
+        score = evaluate(state["model"], prepared, "validation")["accuracy"]
+        score = _nan_fault(request.number, score)
+        outcome.scores.append(score)
+        if not math.isfinite(score):
+            raise FloatingPointError(f"validation accuracy is {score} at rung {i}")
+        if report(i, score, i == len(rungs)):
+            raise TrialPruned
+        return False
+
+    result = execute(prepared, callbacks=[at_step], progress=False, save=request.final,
+                     on_model=lambda m: state.__setitem__("model", m))
+    if request.final:
+        outcome.scores.append(result.metrics["validation"]["accuracy"])
+        outcome.test_score = result.metrics["test"]["accuracy"]
+
+
+@lru_cache(maxsize=4)
+def _task_data(task: str, data_dir: str | None):
+    """Task data once per worker process: trials on the same worker share it."""
+    from mola_search.tasks import load_task
+
+    return load_task(task, data_dir, val_seed=0)
+
+
+def _faults() -> dict[int, str]:
+    spec = os.environ.get(FAULTS_ENV, "")
+    out = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        kind, _, number = item.partition("@")
+        out[int(number)] = kind
+    return out
+
+
+def _inject_fault(number: int) -> None:
+    kind = _faults().get(number)
+    if kind == "raise":
+        raise RuntimeError(f"injected failure in trial {number}")
+    if kind == "oom":
+        raise MemoryError(f"injected out-of-memory in trial {number}")
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _nan_fault(number: int, score: float) -> float:
+    return float("nan") if _faults().get(number) == "nan" else score
+
+
+def _reason(exc: BaseException) -> str:
+    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    at = f" at {Path(where.filename).name}:{where.lineno}" if where else ""
+    kind = "out of memory" if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower() else type(exc).__name__
+    return f"{kind}: {str(exc).splitlines()[0] if str(exc) else ''}{at}"[:500]
+
+
+def _node_name() -> str:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()[:12]
+    except Exception:  # noqa: BLE001
+        pass
+    return socket.gethostname()
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
