@@ -342,6 +342,13 @@ def load_base_model(name: str | None = None, dtype: str = "auto",
     return _freeze(model), tokenizer
 
 
+def _hub_kwargs(source: str) -> dict[str, Any]:
+    """Offline: only the local Hugging Face cache, so a miss fails at once instead of after retries."""
+    from mola_search.hub import offline_reason
+
+    return {"local_files_only": True} if not Path(source).is_dir() and offline_reason() else {}
+
+
 def _unknown_model(name: str | None, error: Exception) -> UserError:
     reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return UserError(f"unknown model '{name}': not a local folder with config.json, not the embedded "
@@ -352,7 +359,7 @@ def _load_tokenizer(source: str, name: str | None) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(source, **_hub_kwargs(source))
     except (OSError, ValueError) as error:  # hub misses raise OSError; unknown configs ValueError
         if Path(source).is_dir():
             raise UserError(f"could not load a tokenizer from '{source}': {error}") from error
@@ -363,7 +370,7 @@ def _load_model(source: str, name: str | None, torch_dtype: torch.dtype) -> Any:
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+        return AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **_hub_kwargs(source))
     except (OSError, ValueError) as error:
         if Path(source).is_dir():
             raise UserError(f"could not load a causal LM from '{source}': {error}") from error

@@ -380,3 +380,16 @@ def test_local_folder_round_trip(tmp_path, tokenizer):
     assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in model.parameters())
     assert loaded_tokenizer.padding_side == "right"
     assert loaded_tokenizer.pad_token == loaded_tokenizer.eos_token
+
+
+def test_unreachable_hub_fails_fast(monkeypatch):
+    """Offline, an unknown model name is a one-line error at once, not after a minute of Hub retries."""
+    import time
+
+    from mola_search import hub
+
+    monkeypatch.setattr(hub, "offline_reason", lambda: "huggingface.co:443 is unreachable (test)")
+    start = time.perf_counter()
+    with pytest.raises(UserError, match="unknown model 'nobody/no-such-model'"):
+        load_base_model("nobody/no-such-model")
+    assert time.perf_counter() - start < 15

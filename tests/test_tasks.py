@@ -353,6 +353,7 @@ def fake_hub(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.delenv("MOLA_DATA_DIR", raising=False)
+    monkeypatch.setattr("mola_search.hub.offline_reason", lambda: None)  # pretend the Hub is reachable
     calls: list[tuple] = []
 
     def install(result) -> list[tuple]:

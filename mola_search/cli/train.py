@@ -15,13 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from mola_search.cli.common import load_config_file, run_main
+from mola_search.errors import UserError
 from mola_search.train.run import RunConfig, describe, build_model, execute, prepare
-from mola_search.train.trainer import TrainConfig
+from mola_search.train.trainer import TrainConfig, TrainingDiverged
 
 # flag dest -> (RunConfig or TrainConfig field)
 _RUN_FLAGS = ("task", "model", "dtype", "data_dir", "method", "shape", "allocation", "budget", "top_k", "rank",
               "min_experts", "max_experts", "lora_alpha", "lora_dropout", "aux_loss_coef", "max_train_examples",
-              "max_eval_examples", "eval_batch_size", "eval_mode", "out", "threads")
+              "max_eval_examples", "eval_batch_size", "eval_mode", "out", "threads", "lora_rank",
+              "num_virtual_tokens")
 _TRAIN_FLAGS = ("lr", "epochs", "max_steps", "batch_size", "micro_batch_size", "cutoff_len", "warmup_ratio",
                 "weight_decay", "seed")
 
@@ -50,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--lora-dropout", type=float, dest="lora_dropout")
     a.add_argument("--aux-loss-coef", type=float, dest="aux_loss_coef", help="load-balancing loss weight")
     a.add_argument("--targets", help="comma list of linear module suffixes to adapt")
+    b = p.add_argument_group("baselines")
+    b.add_argument("--lora-rank", type=lora_rank_arg, dest="lora_rank",
+                   help="--method lora: an integer, or 'match' for MoLA's trainable count (default: --rank)")
+    b.add_argument("--num-virtual-tokens", type=int, dest="num_virtual_tokens",
+                   help="--method prompt-tuning: virtual tokens (default 20)")
     t = p.add_argument_group("training")
     t.add_argument("--lr", type=float)
     t.add_argument("--epochs", type=float)
@@ -72,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def lora_rank_arg(text: str) -> int | str:
+    text = text.strip().lower()
+    if text == "match":
+        return text
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"'{text}' is neither a positive integer nor 'match'")
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     raw: dict[str, Any] = load_config_file(args.config) if "config" in args else {}
     given = vars(args)
@@ -80,9 +96,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             raw[key] = given[key]
     if "targets" in given:
         raw["target_modules"] = [s.strip() for s in given["targets"].split(",") if s.strip()]
-    train_raw = dict(raw.pop("train", {}) or {})
+    train_raw = raw.pop("train", {}) or {}
+    if not isinstance(train_raw, dict):
+        raise UserError(f"config key 'train' must be a mapping of training settings, got {train_raw!r}")
+    train_raw = dict(train_raw)
     for key in _TRAIN_FLAGS:
         if key in given:
+            raw.pop(key, None)  # else the config's flat key (e.g. `seed: 5`) would beat the flag
             train_raw[key] = given[key]
     config = RunConfig.from_dict({**raw, "train": train_raw})
     if config.out is None:
@@ -105,18 +125,33 @@ def _slug(text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
+    _quiet_library_progress()
     prepared = prepare(config)
     if getattr(args, "dry_run", False):
         info = describe(prepared, build_model(prepared))
         _print_dry_run(info, config)
         return 0
-    outcome = execute(prepared, progress=not getattr(args, "no_progress", False),
-                      init_from=getattr(args, "init_from", None))
+    try:
+        outcome = execute(prepared, progress=not getattr(args, "no_progress", False),
+                          init_from=getattr(args, "init_from", None))
+    except TrainingDiverged as exc:
+        raise UserError(f"training diverged: {exc}; lower --lr (now {config.train.lr:g}) or check the data") from None
     m = outcome.metrics
     print(json.dumps({"out": config.out, "validation": m.get("validation"), "test": m.get("test"),
                       "trainable_params": m["trainable_params"], "tokens_per_second": round(m["tokens_per_second"], 1),
                       "wall_time_s": round(m["wall_time_s"], 1)}, indent=2))
     return 0
+
+
+def _quiet_library_progress() -> None:
+    """No "Loading weights" bar from transformers and no Hub retry chatter ("Retrying in 1s ...", which an
+    unreachable Hub prints for an unknown model or missing data): both would put lines before a
+    one-line error on stderr."""
+    from huggingface_hub.utils import logging as hub_logging
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hub_logging.set_verbosity_error()
 
 
 def _print_dry_run(info: dict[str, Any], config: RunConfig) -> None:

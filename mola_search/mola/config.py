@@ -49,7 +49,15 @@ class MoLAConfig:
             raise UserError(f"unknown LoRA init '{self.init}': use 'kaiming' or 'gaussian'")
         if not self.target_modules:
             raise UserError("target_modules is empty: name at least one linear module suffix, e.g. q_proj")
-        if self.lora_alpha <= 0 or not 0.0 <= self.lora_dropout < 1.0 or self.aux_loss_coef < 0:
+        for name in ("lora_alpha", "lora_dropout", "aux_loss_coef"):  # YAML gives `1e-2` as a string
+            value = getattr(self, name)
+            try:
+                if isinstance(value, bool):
+                    raise ValueError
+                object.__setattr__(self, name, float(value))
+            except (TypeError, ValueError):
+                raise UserError(f"{name} is {value!r}: use a number") from None
+        if not (self.lora_alpha > 0 and 0.0 <= self.lora_dropout < 1.0 and self.aux_loss_coef >= 0):
             raise UserError("need lora_alpha > 0, 0 <= lora_dropout < 1 and aux_loss_coef >= 0")
 
     @classmethod

@@ -94,10 +94,9 @@ def hub_offline_reason() -> str | None:
     Checked here rather than left to `datasets`, which reads these variables only
     once at import time; this way setting them later (tests, notebooks) still works.
     """
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
-            return f"{var}={os.environ[var]} is set"
-    return None
+    from mola_search.hub import offline_reason
+
+    return offline_reason()
 
 
 def hub_rows(

@@ -8,6 +8,7 @@ load balancing) that term is added to the task loss.
 from __future__ import annotations
 
 import math
+import numbers
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from mola_search.errors import UserError
 from mola_search.tasks import Example
 from mola_search.train.batching import IGNORE, answer_span, batches, collate, encode_example, tail_logits
 
@@ -40,6 +42,33 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
 
+    def __post_init__(self) -> None:
+        # Values may come from YAML, where `lr: 3e-4` is a string (YAML 1.1 floats need a dot).
+        for name in ("lr", "epochs", "warmup_ratio", "weight_decay", "max_grad_norm"):
+            object.__setattr__(self, name, _number(name, getattr(self, name), float))
+        for name in ("max_steps", "batch_size", "micro_batch_size", "cutoff_len", "seed", "log_every"):
+            if not (name == "max_steps" and self.max_steps is None):
+                object.__setattr__(self, name, _number(name, getattr(self, name), int))
+        # Nonsense here would otherwise surface mid-run as a traceback (range step 0, empty answers, ...).
+        problems = []
+        if not self.lr > 0:
+            problems.append(f"lr {self.lr} (need > 0)")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append(f"max_steps {self.max_steps} (need >= 1, or unset to use epochs)")
+        if self.max_steps is None and not self.epochs > 0:
+            problems.append(f"epochs {self.epochs} (need > 0)")
+        for name in ("batch_size", "micro_batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} {getattr(self, name)} (need >= 1)")
+        if self.cutoff_len < 2:
+            problems.append(f"cutoff_len {self.cutoff_len} (need >= 2: one prompt and one answer token)")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            problems.append(f"warmup_ratio {self.warmup_ratio} (need 0..1)")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            problems.append("weight_decay and max_grad_norm (need >= 0)")
+        if problems:
+            raise UserError("invalid training settings: " + "; ".join(problems))
+
     def steps_for(self, num_examples: int) -> int:
         if self.max_steps is not None:
             return self.max_steps
@@ -47,6 +76,24 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _number(name: str, value, kind: type) -> float | int:
+    """`value` as a float / int; numeric strings are accepted, anything else is a UserError."""
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        if kind is int and isinstance(value, numbers.Integral):
+            return int(value)  # not through float: large seeds stay exact
+        number = float(value)
+        if kind is int:
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        return number
+    except (TypeError, ValueError, OverflowError):
+        what = "an integer" if kind is int else "a number"
+        raise UserError(f"training setting {name} is {value!r}: use {what}") from None
 
 
 @dataclass
@@ -57,6 +104,7 @@ class StepEvent:
     loss: float
     tokens_seen: int
     elapsed: float
+    lr: float = 0.0  # the learning rate this step used
 
 
 @dataclass
@@ -78,9 +126,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over answer tokens only (labels != IGNORE)."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Multiplier of the base lr at optimizer step `step` (0-based): linear warmup, then linear decay.
+
+    Warmup starts at 1/(warmup+1) rather than 0 so no step is wasted; decay ends at
+    1/(total-warmup) on the last step rather than 0 for the same reason.
+    """
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor, normalizer: float | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over answer tokens only (labels != IGNORE).
+
+    With `normalizer`, the sum over answer tokens divided by it instead: a micro-batch's share
+    of the whole batch's mean, which is 0 (not NaN) when the micro-batch holds no answer token.
+    """
+    flat_logits, flat_labels = logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten()
+    if normalizer is None:
+        return F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE)
+    return F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE, reduction="sum") / normalizer
 
 
 def train(model: nn.Module, tokenizer, examples: Sequence[Example], config: TrainConfig, *,
@@ -88,13 +154,12 @@ def train(model: nn.Module, tokenizer, examples: Sequence[Example], config: Trai
     seed_everything(config.seed)
     encoded = [encode_example(tokenizer, ex, config.cutoff_len) for ex in examples]
     if not encoded:
-        raise ValueError("no training examples")
+        raise UserError("no training examples: the train split is empty (check --max-train-examples and the data)")
     total_steps = config.steps_for(len(encoded))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     warmup = int(config.warmup_ratio * total_steps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
     generator = torch.Generator().manual_seed(config.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     aux_fn = getattr(model, "auxiliary_loss", None)
@@ -104,45 +169,50 @@ def train(model: nn.Module, tokenizer, examples: Sequence[Example], config: Trai
     bar = tqdm(total=total_steps, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
     step_iter = _endless(encoded, config.batch_size, generator)
-    while result.steps < total_steps:
-        batch = next(step_iter)
-        micro = [batch[i:i + config.micro_batch_size] for i in range(0, len(batch), config.micro_batch_size)]
-        answer_tokens = sum(e.num_answer_tokens for e in batch)
-        step_loss = step_aux = 0.0
-        for mb in micro:
-            inputs = collate(mb, pad_id)
-            keep = answer_span(inputs)
-            logits = tail_logits(model, inputs, keep)
-            # Token-weighted so accumulation gives the same gradient as one big batch.
-            weight = sum(e.num_answer_tokens for e in mb) / max(1, answer_tokens)
-            loss = answer_loss(logits, inputs["labels"][:, -keep:]) * weight
-            aux = aux_fn() if aux_fn is not None else None
-            total = loss + aux * (len(mb) / len(batch)) if aux is not None else loss
-            total.backward()
-            step_loss += loss.detach()
-            if aux is not None:
-                step_aux += aux.detach() * (len(mb) / len(batch))
-            result.train_tokens += int(inputs["attention_mask"].sum())
-        step_loss = float(step_loss)
-        if not math.isfinite(step_loss):
-            raise TrainingDiverged(f"loss became {step_loss} at step {result.steps + 1}")
-        if config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        result.steps += 1
-        elapsed = time.perf_counter() - start
-        if result.steps % config.log_every == 0 or result.steps == total_steps or result.steps == 1:
-            result.loss_curve.append((result.steps, step_loss))
-            result.aux_curve.append((result.steps, float(step_aux)))
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{result.train_tokens / elapsed:.0f}")
-        event = StepEvent(result.steps, total_steps, step_loss, result.train_tokens, elapsed)
-        if any(cb(event) for cb in callbacks):
-            result.stopped_early = True
-            break
-    bar.close()
+    try:
+        while result.steps < total_steps:
+            batch = next(step_iter)
+            micro = [batch[i:i + config.micro_batch_size] for i in range(0, len(batch), config.micro_batch_size)]
+            collated = [collate(mb, pad_id) for mb in micro]
+            answer_tokens = sum(int((x["labels"][:, 1:] != IGNORE).sum()) for x in collated)
+            step_loss = step_aux = 0.0
+            for mb, inputs in zip(micro, collated):
+                keep = answer_span(inputs)
+                logits = tail_logits(model, inputs, keep)
+                # Summed, then divided by the whole batch's answer-token count: accumulation gives exactly
+                # the gradient of one big batch, and a micro-batch without answer tokens adds 0, not NaN.
+                loss = answer_loss(logits, inputs["labels"][:, -keep:], normalizer=max(1, answer_tokens))
+                aux = aux_fn() if aux_fn is not None else None
+                total = loss + aux * (len(mb) / len(batch)) if aux is not None else loss
+                total.backward()
+                step_loss += loss.detach()
+                if aux is not None:
+                    step_aux += aux.detach() * (len(mb) / len(batch))
+                result.train_tokens += int(inputs["attention_mask"].sum())
+            step_loss = float(step_loss)
+            if not math.isfinite(step_loss):
+                raise TrainingDiverged(f"loss became {step_loss} at step {result.steps + 1}")
+            if not math.isfinite(float(step_aux)):
+                raise TrainingDiverged(f"load-balancing loss became {float(step_aux)} at step {result.steps + 1}")
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            step_lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.steps += 1
+            elapsed = time.perf_counter() - start
+            if result.steps % config.log_every == 0 or result.steps == total_steps or result.steps == 1:
+                result.loss_curve.append((result.steps, step_loss))
+                result.aux_curve.append((result.steps, float(step_aux)))
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{result.train_tokens / elapsed:.0f}")
+            event = StepEvent(result.steps, total_steps, step_loss, result.train_tokens, elapsed, step_lr)
+            if any(cb(event) for cb in callbacks):
+                result.stopped_early = True
+                break
+    finally:  # a raise (divergence, a pruning callback) must not leave a half-drawn bar
+        bar.close()
     result.wall_time = time.perf_counter() - start
     return result
 
