@@ -3,6 +3,9 @@
     mola-search --budget 160 --task mrpc                 # a study with the defaults
     mola-search --resume runs/<study>                    # continue an interrupted study
     mola-search export runs/<study> --format json        # the best allocation spec
+    mola-search report runs/<study>                      # report/index.html: results, layers, routing
+    mola-search analyze runs/<study>/finalists/<trial>/seed0/adapter   # redundancy + routing
+    mola-search compare runs/a runs/b                    # two studies side by side
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 from mola_search.cli.common import load_config_file, run_main
 from mola_search.errors import UserError
 
-SUBCOMMANDS = ("export",)
+SUBCOMMANDS = ("export", "report", "analyze", "compare")
 
 # flag dest -> StudyConfig field (flags absent from the command line leave preset/config values alone)
 _STUDY_FLAGS = ("task", "model", "budget", "out", "space", "objective", "trials", "sampler", "seed", "data_dir", "dtype",
@@ -32,7 +35,7 @@ _TRAIN_FLAGS = ("lr", "batch_size", "micro_batch_size", "cutoff_len")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mola-search", description=__doc__.splitlines()[0],
-                                epilog="subcommands: export (see `mola-search export -h`)",
+                                epilog="subcommands: export, report, analyze, compare (see `mola-search <subcommand> -h`)",
                                 argument_default=argparse.SUPPRESS)
     p.add_argument("--config", help="YAML/JSON study settings; flags override them")
     p.add_argument("--resume", metavar="STUDY_DIR", help="continue the study in this folder")
@@ -101,7 +104,8 @@ def study_config_from_args(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
-        return {"export": export_main}[argv[0]](argv[1:])
+        return {"export": export_main, "report": _analysis("report_main"), "analyze": _analysis("analyze_main"),
+                "compare": _analysis("compare_main")}[argv[0]](argv[1:])
     args = build_parser().parse_args(argv)
     from mola_search.search.config import StudyConfig
     from mola_search.search.runner import run_study
@@ -143,6 +147,15 @@ def export_main(argv: list[str]) -> int:
     else:
         sys.stdout.write(text)
     return 0
+
+
+def _analysis(name: str):
+    """A subcommand of mola_search.analysis.cli, imported only when it runs (matplotlib is slow to load)."""
+    def run(argv: list[str]) -> int:
+        from mola_search.analysis import cli
+
+        return getattr(cli, name)(argv)
+    return run
 
 
 def best_spec(folder: Path):

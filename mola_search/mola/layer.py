@@ -54,6 +54,7 @@ class MoLALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.register_buffer("stat_counts", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
         self.register_buffer("stat_weights", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
+        self.register_buffer("stat_probs", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
         self.register_buffer("stat_tokens", torch.zeros((), dtype=torch.float64), persistent=False)
         self.reset_parameters(init)
 
@@ -104,11 +105,13 @@ class MoLALinear(nn.Module):
             with torch.no_grad():
                 self.stat_counts += (chosen * m).sum(0).double()
                 self.stat_weights += (gates.reshape(-1, self.num_experts).float() * m).sum(0).double()
+                self.stat_probs += (flat_p.float() * m).sum(0).double()  # full softmax: P_i of the balance loss
                 self.stat_tokens += m.sum().double()
 
     def reset_stats(self) -> None:
         self.stat_counts.zero_()
         self.stat_weights.zero_()
+        self.stat_probs.zero_()
         self.stat_tokens.zero_()
 
     def expert_deltas(self) -> torch.Tensor:

@@ -81,7 +81,8 @@ class MoLAModel(nn.Module):
             self.state.collect_stats = False
 
     def router_stats(self) -> list[dict[str, Any]]:
-        """Per decoder layer and module: selection counts, selection share and mean routing weight per expert."""
+        """Per decoder layer and module: selection counts, selection share, mean routing weight (renormalised
+        top-k gate) and mean router probability (full softmax, the P_i of the balance loss) per expert."""
         rows = []
         for name, layer in self.mola_layers.items():
             tokens = float(layer.stat_tokens)
@@ -92,6 +93,7 @@ class MoLAModel(nn.Module):
                 "counts": counts,
                 "share": [c / (tokens * layer.top_k) if tokens else 0.0 for c in counts],
                 "mean_weight": [w / tokens if tokens else 0.0 for w in layer.stat_weights.tolist()],
+                "mean_prob": [q / tokens if tokens else 0.0 for q in layer.stat_probs.tolist()],
             })
         return rows
 

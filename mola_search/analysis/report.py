@@ -1,0 +1,364 @@
+"""`mola-search report`: one study folder -> report/index.html (+ PNGs) and report/summary.md.
+
+Sections: 1 results on the test split against the best seed, 2 allocation pictures,
+3 which layers matter (Optuna importance + ridge regression, in words), 4
+optimisation history, 5 expert redundancy (trained adapters only), 6 routing, 7
+provenance. Works on a study that is still running or was interrupted (it uses
+what has finished and says so at the top).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mola_search.analysis import figures
+from mola_search.analysis.document import Bullets, Figure, Para, Section, Table, write
+from mola_search.analysis.importance import (EffectEstimate, Importances, block_groups, layer_effects,
+                                             optuna_importances, param_depths, verdicts)
+from mola_search.analysis.redundancy import QUANTITIES, QUANTITY_LABELS
+from mola_search.analysis.results import ResultTable, result_table
+from mola_search.analysis.studydata import FinalistRecord, StudyData, load_study, require_completed
+from mola_search.search.progress import _compact
+
+REPORT_DIR = "report"
+
+
+@dataclass
+class LayerFindings:
+    importances: Importances
+    per_layer: EffectEstimate
+    per_block: EffectEstimate
+    sentences: list[str]
+
+
+def analyse_layers(data: StudyData, *, n_boot: int = 1000, importance: bool = True) -> LayerFindings:
+    """Optuna importance + per-layer and per-block ridge effects + verdicts, over completed unique trials."""
+    done = data.completed(unique=True)
+    allocations = [t.allocation for t in done]
+    scores = [t.value for t in done]
+    L = data.num_layers
+    blocks = data.space.blocks if data.space is not None and data.space.encoding == "blocks" else 4
+    groups, labels = block_groups(L, blocks)
+    per_block = layer_effects(allocations, scores, groups, labels, n_boot=n_boot)
+    per_layer = layer_effects(allocations, scores, n_boot=n_boot)
+    imp = optuna_importances(data.study) if importance else Importances()
+    sentences = verdicts(per_block, per_layer, imp)
+    pruned = data.count("PRUNED")
+    if pruned and per_block.usable:
+        sentences.append(f"The regression uses the {per_block.n} completed trials; {pruned} pruned trials (stopped "
+                         "at a lower rung) are left out, so it sees mostly allocations that survived pruning.")
+    return LayerFindings(imp, per_layer, per_block, sentences)
+
+
+def build_report(folder: str | Path, out: str | Path | None = None, *, n_boot: int = 1000) -> Path:
+    """Write the report of the study in `folder`; returns the path of index.html."""
+    data = load_study(folder)
+    require_completed(data)
+    out = Path(out) if out else data.folder / REPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.png"):  # figures of an earlier report that this one may not redraw
+        old.unlink()
+    started = time.time()
+    table = result_table(data)
+    findings = analyse_layers(data, n_boot=n_boot)
+    sections = [
+        _results_section(data, table),
+        _allocation_section(data, table, out),
+        _importance_section(data, findings, out),
+        _history_section(data, out),
+        *_adapter_sections(data, out),
+        _provenance_section(data, started),
+    ]
+    if not data.finished:
+        done = len(data.completed())
+        runs = sum(len(f.test) for f in data.finalists)
+        sections[0].blocks.insert(0, Para(
+            f"This study is still running or was interrupted: the report uses the {done} completed trials and "
+            f"{runs} finished finalist runs available now. " + "; ".join(data.notes) + ".", "warning"))
+    subtitle = (f"task `{data.config.task}`, model `{data.config.model}`, objective `{data.config.objective}`, "
+                f"{data.num_layers} layers, budget {data.budget}; report written {time.strftime('%Y-%m-%d %H:%M')}")
+    page, _ = write(out, f"mola-search study {data.name}", subtitle, sections)
+    return page
+
+
+# ------------------------------------------------------------------------------------------ sections
+
+
+def _fmt(v: float | None, digits: int = 4) -> str:
+    return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
+
+
+def _fmt_p(p: float) -> str:
+    return "–" if p != p else ("< 0.001" if p < 0.001 else f"{p:.3f}")
+
+
+def _results_section(data: StudyData, table: ResultTable) -> Section:
+    s = Section("1. Results", anchor="results")
+    paired = any(len(r.scores) > 1 for r in table.rows)
+    s.add(Para(f"Scores: {table.metric}. The best seeded baseline is {table.best_seed or '–'}; Δ is "
+               + ("the mean per-seed difference to it (paired by training seed), with a 95% bootstrap CI and a "
+                  "paired t-test." if paired else "the difference to it (single runs: no CI, no test).")))
+    rows, emphasis = [], set()
+    for i, r in enumerate(table.rows):
+        p = r.vs_best_seed
+        diff = "reference" if r.name == table.best_seed else (
+            "–" if p is None else f"{p.mean_diff:+.4f}" + (f" [{_fmt(p.lo)}, {_fmt(p.hi)}]" if p.lo == p.lo else ""))
+        score = f"{_fmt(r.mean)} ± {_fmt(r.std)}" if len(r.scores) > 1 else _fmt(r.mean)
+        rows.append([r.role, r.name, f"`{_compact(r.allocation)}`" if r.allocation else "–",
+                     score, str(len(r.scores)), diff,
+                     "–" if p is None else _fmt_p(p.p_value), _fmt(r.validation),
+                     f"{r.trainable_params:,}" if r.trainable_params else "–"])
+        if "best" in r.role.split(", "):
+            emphasis.add(i)
+    s.add(Table(["", "allocation", "experts per layer", "score (mean ± std)" if paired else "score", "n", "Δ vs best seed [95% CI]",
+                 "paired p", "validation", "trainable params"], rows, emphasis))
+    best, searched, ref = table.row("best"), table.row("best searched"), None
+    if table.best_seed:
+        ref = next(r for r in table.rows if r.name == table.best_seed)
+    if searched is not None and ref is not None and searched.vs_best_seed is not None and paired:
+        p = searched.vs_best_seed
+        if p.lo == p.hi:
+            verdict = ("identical scores on every seed: no difference" if p.mean_diff == 0 else
+                       "the same difference on every seed (no spread to test against)")
+        else:
+            verdict = "the CI excludes 0" if (p.lo > 0 or p.hi < 0) else "the CI includes 0: no evidence of a difference"
+        s.add(Para(f"Best searched allocation ({searched.name}) vs the best seed ({ref.name}): {p.mean_diff:+.4f} "
+                   f"over {p.n} paired seed(s), 95% CI [{_fmt(p.lo)}, {_fmt(p.hi)}]"
+                   + (f", paired t-test p = {_fmt_p(p.p_value)}" if p.p_value == p.p_value else "") + f"; {verdict}."))
+    if best is not None:
+        s.add(Para(f"Exported best allocation: {best.name} `{','.join(map(str, best.allocation or ()))}`"
+                   + (f" ({data.best.get('chosen_by')})." if data.best else ".")))
+    if table.notes:
+        s.add(Bullets([f"Note: {n}." for n in table.notes]))
+    return s
+
+
+def _allocation_section(data: StudyData, table: ResultTable, out: Path) -> Section:
+    s = Section("2. Allocations", anchor="allocations")
+    seeds = data.seed_trials()
+    best = table.row("best")
+    shown: list[tuple[str, Sequence[int]]] = []
+    highlight = None
+    if best is not None and best.allocation:
+        highlight = best.name if best.is_seed else f"best: {best.name}"
+        if not best.is_seed:
+            shown.append((highlight, best.allocation))
+    searched = table.row("best searched")
+    if searched is not None and searched.allocation and searched is not best:
+        shown.append((f"best searched: {searched.name}", searched.allocation))
+    order = [n for n in data.config.seed_names if n in seeds] + [n for n in seeds if n not in data.config.seed_names]
+    shown += [(n, seeds[n].allocation) for n in order]
+    max_e = data.space.max_experts if data.space is not None else None
+    if shown:
+        figures.allocation_bars(out / "allocations.png", shown, highlight, max_e)
+        s.add(Figure("allocations.png", "Expert count per layer: the best allocation (red) beside the seeded "
+                                        "shapes and the AlphaLoRA seed, on the same budget."))
+    done = sorted(data.completed(unique=True), key=lambda t: -t.value)
+    labels = [f"#{t.number} {t.value:.3f} {t.seed_name or t.origin}" for t in done]
+    figures.trial_heatmap(out / "trials_heatmap.png", list(zip(labels, [t.allocation for t in done])),
+                          data.space.min_experts if data.space is not None else 1, max_e)
+    s.add(Figure("trials_heatmap.png", f"All {len(done)} completed trials (duplicates once), sorted by validation "
+                                       "score; colour = experts in that layer."))
+    return s
+
+
+def _importance_section(data: StudyData, f: LayerFindings, out: Path) -> Section:
+    s = Section("3. Which layers matter", anchor="layers")
+    s.add(Para("What the data supports:"), Bullets(f.sentences))
+    if f.per_block.usable:
+        rows = [[e.label, f"{e.coef:+.4f}", f"[{e.lo:+.4f}, {e.hi:+.4f}]",
+                 "yes" if e.supported else "no (CI crosses 0)"] for e in f.per_block.effects]
+        s.add(Table(["block", "score per expert", "95% bootstrap CI", "CI excludes 0"], rows),
+              Para(f"Ridge regression over {f.per_block.n} completed trials (penalty {f.per_block.alpha:.3g} chosen by "
+                   f"generalised cross-validation; in-sample R² {f.per_block.r2:.2f} per block, "
+                   f"{f.per_layer.r2:.2f} per layer).", "muted"))
+    spans = param_depths(sorted({p for v in f.importances.values.values() for p in v}), data.num_layers)
+    if f.importances.values:
+        figures.importance_over_depth(out / "importance.png", f.importances.values, spans, data.num_layers)
+        dups = f.importances.trials - len(data.completed(unique=True))
+        s.add(Figure("importance.png", f"PED-ANOVA and fANOVA importance of the encoding parameters over "
+                                       f"{f.importances.trials} completed trials"
+                                       + (f" ({dups} of them duplicate proposals: other points of the space that "
+                                          "decode to an allocation already trained)" if dups > 0 else "")
+                                       + ", in depth order. Importance has no sign: a parameter also matters "
+                                       "when good trials keep it low."))
+        names = sorted({p for v in f.importances.values.values() for p in v}, key=lambda n: (n not in spans, n))
+        evs = list(f.importances.values)
+        s.add(Table(["parameter", "layers", *evs],
+                    [[n, _span_text(spans.get(n)), *[_fmt(f.importances.values[e].get(n), 3) for e in evs]]
+                     for n in names]))
+    if f.per_layer.usable or f.per_block.usable:
+        figures.effects_over_depth(out / "layer_effects.png", f.per_layer, f.per_block, data.num_layers)
+        s.add(Figure("layer_effects.png", "Score change per expert added to a layer (points) or block (bars), "
+                                          "paid for by the other layers; error bars are 95% bootstrap CIs."))
+    return s
+
+
+def _span_text(span: tuple[float, float] | None) -> str:
+    if span is None:
+        return "–"
+    a, b = span
+    if a == b:
+        return f"{a:g}"
+    return f"{a:g}–{b:g}"
+
+
+def _history_section(data: StudyData, out: Path) -> Section:
+    s = Section("4. Optimisation history", anchor="history")
+    figures.optimisation_history(out / "history.png", data.trials)
+    dups = sum(1 for t in data.trials if t.duplicate_of is not None)
+    s.add(Figure("history.png", "Validation score per trial; the red line is the best so far. Seeds are stars, "
+                                "pruned trials are drawn at the score of their last rung, failed ones at the bottom."),
+          Para(f"{data.count('COMPLETE')} complete, {data.count('PRUNED')} pruned, {data.count('FAIL')} failed, "
+               f"{dups} duplicate proposals answered from the cache, "
+               f"{sum(1 for t in data.trials if t.state == 'RUNNING')} running."))
+    fails = [t for t in data.trials if t.state == "FAIL" and t.failure and t.duplicate_of is None]
+    if fails:
+        s.add(Bullets([f"trial {t.number} ({t.origin}): {t.failure[:200]}" for t in fails[:10]]))
+    return s
+
+
+def _adapter_sections(data: StudyData, out: Path) -> list[Section]:
+    """5 redundancy and 6 routing, from the trained adapters of the best finalist and the rectangle seed."""
+    from mola_search.analysis.adapter import analyze_adapter
+
+    red = Section("5. Expert redundancy", anchor="redundancy")
+    rout = Section("6. Routing", anchor="routing")
+    best = data.best_finalist()
+    rect = data.finalist_for_seed("rectangle")
+    chosen: list[tuple[str, FinalistRecord]] = []
+    if best is not None:
+        chosen.append((f"best ({best.name})", best))
+    if rect is not None and (best is None or rect.label != best.label):
+        chosen.append(("rectangle", rect))
+    analyses = {}
+    for name, fin in chosen:
+        found = [analyze_adapter(p) for p in fin.adapters()]
+        if found:
+            analyses[name] = found
+    if not analyses:
+        why = ("the objective is synthetic: no adapter is trained" if data.config.objective.startswith("synthetic")
+               else "no finalist run folder holds a trained adapter yet")
+        red.add(Para(f"Not available: {why}."))
+        rout.add(Para(f"Not available: {why}."))
+        return [red, rout]
+    L = data.num_layers
+    panels: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for name, runs in analyses.items():
+        kinds = runs[0].kinds()
+        panels[name] = {q: {**{k: _mean_runs([r.layer_means(q, k) for r in runs]) for k in kinds},
+                            "all": _mean_runs([r.layer_means(q) for r in runs])} for q in QUANTITIES}
+    figures.redundancy_over_depth(out / "redundancy.png", panels, L, QUANTITIES, QUANTITY_LABELS)
+    red.add(Para("Mean Frobenius distance between every two different experts of a module, per layer (the MoLA "
+                 "paper's Figure 3): of the weight updates s·B_iA_i, and of the A and B matrices. Small = "
+                 "redundant experts. Averaged over the finalist's training seeds "
+                 + ", ".join(f"{n}: {len(r)}" for n, r in analyses.items())
+                 + "; layers with one expert have no pair (gap)."),
+            Figure("redundancy.png", "Expert redundancy over depth, per module type (thin) and their mean (bold)."))
+    head = ["layer", *[f"{n}: experts" for n in panels], *[f"{n}: ΔW dist" for n in panels]]
+    rows = []
+    for j in range(L):
+        rows.append([str(j), *[str(analyses[n][0].config.experts[j]) for n in panels],
+                     *[_fmt(panels[n]["delta"]["all"][j], 4) for n in panels]])
+    red.add(Table(head, rows))
+
+    routed = {n: [r for r in runs if r.routing is not None] for n, runs in analyses.items()}
+    routed = {n: r for n, r in routed.items() if r}
+    if not routed:
+        rout.add(Para("Not available: the finalist runs have no router_stats.json."))
+        return [red, rout]
+    first_name, first_runs = next(iter(routed.items()))
+    figures.routing_heatmaps(out / "routing.png", first_runs[0].routing,
+                             f"Routing of {first_name}, seed 0, on the validation split")
+    exact = all(r.routing.exact_balance for runs in routed.values() for r in runs)
+    balances = {n: _mean_runs([r.routing.balance for r in runs]) for n, runs in routed.items()}
+    figures.balance_over_depth(out / "balance.png", balances, exact)
+    tokens = first_runs[0].routing.tokens
+    rout.add(Para(f"Per layer and expert, the share of top-k selections and the mean routing weight (renormalised "
+                  f"top-k gate) on the validation split ({tokens:.0f} tokens), averaged over the layer's "
+                  f"{len(first_runs[0].routing.kinds)} module types. Grey cells: the layer has fewer experts."),
+             Figure("routing.png", f"Expert selection share and mean routing weight: {first_name}."),
+             Figure("balance.png", "Load-balance loss per layer, N·Σ f_i·P_i (f_i selection share, P_i mean router "
+                                   "probability), averaged over module types and seeds; 1 = perfectly balanced."))
+    full = sorted({j for runs in routed.values() for r in runs for j in range(L)
+                   if r.config.top_k[j] >= r.config.experts[j]})
+    if full:
+        rout.add(Para(f"In layer(s) {', '.join(map(str, full))} top-k equals the expert count: every token uses "
+                      "every expert, so the balance loss is 1 and the shares are equal by construction.", "muted"))
+    if not exact:
+        rout.add(Para("These router stats predate the mean router probability: the balance curve is the proxy "
+                      "N·Σ f_i² (the loss with P_i replaced by f_i).", "muted"))
+    rows = []
+    for j in range(L):
+        rows.append([str(j), *[_fmt(balances[n][j], 3) for n in balances],
+                     _fmt(max((v for v in first_runs[0].routing.share[j] if v == v), default=math.nan), 3)])
+    rout.add(Table(["layer", *[f"{n}: balance loss" for n in balances], f"{first_name}: top expert share"], rows))
+    return [red, rout]
+
+
+def _mean_runs(series: Sequence[Sequence[float]]) -> list[float]:
+    out = []
+    for values in zip(*series):
+        finite = [v for v in values if v == v]
+        out.append(sum(finite) / len(finite) if finite else math.nan)
+    return out
+
+
+def _provenance_section(data: StudyData, started: float) -> Section:
+    from mola_search.search.outputs import provenance
+
+    c = data.config
+    s = Section("7. Provenance", anchor="provenance")
+    sp = data.space
+    space = (f"`{c.space}`" + (f": {sp.encoding}" + (f", {sp.blocks} blocks" if sp.encoding == "blocks" else "")
+                               + (f", {sp.knots} knots" if sp.encoding == "profile" else "")
+                               + f", experts per layer {sp.min_experts}..{sp.max_experts}, top-k {sp.top_k}"
+                               + (" (searched)" if sp.search_top_k else "") + f", rank {sp.rank}"
+                               + (" (searched)" if sp.search_rank else "") if sp is not None else " (definition not found)"))
+    fidelity = {**(sp.fidelity.to_dict() if sp is not None else {}), **c.fidelity}
+    starts = [t.start for t in data.trials if t.start]
+    ends = [t.complete for t in data.trials if t.complete]
+    span = (max(ends) - min(starts)).total_seconds() if starts and ends else None
+    trial_time = sum(t.wall_time_s or 0.0 for t in data.trials)
+    fin_time = sum(float(m.get("wall_time_s") or 0.0) for f in data.finalists for m in f.metrics.values())
+    nodes = sorted({t.node for t in data.trials if t.node})
+    envs = [m.get("environment") for f in data.finalists for m in f.metrics.values() if m.get("environment")]
+    recorded = (data.best or {}).get("provenance", {})
+    now = provenance()
+    versions = recorded.get("versions") or now["versions"]
+    rows = [
+        ["study", f"`{data.folder}` (Optuna study `{data.name}`)"],
+        ["model / task / objective", f"`{c.model}` / `{c.task}` / `{c.objective}`"],
+        ["layers / budget", f"{data.num_layers} / {data.budget} experts"],
+        ["search space", space],
+        ["sampler / scheduler / seed", f"{c.sampler} / {c.scheduler} / {c.seed}"],
+        ["trials", f"{c.trials} to train; trained {data.count('COMPLETE')} complete + {data.count('PRUNED')} pruned "
+                   f"+ {data.count('FAIL')} failed; {sum(1 for t in data.trials if t.duplicate_of is not None)} "
+                   "duplicate proposals answered from the cache"],
+        ["fidelity of a search trial", ", ".join(f"{k}={v}" for k, v in fidelity.items())],
+        ["train settings", ", ".join(f"{k}={v}" for k, v in c.train.items()) or "defaults"],
+        ["seeded baselines", ", ".join(c.seed_names)],
+        ["finalists", f"top {c.finalist_top_n} searched + seeds, {c.finalist_seeds} training seeds each, "
+                      f"train/eval examples {c.finalist_train_examples}/{c.finalist_eval_examples}"],
+        ["executor / resources", f"{c.executor}, {c.cpus_per_trial} CPU + {c.gpus_per_trial} GPU per trial, "
+                                 f"max concurrent {c.max_concurrent}"],
+        ["wall time", (f"study {span / 60:.1f} min (first trial start to last finish)" if span is not None else "–")
+         + f"; trials {trial_time / 60:.1f} min summed; finalist runs {fin_time / 60:.1f} min summed"],
+        ["hardware", (f"nodes {', '.join(nodes)}" if nodes else "nodes unknown")
+         + (f"; runs: {envs[0].get('machine')}, {envs[0].get('threads')} threads, torch {envs[0].get('torch')}"
+            if envs else "") + (f"; recorded host {recorded.get('host')} ({recorded.get('machine')})"
+                                if recorded else "")],
+        ["versions (study)", ", ".join(f"{k} {v}" for k, v in versions.items() if v)
+         + (f", python {recorded.get('python')}" if recorded.get("python") else "")],
+        ["report", f"written {now['written']} on {platform.node()} ({os.cpu_count()} CPUs), python "
+                   f"{now['python']}, optuna {now['versions'].get('optuna')}, in {time.time() - started:.1f} s"],
+    ]
+    s.add(Table(["", ""], rows))
+    return s
