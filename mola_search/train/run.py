@@ -71,10 +71,13 @@ class RunConfig:
         unknown = sorted(set(raw) - known) + sorted(set(train_raw) - train_known)
         if unknown:
             raise UserError(f"unknown run config keys {unknown}; known: {sorted(known | train_known)}")
-        if "target_modules" in raw:
-            raw["target_modules"] = tuple(raw["target_modules"])
-        if "eval_splits" in raw:
-            raw["eval_splits"] = tuple(raw["eval_splits"])
+        for key in ("target_modules", "eval_splits"):  # a list, or one comma-separated string
+            if key in raw:
+                value = raw[key]
+                items = value.split(",") if isinstance(value, str) else value
+                if not isinstance(items, (list, tuple)) or not all(isinstance(x, str) for x in items):
+                    raise UserError(f"{key} must be a list of names (or a comma-separated string), got {value!r}")
+                raw[key] = tuple(x.strip() for x in items if x.strip())
         return cls(**raw, train=TrainConfig(**train_raw))
 
     def to_dict(self) -> dict[str, Any]:
@@ -110,6 +113,10 @@ def prepare(config: RunConfig, *, base: tuple[torch.nn.Module, Any] | None = Non
         check_method(config.method)
     if config.eval_mode not in ("loglik", "generate"):
         raise UserError(f"unknown eval mode '{config.eval_mode}': use 'loglik' or 'generate'")
+    for name, least in (("max_train_examples", 1), ("max_eval_examples", 0)):
+        value = getattr(config, name)
+        if value is not None and value < least:
+            raise UserError(f"{name} is {value}: use an integer >= {least} (or leave it unset for the whole split)")
     data = data or load_task(config.task, config.data_dir, val_seed=0)
     base_model, tokenizer = base or load_base_model(config.model, dtype=config.dtype)
     if spec is not None:
@@ -172,12 +179,44 @@ def describe(prepared: Prepared, model: torch.nn.Module) -> dict[str, Any]:
 def evaluate(model: torch.nn.Module, prepared: Prepared, split: str) -> dict[str, Any]:
     c = prepared.config
     examples = prepared.splits[split]
+    if any(ex.is_generative for ex in examples[:1]):  # instruction data: no choices, score the answer NLL
+        return answer_nll(model, prepared.tokenizer, examples, batch_size=c.eval_batch_size,
+                          cutoff_len=c.train.cutoff_len)
     if c.eval_mode == "generate":
         res = evaluate_generation(model, prepared.tokenizer, examples, cutoff_len=c.train.cutoff_len)
     else:
         res = evaluate_accuracy(model, prepared.tokenizer, examples, batch_size=c.eval_batch_size,
                                 cutoff_len=c.train.cutoff_len)
     return {**res.to_dict(), "majority_baseline": prepared.data.majority_baseline(split) if examples else None}
+
+
+@torch.no_grad()
+def answer_nll(model: torch.nn.Module, tokenizer, examples: Sequence[Example], *, batch_size: int = 16,
+               cutoff_len: int = 256) -> dict[str, Any]:
+    """Mean negative log-likelihood per target token (and perplexity) of free-form answers."""
+    import torch.nn.functional as F
+
+    from mola_search.train.batching import IGNORE, answer_span, collate, encode_example, tail_logits
+
+    was_training = model.training
+    model.eval()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    total, count = 0.0, 0
+    try:
+        encoded = [encode_example(tokenizer, ex, cutoff_len) for ex in examples]
+        for start in range(0, len(encoded), batch_size):
+            batch = collate(encoded[start:start + batch_size], pad_id)
+            keep = answer_span(batch)
+            logits = tail_logits(model, batch, keep)
+            labels = batch["labels"][:, -keep:][:, 1:]
+            total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                           ignore_index=IGNORE, reduction="sum"))
+            count += int((labels != IGNORE).sum())
+    finally:
+        model.train(was_training)
+    nll = total / count if count else float("nan")
+    return {"accuracy": None, "answer_nll": nll, "perplexity": math.exp(nll) if count else float("nan"),
+            "n": len(examples), "target_tokens": count, "majority_baseline": None}
 
 
 @dataclass
