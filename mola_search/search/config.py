@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mola_search.errors import UserError
+from mola_search.search.synthetic import SYNTHETIC_NAMES, SYNTHETIC_PREFIX
 
 SAMPLERS = ("tpe", "cmaes", "gp", "random")
 STUDY_FILE = "study.json"
@@ -70,6 +71,12 @@ class StudyConfig:
     preset: str | None = None
 
     def __post_init__(self) -> None:
+        objective = str(self.objective).strip().lower()
+        prefix, _, name = objective.partition(":")
+        if objective != "mola" and not (prefix == SYNTHETIC_PREFIX and (not name or name in SYNTHETIC_NAMES)):
+            # checked up front: an unknown name would otherwise train the real model, or fail every trial
+            raise UserError(f"unknown objective '{self.objective}': use mola, {SYNTHETIC_PREFIX} or "
+                            + ", ".join(f"{SYNTHETIC_PREFIX}:{n}" for n in SYNTHETIC_NAMES))
         if self.sampler not in SAMPLERS:
             raise UserError(f"unknown sampler '{self.sampler}': choose one of {', '.join(SAMPLERS)}")
         if self.executor not in ("ray", "local"):

@@ -48,10 +48,15 @@ def init_ray(config: StudyConfig) -> None:
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
+    # Workers on a running cluster are started by its raylets, not by this process: hand them this
+    # process's MOLA_* settings (data/cache folders, test hooks such as MOLA_SEARCH_FAULTS).
+    env = {k: v for k, v in os.environ.items() if k.startswith("MOLA_")}
+    if env:
+        kwargs["runtime_env"] = {"env_vars": env}
     if config.address:
         ray.init(address=config.address, **kwargs)
-    else:
-        ray.init(**kwargs)
+    else:  # a fresh local instance: never attach to whatever cluster happens to run on this machine
+        ray.init(address="local", **kwargs)
 
 
 def _trainable(config: dict[str, Any], study: dict[str, Any], fidelity: dict[str, Any], num_layers: int) -> None:
@@ -103,18 +108,25 @@ def run_ray(driver: StudyDriver, fidelity: Fidelity, folder: Path) -> None:
     class OptunaBridge(Searcher):
         """Ray's view of our StudyDriver: suggest = ask, results = report, complete = tell."""
 
-        def __init__(self) -> None:
+        def __init__(self, driver: StudyDriver) -> None:
             super().__init__(metric="score", mode="max")
+            self.driver = driver  # an attribute, not a closure variable, so that __getstate__ can leave it out
             self.live: dict[str, Proposal] = {}
             self.exhausted = False
+
+        def __getstate__(self) -> dict[str, Any]:
+            # Tune pickles its search algorithm into ray/tune/tuner.pkl (for Tuner.restore, which this
+            # executor never uses: `mola-search --resume` continues from the Optuna storage). The live
+            # driver (storage connection, sampler, output stream) is not state to pickle, and may not pickle.
+            return {**self.__dict__, "driver": None, "live": {}}
 
         def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
             if self.exhausted:
                 return Searcher.FINISHED
-            proposal = driver.ask()
+            proposal = self.driver.ask()
             if proposal is None:
                 self.exhausted = True
-                driver.progress.message("sampler only proposes allocations already trained: stopping early")
+                self.driver.progress.message("sampler only proposes allocations already trained: stopping early")
                 return Searcher.FINISHED
             self.live[trial_id] = proposal
             return {"request": proposal.request.to_payload()}
@@ -122,7 +134,7 @@ def run_ray(driver: StudyDriver, fidelity: Fidelity, folder: Path) -> None:
         def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
             proposal = self.live.get(trial_id)
             if proposal is not None and not result.get("final"):
-                driver.report(proposal, int(result["rung"]), float(result["score"]))
+                self.driver.report(proposal, int(result["rung"]), float(result["score"]))
 
         def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
             proposal = self.live.pop(trial_id, None)
@@ -139,13 +151,13 @@ def run_ray(driver: StudyDriver, fidelity: Fidelity, folder: Path) -> None:
                 outcome.wall_time_s = float(result.get("wall_time_s", 0.0))
                 outcome.node = str(result.get("node", ""))
                 if outcome.scores and not outcome.failure and not outcome.pruned:
-                    driver.report(proposal, len(outcome.scores), outcome.scores[-1])
+                    self.driver.report(proposal, len(outcome.scores), outcome.scores[-1])
             else:  # stopped by ASHA after a rung: pruned, with the rung scores it reached
                 if "rung" in result and "score" in result:
-                    driver.report(proposal, int(result["rung"]), float(result["score"]))
+                    self.driver.report(proposal, int(result["rung"]), float(result["score"]))
                 outcome.pruned = True
                 outcome.node = str(result.get("node", ""))
-            driver.finish(proposal, outcome)
+            self.driver.finish(proposal, outcome)
 
     scheduler = (ASHAScheduler(time_attr="rung", max_t=len(fidelity.rungs), grace_period=1,
                                reduction_factor=config.asha_reduction_factor)
@@ -156,7 +168,7 @@ def run_ray(driver: StudyDriver, fidelity: Fidelity, folder: Path) -> None:
         _resources(config))
     tuner = tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=OptunaBridge(), scheduler=scheduler, num_samples=remaining,
+        tune_config=tune.TuneConfig(search_alg=OptunaBridge(driver), scheduler=scheduler, num_samples=remaining,
                                     max_concurrent_trials=config.max_concurrent, metric="score", mode="max"),
         run_config=tune.RunConfig(name="tune", storage_path=str((folder / "ray").resolve()), verbose=0,
                                   log_to_file=True),

@@ -55,12 +55,15 @@ class Proposal:
 
 class StudyDriver:
     def __init__(self, config: StudyConfig, folder: Path, space: SearchSpace, num_layers: int, budget: int,
-                 seeds: list[Seed], progress: Progress | None = None) -> None:
+                 seeds: list[Seed], progress: Progress | None = None,
+                 storage: str | optuna.storages.BaseStorage | None = None) -> None:
+        """`storage` overrides config.storage, e.g. an `optuna.storages.InMemoryStorage()` for benchmarks."""
         self.config, self.folder, self.space = config, folder, space
         self.num_layers, self.budget = num_layers, budget
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.study = optuna.create_study(
-            study_name=config.study_name or folder.name, storage=config.storage or default_storage(folder),
+            study_name=config.study_name or folder.name,
+            storage=storage if storage is not None else config.storage or default_storage(folder),
             sampler=make_sampler(config.sampler, config.seed), direction="maximize", load_if_exists=True,
             pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=max(2, int(config.asha_reduction_factor))))
         self.progress = progress or Progress(config.trials)

@@ -1,0 +1,356 @@
+"""`mola-search` end to end with the in-process executor on the synthetic objective (seconds, no training).
+
+Seeds first and marked, duplicates answered from the cache, the storage, failing trials,
+`kill -9` + `--resume`, one-line errors for bad input, and `export`. The Ray executor (faults,
+ASHA, a two-node cluster, resume) is tested in tests/test_search_ray.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from mola_search.cli.common import run_main
+from mola_search.cli.search import main
+from mola_search.search.config import StudyConfig
+from mola_search.search.runner import resolve_space
+from mola_search.search.seeds import SEED_SHAPES
+
+MODEL = "tiny-llama-L8"
+SEEDS = (*SEED_SHAPES, "alphalora")
+BASE = ["--task", "mrpc", "--model", MODEL, "--objective", "synthetic:upper", "--executor", "local"]
+MOLA_SEARCH = [sys.executable, "-c", "from mola_search.cli.search import entry; raise SystemExit(entry())"]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def search(argv: list[str]) -> int:
+    return run_main("mola-search", main, argv)
+
+
+def read_trials(folder: Path) -> list[dict[str, str]]:
+    with (folder / "trials.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def key(row: dict[str, str]) -> tuple[str, str, str]:
+    return row["allocation"], row["top_k"], row["rank"]
+
+
+def trained(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Trials that really trained: not answered from the cache, not interrupted by a killed study."""
+    return [r for r in rows if r["state"] in ("COMPLETE", "PRUNED", "FAIL") and r["duplicate_of"] == ""
+            and "interrupted" not in r["failure"]]
+
+
+def load_study(folder: Path) -> optuna.Study:
+    config = StudyConfig.load(folder)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.load_study(study_name=config.study_name,
+                             storage=config.storage or f"sqlite:///{(folder / 'study.db').resolve()}")
+
+
+def assert_one_line_error(capsys, rc: int, *needles: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert err.startswith("mola-search: error: ") and "\n" not in err and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+# ------------------------------------------------------------------------------------------ one study
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    """A small local study whose budget makes two seeds coincide (rectangle == triangle at 12 experts
+    over 8 layers) and leaves the sampler few new allocations, so duplicates are certain."""
+    folder = tmp_path_factory.mktemp("local") / "study"
+    assert search([*BASE, "--budget", "12", "--trials", "8", "--out", str(folder),
+                   "--finalists", "1", "--finalist-seeds", "2"]) == 0
+    return folder
+
+
+def test_outputs_and_storage_are_in_the_study_folder(study: Path) -> None:
+    for name in ("study.json", "study.db", "trials.csv", "summary.md", "finalists.csv", "best_allocation.json"):
+        assert (study / name).is_file(), name
+    config = StudyConfig.load(study)
+    assert config.storage is None  # default: the sqlite file in the folder
+    assert len(load_study(study).trials) == len(read_trials(study))
+
+
+def test_seeds_run_first_and_are_marked_as_seeds(study: Path) -> None:
+    rows = read_trials(study)
+    assert [r["origin"] for r in rows[:len(SEEDS)]] == [f"seed:{name}" for name in SEEDS]
+    assert [int(r["number"]) for r in rows[:len(SEEDS)]] == list(range(len(SEEDS)))
+    assert all(not r["origin"].startswith("seed:") for r in rows[len(SEEDS):])
+    assert all(r["origin"] == "tpe" for r in rows[len(SEEDS):])
+    finalists = list(csv.DictReader((study / "finalists.csv").open()))
+    assert {f["origin"] for f in finalists} >= {f"seed:{n}" for n in SEEDS if n != "rectangle"}
+    summary = (study / "summary.md").read_text()
+    assert "seed:triangle" in summary
+
+
+def test_identical_allocations_are_never_trained_twice(study: Path) -> None:
+    rows = read_trials(study)
+    by_number = {r["number"]: r for r in rows}
+    runs = trained(rows)
+    assert len({key(r) for r in runs}) == len(runs), "an allocation was trained twice"
+    dups = [r for r in rows if r["duplicate_of"] != ""]
+    assert dups, "the budget leaves few allocations: duplicates were expected"
+    # The two coinciding seeds: the second is answered from the first one's cache, still marked as a seed.
+    rect = next(r for r in rows if r["origin"] == "seed:rectangle")
+    assert rect["duplicate_of"] == "0" and key(rect) == key(rows[0])
+    for d in dups:
+        twin = by_number[d["duplicate_of"]]
+        assert key(d) == key(twin) and twin["duplicate_of"] == ""
+        assert d["wall_time_s"] == "" and d["node"] == ""  # nothing ran
+        if twin["state"] in ("COMPLETE", "PRUNED"):
+            assert d["state"] == twin["state"] and d["score"] == twin["score"]
+            assert d["rung_scores"] == twin["rung_scores"]
+    assert len(runs) <= 8
+
+
+def test_complete_trials_report_every_rung_and_pruned_ones_fewer(study: Path) -> None:
+    rungs = len(resolve_space(StudyConfig.load(study)).fidelity.rungs)
+    assert rungs >= 2
+    for t in load_study(study).trials:
+        if t.state == TrialState.COMPLETE:
+            assert len(t.intermediate_values) == rungs and t.value == t.intermediate_values[rungs]
+        elif t.state == TrialState.PRUNED:
+            # Optuna keeps a pruned trial's last rung score as its value; the state says it stopped early
+            assert 1 <= len(t.intermediate_values) < rungs
+            assert t.value in (None, t.intermediate_values[max(t.intermediate_values)])
+    assert all(r["score"] == "" for r in read_trials(study) if r["state"] == "PRUNED")
+
+
+def test_export_json_and_mola_flags(study: Path, capsys, tmp_path: Path) -> None:
+    best = json.loads((study / "best_allocation.json").read_text())
+    assert search(["export", str(study), "--format", "json"]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    assert exported["experts"] == best["experts"] and sum(exported["experts"]) == 12
+    assert len(exported["experts"]) == 8 and exported["top_k"] == best["top_k"] and exported["rank"] == best["rank"]
+    assert exported["test_mean"] == best["test_mean"]
+    assert search(["export", str(study), "--format", "mola-flags"]) == 0
+    flags = capsys.readouterr().out.strip()
+    assert flags == ("--number_experts " + ",".join(map(str, best["experts"])) + " --top_k "
+                     + ",".join(map(str, best["top_k"])) + " --lora_r " + ",".join(map(str, best["rank"])))
+    out = tmp_path / "flags.txt"
+    assert search(["export", str(study), "--format", "mola-flags", "--output", str(out)]) == 0
+    assert out.read_text().strip() == flags
+
+
+def test_export_without_finalists_takes_the_best_search_trial(tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "nofinal"
+    assert search([*BASE, "--trials", "3", "--out", str(folder), "--finalist-seeds", "0"]) == 0
+    capsys.readouterr()
+    assert search(["export", str(folder)]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    done = [r for r in read_trials(folder) if r["state"] == "COMPLETE"]
+    best = max(done, key=lambda r: float(r["score"]))
+    assert exported["experts"] == [int(c) for c in best["allocation"].split(",")]
+    assert exported["origin"] == best["origin"] and sum(exported["experts"]) == 40
+
+
+def test_storage_accepts_an_rdb_url_and_resume_uses_it(tmp_path: Path, capsys) -> None:
+    elsewhere = tmp_path / "db"
+    elsewhere.mkdir()
+    url = f"sqlite:///{elsewhere / 'shared.db'}"
+    folder = tmp_path / "remote"
+    assert search([*BASE, "--trials", "2", "--storage", url, "--study-name", "remote-storage", "--out", str(folder),
+                   "--finalist-seeds", "0"]) == 0
+    assert not (folder / "study.db").exists() and (elsewhere / "shared.db").is_file()
+    study = optuna.load_study(study_name="remote-storage", storage=url)
+    ran = lambda study: [t.user_attrs["origin"] for t in study.trials if t.state != TrialState.WAITING]  # noqa: E731
+    assert ran(study) == ["seed:triangle", "seed:inverted_triangle"]
+    assert search(["--resume", str(folder), "--trials", "3"]) == 0
+    study = optuna.load_study(study_name="remote-storage", storage=url)
+    assert ran(study) == ["seed:triangle", "seed:inverted_triangle", "seed:hourglass"]
+    assert len(read_trials(folder)) == 3
+    capsys.readouterr()
+    assert search(["export", str(folder), "--format", "mola-flags"]) == 0
+    assert capsys.readouterr().out.startswith("--number_experts ")
+
+
+@pytest.mark.parametrize("sampler", ["cmaes", "gp", "random"])
+def test_every_sampler_runs_after_the_seeds(sampler: str, tmp_path: Path) -> None:
+    folder = tmp_path / sampler
+    assert search([*BASE, "--sampler", sampler, "--trials", "8", "--out", str(folder), "--finalist-seeds", "0"]) == 0
+    rows = read_trials(folder)
+    assert [r["origin"] for r in rows[len(SEEDS):]] == [sampler] * (len(rows) - len(SEEDS))
+    assert len(trained(rows)) == 8 and all(r["failure"] == "" for r in rows)
+
+
+# ------------------------------------------------------------------------------------------ failures
+
+
+def test_raise_nan_and_oom_trials_are_failed_with_their_reason(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MOLA_SEARCH_FAULTS", "raise@1,nan@2,oom@3")
+    folder = tmp_path / "faults"
+    assert search([*BASE, "--trials", "7", "--out", str(folder), "--finalist-seeds", "0"]) == 0
+    rows = {int(r["number"]): r for r in read_trials(folder)}
+    assert rows[1]["state"] == "FAIL" and "RuntimeError: injected failure in trial 1" in rows[1]["failure"]
+    assert rows[2]["state"] == "FAIL" and "nan" in rows[2]["failure"].lower()
+    assert rows[3]["state"] == "FAIL" and rows[3]["failure"].startswith("out of memory")
+    assert all(rows[n]["failure"] == "" and rows[n]["state"] != "FAIL" for n in (0, 4, 5))
+    assert len(trained(list(rows.values()))) == 7  # failures count as trials; the study went on and finished
+    assert (folder / "summary.md").is_file() and "3 failed" in (folder / "summary.md").read_text()
+    states = {t.number: t.state for t in load_study(folder).trials}
+    assert states[1] == states[2] == states[3] == TrialState.FAIL
+
+
+# ------------------------------------------------------------------------------------------ kill -9 + resume
+
+
+def _finished(folder: Path) -> int:
+    if not (folder / "study.json").is_file() or not (folder / "study.db").is_file():
+        return 0
+    try:
+        study = load_study(folder)
+    except Exception:  # noqa: BLE001 - the study is not created yet
+        return 0
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
+
+
+def kill_mid_study_and_resume(folder: Path, argv: list[str], trials: int, kill_after: int, *,
+                              env: dict[str, str], resume: list[str], timeout: float = 120.0) -> dict[str, int]:
+    """Start `mola-search` as its own process group, SIGKILL the whole group once `kill_after` trials
+    finished, resume it in this process, and check that nothing finished was lost or re-run."""
+    log = (folder.parent / f"{folder.name}.log").open("w")
+    proc = subprocess.Popen([*MOLA_SEARCH, *argv, "--out", str(folder), "--trials", str(trials)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while _finished(folder) < kill_after:
+            assert proc.poll() is None, (folder.parent / f"{folder.name}.log").read_text()[-3000:]
+            assert time.time() < deadline, "the study did not get going"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+    assert proc.returncode == -signal.SIGKILL
+    before = {t.number: t for t in load_study(folder).trials}
+    finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    done_before = {n: t for n, t in before.items() if t.state in finished}
+    running_before = [n for n, t in before.items() if t.state == TrialState.RUNNING]
+    assert len(done_before) >= kill_after
+
+    assert search(["--resume", str(folder), *resume]) == 0
+
+    after = {t.number: t for t in load_study(folder).trials}
+    for n, t in done_before.items():  # nothing finished was lost or changed
+        a = after[n]
+        assert (a.state, a.value, a.intermediate_values) == (t.state, t.value, t.intermediate_values)
+        assert a.params == t.params
+        assert a.user_attrs == t.user_attrs
+    for n in running_before:  # interrupted trials: failed with a reason and queued again
+        assert after[n].state == TrialState.FAIL and "interrupted" in after[n].user_attrs["failure"]
+        assert any(t.user_attrs.get("retry_of") == n for t in after.values())
+    rows = read_trials(folder)
+    runs = trained(rows)
+    keys = [key(r) for r in runs]
+    assert len(runs) == trials, "trained trials must add up to --trials"
+    assert len(set(keys)) == len(keys), "an allocation was trained twice"
+    assert all(t.state != TrialState.RUNNING for t in after.values())
+    assert (folder / "summary.md").is_file()
+    figures = {"finished_before_kill": len(done_before), "running_at_kill": len(running_before),
+               "trained_after_resume": len(runs), "duplicates_trained": len(keys) - len(set(keys)),
+               "cache_answers": sum(1 for r in rows if r["duplicate_of"] != "")}
+    print(f"resume figures ({folder.name}): {figures}")
+    return figures
+
+
+def test_kill_9_mid_study_then_resume_loses_and_reruns_nothing(tmp_path: Path) -> None:
+    env = {**os.environ, "MOLA_SYNTHETIC_DELAY": "0.3"}
+    env.pop("MOLA_SEARCH_FAULTS", None)
+    figures = kill_mid_study_and_resume(tmp_path / "killed", [*BASE, "--finalist-seeds", "0"], trials=14,
+                                        kill_after=7, env=env, resume=[])
+    assert figures["trained_after_resume"] == 14 and figures["duplicates_trained"] == 0
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--budget", "5"], "budget 5 is infeasible for 8 layers"),
+    (["--budget", "65"], "budget 65 is infeasible"),
+    (["--sampler", "bogus"], "unknown sampler 'bogus'"),
+    (["--preset", "bogus"], "unknown preset 'bogus'"),
+    (["--objective", "synthetic:bogus"], "unknown objective 'synthetic:bogus'"),
+    (["--objective", "bogus"], "unknown objective 'bogus'"),
+    (["--space", "no-such-space.yaml"], "does not exist"),
+])
+def test_bad_flags_are_one_line_errors(argv: list[str], needle: str, tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "s"
+    assert_one_line_error(capsys, search([*BASE, "--trials", "2", "--out", str(folder), *argv]), needle)
+    assert not (folder / "study.json").exists()
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("encoding: [blocks\nmin_experts: 1\n", "is not valid YAML"),
+    ("encoding: spiral\n", "unknown encoding 'spiral'"),
+    ("encoding: blocks\nblocks: 4\nmax_experts: 3\n", "budget 40 is infeasible"),
+    ("- encoding\n- blocks\n", "must be a mapping"),
+])
+def test_bad_yaml_spaces_are_one_line_errors(text: str, needle: str, tmp_path: Path, capsys) -> None:
+    space = tmp_path / "space.yaml"
+    space.write_text(text)
+    rc = search([*BASE, "--trials", "2", "--space", str(space), "--out", str(tmp_path / "s")])
+    assert_one_line_error(capsys, rc, needle)
+
+
+def test_resume_of_a_folder_that_is_not_a_study(tmp_path: Path, capsys) -> None:
+    assert_one_line_error(capsys, search(["--resume", str(tmp_path)]), "is not a mola-search study folder")
+    assert_one_line_error(capsys, search(["--resume", str(tmp_path / "missing")]), "study.json is missing")
+    assert_one_line_error(capsys, search(["export", str(tmp_path)]), "is not a mola-search study folder")
+
+
+def test_out_pointing_at_an_existing_study_is_refused(study: Path, capsys) -> None:
+    before = (study / "trials.csv").read_text()
+    rc = search([*BASE, "--trials", "2", "--out", str(study)])
+    assert_one_line_error(capsys, rc, "already holds a study", "--resume")
+    assert (study / "trials.csv").read_text() == before
+
+
+def test_export_of_a_study_without_a_completed_trial(tmp_path: Path, capsys, monkeypatch) -> None:
+    # A study whose every trial failed: it finishes, but there is nothing to export.
+    monkeypatch.setenv("MOLA_SEARCH_FAULTS", "raise@0,oom@1")
+    config = tmp_path / "two_seeds.yaml"
+    config.write_text("seed_names: [triangle, rectangle]\n")
+    folder = tmp_path / "allfail"
+    assert search([*BASE, "--config", str(config), "--trials", "2", "--out", str(folder)]) == 0
+    assert [r["state"] for r in read_trials(folder)] == ["FAIL", "FAIL"]
+    assert not (folder / "best_allocation.json").exists()
+    capsys.readouterr()
+    assert_one_line_error(capsys, search(["export", str(folder)]), "has no completed trial")
+    # A study folder whose storage holds an empty study (created, never run).
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    StudyConfig(study_name="empty", objective="synthetic").save(empty)
+    optuna.create_study(study_name="empty", storage=f"sqlite:///{empty / 'study.db'}")
+    assert_one_line_error(capsys, search(["export", str(empty), "--format", "mola-flags"]), "has no completed trial")
+
+
+def test_bad_input_from_the_console_script_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    proc = subprocess.run([*MOLA_SEARCH, *BASE, "--sampler", "bogus", "--out", str(tmp_path / "s")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mola-search: error: unknown sampler 'bogus'"), proc.stderr

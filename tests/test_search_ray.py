@@ -1,0 +1,133 @@
+"""`mola-search` on a real two-node Ray cluster: failing and dying trials, ASHA, scale-out, kill + resume.
+
+One cluster for the module: a head node and a second raylet, one CPU each, started on this
+machine with `ray.cluster_utils.Cluster` (real GCS + raylet processes, the same ones `ray start`
+runs) and shut down by the fixture, which only stops the processes it started (never
+`ray stop --force`, which would also end other Ray sessions on the machine). Every study here
+connects with `--address`, so trials are scheduled over both nodes like on a real cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+
+from mola_search.search.config import StudyConfig
+from mola_search.search.runner import resolve_space
+from test_search import MODEL, key, kill_mid_study_and_resume, load_study, read_trials, search, trained
+
+BASE = ["--task", "mrpc", "--model", MODEL, "--objective", "synthetic:upper", "--executor", "ray",
+        "--max-concurrent", "2", "--cpus-per-trial", "1", "--finalist-seeds", "0"]
+FAULTS = "raise@1,nan@2,oom@3,kill@4"
+
+
+def _disconnect() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    _disconnect()
+    started = time.time()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        print(f"two-node cluster at {cluster.address} up in {time.time() - started:.1f} s")
+        yield cluster
+    finally:
+        _disconnect()
+        cluster.shutdown()
+
+
+def node_ids(cluster) -> set[str]:
+    return {node.node_id[:12] for node in [cluster.head_node, *cluster.worker_nodes]}
+
+
+@pytest.fixture(scope="module")
+def ray_study(cluster, tmp_path_factory) -> Path:
+    """12 trials over both nodes, 2 at a time (0.5 s per rung), trials 1-4 raise / NaN / OOM / kill their worker."""
+    folder = tmp_path_factory.mktemp("ray") / "study"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOLA_SYNTHETIC_DELAY", "0.5")
+        mp.setenv("MOLA_SEARCH_FAULTS", FAULTS)
+        try:
+            rc = search([*BASE, "--trials", "12", "--out", str(folder), "--address", cluster.address])
+        finally:
+            _disconnect()
+    assert rc == 0
+    return folder
+
+
+def test_failing_and_dying_trials_are_failed_with_a_reason_and_the_study_finishes(ray_study: Path) -> None:
+    rows = {int(r["number"]): r for r in read_trials(ray_study)}
+    assert rows[1]["state"] == "FAIL" and "RuntimeError: injected failure in trial 1" in rows[1]["failure"]
+    assert rows[2]["state"] == "FAIL" and "nan" in rows[2]["failure"].lower()
+    assert rows[3]["state"] == "FAIL" and rows[3]["failure"].startswith("out of memory")
+    assert rows[4]["state"] == "FAIL" and "worker died" in rows[4]["failure"]  # SIGKILL of the Ray worker
+    assert all(r["failure"] == "" for n, r in rows.items() if n not in (1, 2, 3, 4) and r["duplicate_of"] == "")
+    assert len(trained(list(rows.values()))) == 12
+    assert (ray_study / "summary.md").is_file() and "4 failed" in (ray_study / "summary.md").read_text()
+
+
+def test_asha_stopped_trials_are_pruned_with_their_rung_scores(ray_study: Path) -> None:
+    rungs = len(resolve_space(StudyConfig.load(ray_study)).fidelity.rungs)
+    assert rungs >= 2
+    trials = load_study(ray_study).trials
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert complete and pruned, "ASHA should have stopped some of 8 healthy trials at the first rung"
+    for t in complete:  # never a partial score: every rung was reached and the value is the last one
+        assert sorted(t.intermediate_values) == list(range(1, rungs + 1)), t.number
+        assert t.value == t.intermediate_values[rungs]
+    for t in pruned:
+        assert 1 <= len(t.intermediate_values) < rungs, t.number
+    rows = {int(r["number"]): r for r in read_trials(ray_study)}
+    for t in pruned:
+        assert rows[t.number]["score"] == "" and rows[t.number]["rung_scores"] != ""
+
+
+def test_trials_ran_on_both_nodes_into_one_optuna_storage(ray_study: Path, cluster) -> None:
+    rows = read_trials(ray_study)
+    nodes = {r["node"] for r in trained(rows) if r["node"]}
+    assert len(nodes) == 2 and nodes == node_ids(cluster), nodes
+    # One storage: the study folder's sqlite file holds every trial, whichever node trained it.
+    assert not StudyConfig.load(ray_study).storage and (ray_study / "study.db").is_file()
+    stored = load_study(ray_study).trials
+    assert {t.user_attrs.get("node") for t in stored if t.user_attrs.get("node")} == nodes
+    assert len([t for t in stored if t.state != TrialState.WAITING]) == len(rows)
+    # Trials overlapped: two ran at the same time (each rung sleeps 0.5 s).
+    assert StudyConfig.load(ray_study).max_concurrent == 2
+    spans = sorted((t.datetime_start, t.datetime_complete) for t in stored
+                   if t.datetime_complete and "duplicate_of" not in t.user_attrs)
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), "no two trials overlapped"
+
+
+def test_parallel_trials_never_train_one_allocation_twice(ray_study: Path) -> None:
+    rows = read_trials(ray_study)
+    ok = [r for r in trained(rows) if r["state"] != "FAIL"]  # a failed allocation may rightly be tried again
+    assert len({key(r) for r in ok}) == len(ok)
+    by_number = {r["number"]: r for r in rows}
+    for d in (r for r in rows if r["duplicate_of"] != ""):  # answered from the cache, or refused while running
+        assert key(d) == key(by_number[d["duplicate_of"]])
+        assert d["state"] != "FAIL" or "still running" in d["failure"]
+
+
+def test_kill_9_of_a_ray_study_then_resume_loses_and_reruns_nothing(cluster, tmp_path: Path) -> None:
+    env = {**os.environ, "MOLA_SYNTHETIC_DELAY": "0.5"}
+    env.pop("MOLA_SEARCH_FAULTS", None)
+    try:
+        figures = kill_mid_study_and_resume(tmp_path / "killed", [*BASE, "--address", cluster.address], trials=10,
+                                            kill_after=4, env=env, resume=[], timeout=150)
+    finally:
+        _disconnect()
+    assert figures["trained_after_resume"] == 10 and figures["duplicates_trained"] == 0
