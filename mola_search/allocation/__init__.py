@@ -11,6 +11,7 @@ from mola_search.allocation.shapes import (
     parse_counts,
     parse_digits,
     resample_depth,
+    run_length,
     shape_allocation,
 )
 from mola_search.allocation.spec import (
@@ -37,6 +38,7 @@ __all__ = [
     "resample_depth",
     "resolve_allocation",
     "round_to_budget",
+    "run_length",
     "save_spec",
     "shape_allocation",
     "to_mola_flags",

@@ -148,3 +148,14 @@ def _trend(weights: Sequence[Fraction | int]) -> list[Fraction]:
 def _check_layers(num_layers: int, at_least: int, why: str) -> None:
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < at_least:
         raise UserError(f"num_layers is {num_layers!r}: need an integer >= {at_least} ({why})")
+
+
+def run_length(experts: Sequence[int]) -> str:
+    """Compact form of an allocation for logs and tables, e.g. ``2x8,4x8,6x7,8x7``."""
+    runs: list[list[int]] = []
+    for e in experts:
+        if runs and runs[-1][0] == e:
+            runs[-1][1] += 1
+        else:
+            runs.append([e, 1])
+    return ",".join(f"{v}x{n}" if n > 1 else str(v) for v, n in runs)

@@ -18,7 +18,7 @@ from mola_search.analysis.report import analyse_layers, _fmt
 from mola_search.analysis.results import result_table
 from mola_search.analysis.studydata import load_study, require_completed
 from mola_search.errors import UserError
-from mola_search.search.progress import _compact
+from mola_search.allocation import run_length
 
 
 def default_out(folders: Sequence[str | Path]) -> Path:
@@ -59,7 +59,7 @@ def compare_studies(folders: Sequence[str | Path], out: str | Path | None = None
     row("trials complete / pruned / failed",
         [f"{d.count('COMPLETE')} / {d.count('PRUNED')} / {d.count('FAIL')}" for d in studies])
     bests = [t.row("best") for t in tables]
-    row("best allocation", [f"`{_compact(b.allocation)}` ({b.name})" if b and b.allocation else "–" for b in bests])
+    row("best allocation", [f"`{run_length(b.allocation)}` ({b.name})" if b and b.allocation else "–" for b in bests])
     row("best score", [f"{_fmt(b.mean)} ± {_fmt(b.std)} (n={len(b.scores)})" if b else "–" for b in bests])
     refs = [next((r for r in t.rows if r.name == t.best_seed), None) for t in tables]
     row("best seed", [f"{r.name}: {_fmt(r.mean)} ± {_fmt(r.std)}" if r else "–" for r in refs])

@@ -25,7 +25,7 @@ from mola_search.analysis.importance import (EffectEstimate, Importances, block_
 from mola_search.analysis.redundancy import QUANTITIES, QUANTITY_LABELS
 from mola_search.analysis.results import ResultTable, result_table
 from mola_search.analysis.studydata import FinalistRecord, StudyData, load_study, require_completed
-from mola_search.search.progress import _compact
+from mola_search.allocation import run_length
 
 REPORT_DIR = "report"
 
@@ -111,7 +111,7 @@ def _results_section(data: StudyData, table: ResultTable) -> Section:
         diff = "reference" if r.name == table.best_seed else (
             "–" if p is None else f"{p.mean_diff:+.4f}" + (f" [{_fmt(p.lo)}, {_fmt(p.hi)}]" if p.lo == p.lo else ""))
         score = f"{_fmt(r.mean)} ± {_fmt(r.std)}" if len(r.scores) > 1 else _fmt(r.mean)
-        rows.append([r.role, r.name, f"`{_compact(r.allocation)}`" if r.allocation else "–",
+        rows.append([r.role, r.name, f"`{run_length(r.allocation)}`" if r.allocation else "–",
                      score, str(len(r.scores)), diff,
                      "–" if p is None else _fmt_p(p.p_value), _fmt(r.validation),
                      f"{r.trainable_params:,}" if r.trainable_params else "–"])

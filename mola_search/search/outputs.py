@@ -19,8 +19,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from mola_search.allocation import AllocationSpec, save_spec
-from mola_search.search.progress import _compact
+from mola_search.allocation import AllocationSpec, run_length, save_spec
 from mola_search.search.study import ALLOCATION, DUPLICATE_OF, FAILURE, ORIGIN, RANK, TOP_K
 
 TRIAL_COLUMNS = ("number", "origin", "state", "score", "rung_scores", "allocation", "top_k", "rank",
@@ -139,7 +138,7 @@ def write_summary(folder: Path, config: dict[str, Any], study: optuna.Study, fin
                   "| | origin | allocation | validation | test (mean ± std) | seeds |", "|---|---|---|---|---|---|"]
         for f in sorted(finalists, key=lambda f: -(f.test_mean if f.test else -1)):
             mark = "**best**" if best is not None and f.label == best.label else ""
-            lines.append(f"| {mark} | {f.origin} | `{_compact(f.spec.experts)}` | {f.val_mean:.4f} ± {f.val_std:.4f} "
+            lines.append(f"| {mark} | {f.origin} | `{run_length(f.spec.experts)}` | {f.val_mean:.4f} ± {f.val_std:.4f} "
                          f"| {f.test_mean:.4f} ± {f.test_std:.4f} | {len(f.test)} |")
         if best is not None:
             seeds = [f for f in finalists if f.origin.startswith("seed:")]

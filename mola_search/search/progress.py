@@ -9,6 +9,8 @@ from typing import TextIO
 
 from optuna.trial import TrialState
 
+from mola_search.allocation import run_length
+
 
 class Progress:
     def __init__(self, total: int, concurrency: int = 1, stream: TextIO | None = None) -> None:
@@ -33,7 +35,7 @@ class Progress:
         eta = elapsed / ran_now * remaining if ran_now else 0.0
         shown = f"{score:.4f}" if score is not None and state == TrialState.COMPLETE else _label(state)
         best_txt = f"best {best[1]:.4f} (#{best[0]})" if best else "best -"
-        line = (f"[{done}/{self.total}] trial {number:>3} {origin:<24} {_compact(experts):<22} {shown:<9} "
+        line = (f"[{done}/{self.total}] trial {number:>3} {origin:<24} {run_length(experts):<22} {shown:<9} "
                 f"{best_txt}  done {self.counts['complete']} pruned {self.counts['pruned']} "
                 f"failed {self.counts['failed']}  ETA {_duration(eta)}")
         if failure:
@@ -46,17 +48,6 @@ class Progress:
 
 def _label(state: TrialState) -> str:
     return {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned"}.get(state, "failed")
-
-
-def _compact(experts: Sequence[int]) -> str:
-    """Run-length form of an allocation, e.g. 2x8,4x8,6x7,8x7."""
-    runs: list[list[int]] = []
-    for e in experts:
-        if runs and runs[-1][0] == e:
-            runs[-1][1] += 1
-        else:
-            runs.append([e, 1])
-    return ",".join(f"{v}x{n}" if n > 1 else str(v) for v, n in runs)
 
 
 def _duration(seconds: float) -> str:

@@ -9,13 +9,13 @@ from typing import Any
 
 from optuna.trial import TrialState
 
-from mola_search.allocation import AllocationSpec
+from mola_search.allocation import AllocationSpec, run_length
 from mola_search.errors import UserError
 from mola_search.search.config import StudyConfig
 from mola_search.search.executors import run_local, run_local_requests, run_ray, run_ray_requests
 from mola_search.search.outputs import (Finalist, choose_best, read_json, write_best, write_finalists_csv,
                                         write_summary, write_trials_csv)
-from mola_search.search.progress import Progress, _compact
+from mola_search.search.progress import Progress
 from mola_search.search.seeds import Seed, all_seeds
 from mola_search.search.space import Fidelity, SearchSpace, load_space
 from mola_search.search.study import ALLOCATION, ORIGIN, RANK, TOP_K, StudyDriver
@@ -83,7 +83,7 @@ def run_study(config: StudyConfig, folder: Path, *, resume: bool = False) -> dic
     wall = time.time() - start
     write_summary(folder, config.to_dict(), driver.study, finalists, best, wall)
     progress.message(f"done in {wall / 60:.1f} min: {folder / 'summary.md'}"
-                     + (f" | best {_compact(best.spec.experts)} ({best.origin})" if best else ""))
+                     + (f" | best {run_length(best.spec.experts)} ({best.origin})" if best else ""))
     return {"folder": str(folder), "best": best, "finalists": finalists}
 
 
@@ -164,7 +164,7 @@ def run_finalists(config: StudyConfig, driver: StudyDriver, fidelity: Fidelity, 
                 test.append(float(m["test"]["accuracy"]))
         finalists.append(Finalist(label, number, origin, spec, val, test))
         if test:
-            progress.message(f"  {label:<32} {_compact(spec.experts):<22} test {finalists[-1].test_mean:.4f} "
+            progress.message(f"  {label:<32} {run_length(spec.experts):<22} test {finalists[-1].test_mean:.4f} "
                              f"± {finalists[-1].test_std:.4f} (n={len(test)})")
     return [f for f in finalists if f.test]
 
