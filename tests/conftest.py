@@ -33,3 +33,14 @@ def tiny_model():
     from mola_search.models import tiny_llama
 
     return tiny_llama(num_layers=4)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny-model ops are too small to split: one thread is faster, and far faster on a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

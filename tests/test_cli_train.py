@@ -25,13 +25,7 @@ needs_data = pytest.mark.skipif(not (Path(DATA_DIR) / "mrpc" / "train.jsonl").is
 TINY = ["--model", "tiny-llama", "--task", "mrpc", "--data-dir", DATA_DIR]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's ops are too small to split: one thread is faster, and far faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run_cli(capsys, argv: list[str]) -> tuple[int, str, list[str]]:

@@ -20,13 +20,7 @@ from mola_search.train.trainer import TrainConfig, TrainingDiverged, answer_loss
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda omicron sigma".split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's ops are too small to split: one thread is faster, and far faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

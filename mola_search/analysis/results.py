@@ -99,14 +99,7 @@ def _from_finalists(data: StudyData, finalists: Sequence[FinalistRecord]) -> Res
     table = ResultTable(rows, "test accuracy (held-out test split), mean ± std over training seeds", None)
     best = data.best_finalist()
     _mark(table, best.number if best else None)
-    seeds = [r for r in rows if r.is_seed]
-    if seeds:
-        ref = max(seeds, key=lambda r: r.mean)
-        table.best_seed = ref.name
-        for r in rows:
-            if r is not ref:
-                r.vs_best_seed = paired_comparison(r.scores, ref.scores)
-    else:
+    if not _compare_to_best_seed(table):
         table.notes.append("no seeded baseline has finished as a finalist: nothing to test against")
     k = max(len(r.scores) for r in rows)
     if k < 2:
@@ -136,14 +129,21 @@ def _from_trials(data: StudyData) -> ResultTable:
                                "pair and no test split; run finalists (--finalist-seeds 3) for the real comparison"])
     best = max(rows, key=lambda r: r.mean) if rows else None
     _mark(table, best.number if best else None)
-    seeds = [r for r in rows if r.is_seed]
-    if seeds:
-        ref = max(seeds, key=lambda r: r.mean)
-        table.best_seed = ref.name
-        for r in rows:
-            if r is not ref:
-                r.vs_best_seed = paired_comparison(r.scores, ref.scores)  # one pair: the plain difference
+    _compare_to_best_seed(table)  # single runs: one pair, the plain difference
     return table
+
+
+def _compare_to_best_seed(table: ResultTable) -> bool:
+    """Pair every row with the best seeded baseline by training seed; False when no seed finished."""
+    seeds = [r for r in table.rows if r.is_seed]
+    if not seeds:
+        return False
+    ref = max(seeds, key=lambda r: r.mean)
+    table.best_seed = ref.name
+    for r in table.rows:
+        if r is not ref:
+            r.vs_best_seed = paired_comparison(r.scores, ref.scores)
+    return True
 
 
 def _mark(table: ResultTable, best_number: int | None) -> None:
