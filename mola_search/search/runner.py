@@ -54,11 +54,11 @@ def run_study(config: StudyConfig, folder: Path, *, resume: bool = False) -> dic
     folder.mkdir(parents=True, exist_ok=True)
     space = resolve_space(config)
     num_layers, budget, seeds = inspect_model(config, space)
-    if not resume:
-        config.save(folder)
     concurrency = config.max_concurrent or 1
     progress = Progress(config.trials, concurrency)
     driver = StudyDriver(config, folder, space, num_layers, budget, seeds, progress)
+    if not resume:  # written once the storage exists: study.json marks a study others may open
+        config.save(folder)
     progress.message(f"study {folder} | {config.task} on {config.model} ({num_layers} layers) | budget {budget} | "
                      f"space {space.name}/{space.encoding} | sampler {config.sampler} | {config.trials} trials "
                      f"({driver.remaining()} to run{', ' + str(driver.recovered) + ' interrupted re-queued' if driver.recovered else ''})"
