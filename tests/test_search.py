@@ -354,3 +354,28 @@ def test_bad_input_from_the_console_script_is_one_line_and_exit_2(tmp_path: Path
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mola-search: error: unknown sampler 'bogus'"), proc.stderr
+
+
+def test_missing_task_data_is_one_error_before_any_trial(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # else the loader falls back to the Hub
+    folder = tmp_path / "s"
+    rc = search(["--task", "mrpc", "--model", MODEL, "--executor", "local", "--trials", "2",
+                 "--data-dir", str(tmp_path / "nodata"), "--out", str(folder)])
+    assert_one_line_error(capsys, rc, "no data for task 'mrpc'", str(tmp_path / "nodata"))
+    assert not (folder / "study.json").exists()
+
+
+def test_relative_paths_are_pinned_in_the_driver(tmp_path: Path, monkeypatch) -> None:
+    from mola_search.search.config import pin_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "task.yaml").write_text("name: t\n")
+    (tmp_path / "model").mkdir()
+    monkeypatch.setenv("MOLA_DATA_DIR", "d")
+    pinned = pin_paths(StudyConfig(task="custom:task.yaml", model="model"))
+    assert pinned.data_dir == str(tmp_path / "d")            # the environment's folder, recorded
+    assert pinned.task == f"custom:{tmp_path / 'task.yaml'}"
+    assert pinned.model == str(tmp_path / "model")
+    kept = pin_paths(StudyConfig(task="mrpc", model="tiny-llama", data_dir="/elsewhere"))
+    assert (kept.task, kept.model, kept.data_dir) == ("mrpc", "tiny-llama", "/elsewhere")

@@ -131,3 +131,37 @@ def test_kill_9_of_a_ray_study_then_resume_loses_and_reruns_nothing(cluster, tmp
     finally:
         _disconnect()
     assert figures["trained_after_resume"] == 10 and figures["duplicates_trained"] == 0
+
+
+def test_relative_data_dir_and_out_reach_ray_trials_and_finalists(cluster, tmp_path: Path, monkeypatch) -> None:
+    """README's own command uses `MOLA_DATA_DIR=../shared/data` and a relative `runs/<study>`. Ray Tune runs
+    each trial in a working directory of its own, where neither path means anything: the driver pins them."""
+    shared = Path(os.environ.get("MOLA_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    if not (shared / "mrpc" / "train.jsonl").is_file():
+        pytest.skip(f"no MRPC data at {shared}")
+    (tmp_path / "data" / "mrpc").mkdir(parents=True)
+    for split in ("train", "validation", "test"):  # a handful of real rows, so the trials really train
+        rows = (shared / "mrpc" / f"{split}.jsonl").read_text().splitlines()[:12]
+        (tmp_path / "data" / "mrpc" / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("MOLA_DATA_DIR", "../data")
+    monkeypatch.delenv("MOLA_SEARCH_FAULTS", raising=False)
+    spaces = tmp_path / "two.yaml"
+    spaces.write_text("seed_names: [triangle, rectangle]\nfidelity: {max_train_examples: 8, max_eval_examples: 6,"
+                      " rungs: [1.0]}\ntrain: {batch_size: 4, micro_batch_size: 4, cutoff_len: 64}\n")
+    try:
+        rc = search(["--task", "mrpc", "--model", "tiny-llama-L4", "--executor", "ray", "--address", cluster.address,
+                     "--config", str(spaces), "--trials", "2", "--budget", "12", "--max-concurrent", "2",
+                     "--finalists", "0", "--finalist-seeds", "1", "--out", "runs/rel"])
+    finally:
+        _disconnect()
+    assert rc == 0
+    folder = work / "runs" / "rel"
+    rows = read_trials(folder)
+    assert [r["state"] for r in rows] == ["COMPLETE", "COMPLETE"], [r["failure"] for r in rows]
+    assert StudyConfig.load(folder).data_dir == str(tmp_path / "data")
+    metrics = sorted(folder.glob("finalists/*/seed0/metrics.json"))
+    assert len(metrics) == 2, metrics  # written by Ray trials, into the study folder, not their own cwd
+    assert (folder / "best_allocation.json").is_file()

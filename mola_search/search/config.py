@@ -8,6 +8,7 @@ these fields, sized for the hardware they name.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -147,3 +148,23 @@ def default_preset() -> str:
 
 def with_out(config: StudyConfig, out: str) -> StudyConfig:
     return replace(config, out=out)
+
+
+def pin_paths(config: StudyConfig) -> StudyConfig:
+    """Relative paths made absolute, in the driver, before any trial sees them.
+
+    Ray Tune runs every trial in a working directory of its own (and a cluster node in
+    another file system), where `../shared/data` or `custom:task.yaml` names nothing.
+    `$MOLA_DATA_DIR` is folded into `data_dir` here too, so study.json records where the
+    data came from and `--resume` reads the same files.
+    """
+    data_dir = config.data_dir or os.environ.get("MOLA_DATA_DIR", "").strip() or None
+    task = config.task
+    for prefix in ("custom:", "instruct:"):
+        if task.startswith(prefix) and Path(task[len(prefix):].strip()).expanduser().exists():
+            task = prefix + str(Path(task[len(prefix):].strip()).expanduser().resolve())
+    model = config.model
+    if model and Path(model).expanduser().exists():
+        model = str(Path(model).expanduser().resolve())
+    return replace(config, task=task, model=model,
+                   data_dir=str(Path(data_dir).expanduser().resolve()) if data_dir else None)

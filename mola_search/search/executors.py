@@ -51,6 +51,9 @@ def init_ray(config: StudyConfig) -> None:
     # Workers on a running cluster are started by its raylets, not by this process: hand them this
     # process's MOLA_* settings (data/cache folders, test hooks such as MOLA_SEARCH_FAULTS).
     env = {k: v for k, v in os.environ.items() if k.startswith("MOLA_")}
+    for key in ("MOLA_DATA_DIR", "MOLA_CACHE_DIR"):  # trials run in their own working directories
+        if env.get(key):
+            env[key] = str(Path(env[key]).expanduser().resolve())
     if env:
         kwargs["runtime_env"] = {"env_vars": env}
     if config.address:

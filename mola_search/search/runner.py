@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 
 from mola_search.allocation import AllocationSpec, run_length
 from mola_search.errors import UserError
-from mola_search.search.config import StudyConfig
+from mola_search.search.config import StudyConfig, pin_paths
 from mola_search.search.executors import run_local, run_local_requests, run_ray, run_ray_requests
 from mola_search.search.outputs import (Finalist, choose_best, read_json, write_best, write_finalists_csv,
                                         write_summary, write_trials_csv)
@@ -49,10 +49,22 @@ def inspect_model(config: StudyConfig, space: SearchSpace) -> tuple[int, int, li
     return num_layers, budget, [s for s in seeds if s.name in config.seed_names]
 
 
+def check_task_data(config: StudyConfig) -> None:
+    """Load the task once in the driver: missing data is one error now, not a failure in every trial."""
+    if is_synthetic(config.objective):
+        return
+    from mola_search.tasks import load_task
+
+    load_task(config.task, config.data_dir, val_seed=0)
+
+
 def run_study(config: StudyConfig, folder: Path, *, resume: bool = False) -> dict[str, Any]:
     start = time.time()
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = folder.resolve()  # finalists write their run folders from Ray trials' own working directories
+    config = pin_paths(config)
     space = resolve_space(config)
+    check_task_data(config)
+    folder.mkdir(parents=True, exist_ok=True)
     num_layers, budget, seeds = inspect_model(config, space)
     concurrency = config.max_concurrent or 1
     progress = Progress(config.trials, concurrency)
