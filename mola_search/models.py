@@ -339,7 +339,7 @@ def load_base_model(name: str | None = None, dtype: str = "auto",
         model = _load_model(source, name, torch_dtype)
     model = model.to(device=target, dtype=torch_dtype)
     _prepare_tokenizer(tokenizer, model)
-    return _freeze(model), tokenizer
+    return _ready(model), tokenizer
 
 
 def _hub_kwargs(source: str) -> dict[str, Any]:
@@ -387,10 +387,24 @@ def _prepare_tokenizer(tokenizer: Any, model: nn.Module) -> None:
         config.pad_token_id = tokenizer.pad_token_id
 
 
-def _freeze(model: nn.Module) -> nn.Module:
+def _ready(model: nn.Module) -> nn.Module:
+    """Eval mode, every parameter frozen, and an LM head that is fed contiguous rows."""
     model.eval()
     model.requires_grad_(False)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, nn.Linear):
+        head.register_forward_pre_hook(_contiguous_input)
     return model
+
+
+def _contiguous_input(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """`logits_to_keep` hands the LM head a strided slice (batch, keep, hidden); torch's matmul then
+    broadcasts the (vocab x hidden) weight over the batch and copies it, which made SmolLM2's head
+    ~300x slower (3.9 s instead of 12 ms for 16 rows, forward; backward alike). A copy of the few
+    kept rows costs nothing."""
+    if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    return args
 
 
 def tiny_llama(num_layers: int = 4, hidden_size: int = 64, vocab_size: int | None = None,
@@ -415,7 +429,7 @@ def tiny_llama(num_layers: int = 4, hidden_size: int = 64, vocab_size: int | Non
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     model.config.name_or_path = f"{TINY_MODEL}-L{num_layers}"
-    return _freeze(model.float())
+    return _ready(model.float())
 
 
 # --------------------------------------------------------------------------------------------------

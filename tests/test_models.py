@@ -118,6 +118,17 @@ def test_tiny_llama_forward_shape():
     assert logits.shape == (2, 5, 128) and torch.isfinite(logits).all()
 
 
+def test_lm_head_gets_contiguous_rows_with_logits_to_keep():
+    """A strided (batch, keep, hidden) slice makes torch copy the whole LM head weight per batch row."""
+    model = tiny_llama(num_layers=2, hidden_size=32, vocab_size=128)
+    seen = []
+    model.get_output_embeddings().register_forward_pre_hook(lambda _m, args: seen.append(args[0].is_contiguous()))
+    ids = torch.randint(0, 128, (3, 7))
+    kept = model(input_ids=ids, logits_to_keep=2).logits
+    assert seen == [True]
+    assert torch.allclose(kept, model(input_ids=ids).logits[:, -2:], atol=1e-6)
+
+
 @pytest.mark.parametrize("name,layers", [("tiny-llama", 4), ("tiny-llama-L8", 8), ("Tiny-Llama-l1", 1),
                                          ("tiny-llamas", None), ("llama-L8", None), (None, None)])
 def test_tiny_aliases(name, layers):
