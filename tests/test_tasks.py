@@ -126,6 +126,8 @@ def test_majority_baseline(tasks: dict[str, TaskData]) -> None:
     assert tasks["mrpc"].majority_baseline("validation") == pytest.approx(279 / 408)  # 0.684
     assert tasks["mrpc"].majority_baseline("test") == pytest.approx(1147 / 1725)
     assert tasks["cola"].majority_baseline("test") == pytest.approx(721 / 1043)
+    sample = tasks["mrpc"].splits["test"][:10]  # the subsample a run scored: counted on it, label from train
+    assert tasks["mrpc"].majority_baseline("test", sample) == sum(ex.label == 1 for ex in sample) / 10
     with pytest.raises(UserError, match="unknown split"):
         tasks["mrpc"].majority_baseline("dev")
 

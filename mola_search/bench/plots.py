@@ -39,7 +39,7 @@ def table_bars(summary: list[dict[str, Any]], tasks: list[str], majority: dict[s
     for t, task in enumerate(tasks):
         if majority.get(task) is not None:
             ax.hlines(100 * majority[task], t - 0.45, t + 0.45, colors="k", linestyles="dashed", linewidth=1,
-                      label="majority class (full split)" if t == 0 else None)
+                      label="majority class (scored examples)" if t == 0 else None)
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title, fontsize=10)

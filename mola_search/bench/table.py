@@ -350,7 +350,7 @@ def table_cells(summary: list[dict[str, Any]], tasks: list[str], majority: dict[
         row.append(("—" if e["avg"] is None else f"{100 * e['avg']:.1f}",
                     e["avg"] is not None and _round(e["avg"]) == best["avg"]))
         body.append(row)
-    foot = [("majority class (full split)", False), ("—", False)] + [
+    foot = [("majority class (scored examples)", False), ("—", False)] + [
         ("—" if majority[t] is None else f"{100 * majority[t]:.1f}", False) for t in tasks] + [("", False)]
     return header, body, foot
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from mola_search.errors import UserError
 
@@ -78,8 +78,9 @@ class TaskData:
         """True when the task has free-form targets (instruction data), not labels."""
         return any(ex.is_generative for ex in self.splits["train"][:1])
 
-    def majority_baseline(self, split: str) -> float:
-        """Accuracy on `split` of always answering the most frequent TRAIN label.
+    def majority_baseline(self, split: str, examples: Sequence[Example] | None = None) -> float:
+        """Accuracy on `split` (or on `examples`, the subsample a run scored) of always answering
+        the most frequent TRAIN label.
 
         The label comes from train (not from `split`) so the baseline is a fair
         reference a trained model must beat. Ties go to the smaller label. Returns NaN
@@ -88,7 +89,7 @@ class TaskData:
         if split not in self.splits:
             raise UserError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
         train = [ex.label for ex in self.splits["train"] if not ex.is_generative]
-        rows = [ex.label for ex in self.splits[split] if not ex.is_generative]
+        rows = [ex.label for ex in (self.splits[split] if examples is None else examples) if not ex.is_generative]
         if not train or not rows:
             return math.nan
         counts = Counter(train)

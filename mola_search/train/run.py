@@ -187,7 +187,7 @@ def evaluate(model: torch.nn.Module, prepared: Prepared, split: str) -> dict[str
     else:
         res = evaluate_accuracy(model, prepared.tokenizer, examples, batch_size=c.eval_batch_size,
                                 cutoff_len=c.train.cutoff_len)
-    return {**res.to_dict(), "majority_baseline": prepared.data.majority_baseline(split) if examples else None}
+    return {**res.to_dict(), "majority_baseline": prepared.data.majority_baseline(split, examples) if examples else None}
 
 
 @torch.no_grad()
