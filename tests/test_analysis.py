@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -244,3 +245,29 @@ def test_no_runtime_warnings_from_degenerate_inputs() -> None:
         warnings.simplefilter("error", RuntimeWarning)
         paired_comparison({0: 0.5, 1: 0.6, 2: 0.7}, {0: 0.4, 1: 0.5, 2: 0.6})
         layer_effects([[1, 2], [2, 1], [1, 2], [2, 1], [1, 2]], [0.1, 0.2, 0.1, 0.2, 0.1], n_boot=50)
+
+
+def test_result_table_warns_when_no_finalist_beats_the_majority_class() -> None:
+    from types import SimpleNamespace
+
+    from mola_search.analysis.results import _from_finalists
+    from mola_search.analysis.studydata import FinalistRecord
+
+    def fin(number: int, origin: str, accs: list[float]) -> FinalistRecord:
+        rec = FinalistRecord(f"t{number}", number, origin, (2, 2), Path("."))
+        for seed, acc in enumerate(accs):
+            rec.test[seed] = acc
+            rec.metrics[seed] = {"test": {"accuracy": acc, "majority_baseline": 0.66}}
+        return rec
+
+    def table(*finalists: FinalistRecord):
+        data = SimpleNamespace(best_finalist=lambda: max(finalists, key=lambda f: sum(f.test.values())))
+        return _from_finalists(data, list(finalists))
+
+    low = table(fin(0, "seed:rectangle", [0.5, 0.6, 0.55]), fin(1, "tpe", [0.6, 0.66, 0.62]))
+    assert low.majority == 0.66
+    assert any("every finalist's mean is at or below the majority-class baseline (0.6600" in n for n in low.notes)
+    mixed = table(fin(0, "seed:rectangle", [0.5, 0.6, 0.55]), fin(1, "tpe", [0.7, 0.72, 0.75]))
+    assert any(n.startswith("1 of 2 finalists") and "rectangle" in n for n in mixed.notes), mixed.notes
+    fine = table(fin(0, "seed:rectangle", [0.7, 0.71, 0.7]), fin(1, "tpe", [0.7, 0.72, 0.75]))
+    assert not any("majority" in n for n in fine.notes)

@@ -133,7 +133,8 @@ def test_kill_9_of_a_ray_study_then_resume_loses_and_reruns_nothing(cluster, tmp
     assert figures["trained_after_resume"] == 10 and figures["duplicates_trained"] == 0
 
 
-def test_relative_data_dir_and_out_reach_ray_trials_and_finalists(cluster, tmp_path: Path, monkeypatch) -> None:
+def test_relative_data_dir_and_out_reach_ray_trials_and_finalists(cluster, tmp_path: Path, monkeypatch,
+                                                                    capsys) -> None:
     """README's own command uses `MOLA_DATA_DIR=../shared/data` and a relative `runs/<study>`. Ray Tune runs
     each trial in a working directory of its own, where neither path means anything: the driver pins them."""
     shared = Path(os.environ.get("MOLA_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -165,3 +166,5 @@ def test_relative_data_dir_and_out_reach_ray_trials_and_finalists(cluster, tmp_p
     metrics = sorted(folder.glob("finalists/*/seed0/metrics.json"))
     assert len(metrics) == 2, metrics  # written by Ray trials, into the study folder, not their own cwd
     assert (folder / "best_allocation.json").is_file()
+    out = capsys.readouterr().out  # each finalist run is announced as it ends, with an ETA
+    assert "[finalist 1/2]" in out and "[finalist 2/2]" in out and "ETA" in out, out

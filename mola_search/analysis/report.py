@@ -68,6 +68,10 @@ def build_report(folder: str | Path, out: str | Path | None = None, *, n_boot: i
     started = time.time()
     table = result_table(data)
     findings = analyse_layers(data, n_boot=n_boot)
+    if table.nothing_learned:
+        findings.sentences.insert(0, "Caution: no finalist beat the majority class (section 1), so the trial scores "
+                                     "these estimates come from are mostly seed noise: read any 'supported' line "
+                                     "below as a hypothesis for a longer study, not as a finding.")
     sections = [
         _results_section(data, table),
         _allocation_section(data, table, out),
@@ -117,6 +121,8 @@ def _results_section(data: StudyData, table: ResultTable) -> Section:
                      f"{r.trainable_params:,}" if r.trainable_params else "–"])
         if "best" in r.role.split(", "):
             emphasis.add(i)
+    if table.majority is not None:  # the score a model gets without learning anything
+        rows.append(["reference", "majority class", "–", _fmt(table.majority), "–", "–", "–", "–", "0"])
     s.add(Table(["", "allocation", "experts per layer", "score (mean ± std)" if paired else "score", "n", "Δ vs best seed [95% CI]",
                  "paired p", "validation", "trainable params"], rows, emphasis))
     best, searched, ref = table.row("best"), table.row("best searched"), None

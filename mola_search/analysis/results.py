@@ -80,9 +80,18 @@ class ResultTable:
     metric: str                         # what the scores are
     best_seed: str | None
     notes: list[str] = field(default_factory=list)
+    majority: float | None = None       # always answering the most frequent train label, same test examples
 
     def row(self, role: str) -> ResultRow | None:
         return next((r for r in self.rows if role in r.role.split(", ")), None)
+
+    def below_majority(self) -> list[ResultRow]:
+        """Rows whose mean does not beat always answering the majority label (none when it is unknown)."""
+        return [] if self.majority is None else [r for r in self.rows if r.mean <= self.majority]
+
+    @property
+    def nothing_learned(self) -> bool:
+        return bool(self.rows) and len(self.below_majority()) == len(self.rows)
 
 
 def result_table(data: StudyData) -> ResultTable:
@@ -96,9 +105,11 @@ def _from_finalists(data: StudyData, finalists: Sequence[FinalistRecord]) -> Res
     rows = [ResultRow(f.name, f.origin, f.number, f.allocation, dict(f.test),
                       statistics.fmean(f.validation.values()) if f.validation else None, f.trainable_params)
             for f in finalists]
-    table = ResultTable(rows, "test accuracy (held-out test split), mean ± std over training seeds", None)
+    table = ResultTable(rows, "test accuracy (held-out test split), mean ± std over training seeds", None,
+                        majority=_majority(finalists))
     best = data.best_finalist()
     _mark(table, best.number if best else None)
+    _check_against_majority(table)
     if not _compare_to_best_seed(table):
         table.notes.append("no seeded baseline has finished as a finalist: nothing to test against")
     k = max(len(r.scores) for r in rows)
@@ -110,6 +121,25 @@ def _from_finalists(data: StudyData, finalists: Sequence[FinalistRecord]) -> Res
                            f"bootstrap only {distinct} distinct resamples, so p-values and CIs are rough; "
                            "a difference smaller than the seed-to-seed spread is not evidence")
     return table
+
+
+def _majority(finalists: Sequence[FinalistRecord]) -> float | None:
+    values = {round(float(m["test"]["majority_baseline"]), 6) for f in finalists for m in f.metrics.values()
+              if (m.get("test") or {}).get("majority_baseline") is not None}
+    return values.pop() if len(values) == 1 else None  # one test sample for every finalist, else no reference
+
+
+def _check_against_majority(table: ResultTable) -> None:
+    """A fine-tune that does not beat always answering the majority label has not learned the task:
+    ranking such runs ranks seed noise, and the reader must be told before reading the table."""
+    below = table.below_majority()
+    if table.nothing_learned:
+        table.notes.append(f"every finalist's mean is at or below the majority-class baseline ({table.majority:.4f} "
+                           "on the same test examples): at this fidelity the fine-tunes did not learn the task, so "
+                           "this table ranks seed noise; train trials on more data (--max-train-examples, --epochs)")
+    elif below:
+        table.notes.append(f"{len(below)} of {len(table.rows)} finalists are at or below the majority-class "
+                           f"baseline ({table.majority:.4f}): {', '.join(r.name for r in below)}")
 
 
 def _from_trials(data: StudyData) -> ResultTable:

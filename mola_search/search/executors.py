@@ -9,6 +9,7 @@ with a partial score).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,18 @@ def run_local(driver: StudyDriver, fidelity: Fidelity) -> None:
         driver.finish(proposal, outcome)
 
 
+# on_done(request, test score or None, failure or None): called as each independent run finishes
+RunDone = Callable[[TrialRequest, "float | None", "str | None"], None]
+
+
 def run_local_requests(config: StudyConfig, fidelity: Fidelity, requests: list[TrialRequest],
-                       num_layers: int) -> list[TrialOutcome]:
-    return [run_trial(config, fidelity, r, lambda *_: False, num_layers) for r in requests]
+                       num_layers: int, on_done: RunDone | None = None) -> list[TrialOutcome]:
+    outcomes = []
+    for r in requests:
+        outcomes.append(run_trial(config, fidelity, r, lambda *_: False, num_layers))
+        if on_done:
+            on_done(r, outcomes[-1].test_score, outcomes[-1].failure)
+    return outcomes
 
 
 # --- Ray Tune ------------------------------------------------------------------------------
@@ -180,9 +190,30 @@ def run_ray(driver: StudyDriver, fidelity: Fidelity, folder: Path) -> None:
 
 
 def run_ray_requests(config: StudyConfig, fidelity: Fidelity, requests: list[TrialRequest], folder: Path,
-                     num_layers: int) -> list[dict[str, Any]]:
+                     num_layers: int, on_done: RunDone | None = None) -> list[dict[str, Any]]:
     """Independent runs (the finalists) spread over the Ray cluster; results in request order."""
     from ray import tune
+
+    class Finished(tune.Callback):
+        """Tune calls back in this process as each run ends: the user sees progress, not silence."""
+
+        def __init__(self) -> None:
+            self.on_done = on_done  # an attribute, so that __getstate__ can leave it out
+
+        def __getstate__(self) -> dict[str, Any]:  # Tune pickles its run config into tuner.pkl
+            return {**self.__dict__, "on_done": None}
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            result = trial.last_result or {}
+            score = result.get("test_score")
+            self._tell(trial, None if score is None or score != score else float(score), result.get("failure") or None)
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self._tell(trial, None, "the Ray worker died or raised outside the run")
+
+        def _tell(self, trial, score, failure) -> None:
+            if self.on_done:
+                self.on_done(TrialRequest.from_payload(trial.config["request"]), score, failure)
 
     init_ray(config)
     trainable = tune.with_resources(
@@ -192,7 +223,7 @@ def run_ray_requests(config: StudyConfig, fidelity: Fidelity, requests: list[Tri
         trainable, param_space={"request": tune.grid_search([r.to_payload() for r in requests])},
         tune_config=tune.TuneConfig(max_concurrent_trials=config.max_concurrent, metric="score", mode="max"),
         run_config=tune.RunConfig(name="finalists", storage_path=str((folder / "ray").resolve()), verbose=0,
-                                  log_to_file=True),
+                                  log_to_file=True, callbacks=[Finished()]),
     )
     grid = tuner.fit()
     by_number = {}

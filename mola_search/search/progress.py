@@ -46,6 +46,26 @@ class Progress:
         print(text, file=self.stream, flush=True)
 
 
+class RunProgress:
+    """One line per finished independent run (the finalists): which, its score, how many left, ETA."""
+
+    def __init__(self, total: int, concurrency: int = 1, stream: TextIO | None = None) -> None:
+        self.total, self.concurrency = total, max(1, concurrency)
+        self.stream = stream or sys.stdout
+        self.start = time.time()
+        self.done = 0
+
+    def run_done(self, label: str, seed: int, score: float | None, failure: str | None = None) -> None:
+        self.done += 1
+        elapsed = time.time() - self.start
+        eta = elapsed / self.done * (self.total - self.done)
+        shown = f"test {score:.4f}" if score is not None and score == score else "failed"
+        line = f"  [finalist {self.done}/{self.total}] {label:<32} seed {seed}  {shown:<11} ETA {_duration(eta)}"
+        if failure:
+            line += f"\n      failed: {failure}"
+        print(line, file=self.stream, flush=True)
+
+
 def _label(state: TrialState) -> str:
     return {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned"}.get(state, "failed")
 

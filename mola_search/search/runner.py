@@ -15,7 +15,7 @@ from mola_search.search.config import StudyConfig, pin_paths
 from mola_search.search.executors import run_local, run_local_requests, run_ray, run_ray_requests
 from mola_search.search.outputs import (Finalist, choose_best, read_json, write_best, write_finalists_csv,
                                         write_summary, write_trials_csv)
-from mola_search.search.progress import Progress
+from mola_search.search.progress import Progress, RunProgress
 from mola_search.search.seeds import Seed, all_seeds
 from mola_search.search.space import Fidelity, SearchSpace, load_space
 from mola_search.search.study import ALLOCATION, ORIGIN, RANK, TOP_K, StudyDriver
@@ -155,17 +155,15 @@ def run_finalists(config: StudyConfig, driver: StudyDriver, fidelity: Fidelity, 
     if requests:
         progress.message(f"finalists: {len(candidates)} allocations x {config.finalist_seeds} seeds "
                          f"({len(requests)} runs to do) on the held-out test split")
+        runs = RunProgress(len(requests), config.max_concurrent or 1, progress.stream)
+
+        def on_done(r: TrialRequest, score: float | None, failure: str | None) -> None:
+            runs.run_done(labels[r.number][0], r.train_seed, score, failure)
+
         if config.executor == "local":
-            outcomes = run_local_requests(config, fidelity, requests, driver.num_layers)
-            for r, o in zip(requests, outcomes):
-                if o.failure:
-                    progress.message(f"  finalist {labels[r.number][0]} seed {r.train_seed} failed: {o.failure}")
+            run_local_requests(config, fidelity, requests, driver.num_layers, on_done)
         else:
-            results = run_ray_requests(config, fidelity, requests, folder, driver.num_layers)
-            for r, res in zip(requests, results):
-                if res.get("failure") or res.get("error"):
-                    progress.message(f"  finalist {labels[r.number][0]} seed {r.train_seed} failed: "
-                                     f"{res.get('failure') or res.get('error')}")
+            run_ray_requests(config, fidelity, requests, folder, driver.num_layers, on_done)
     finalists = []
     for number, (label, origin, spec) in labels.items():
         val, test = [], []
