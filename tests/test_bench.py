@@ -124,6 +124,11 @@ def test_continual_on_tiny_model(tmp_path):
     for name in ("continual.json", "matrix.csv", "matrix.png", "adapter/mola_method.json"):
         assert (folder / name).is_file()
     assert (tmp_path / "out" / "summary.md").is_file() and (tmp_path / "out" / "matrices.png").is_file()
+    reference = [line for line in (tmp_path / "out" / "summary.md").read_text().splitlines()
+                 if line.startswith("| majority class")]
+    assert reference == ["| majority class (scored examples) | — | "
+                         f"{100 * sum(record['majority']) / 2:.1f} | — | "
+                         + " | ".join(f"{100 * m:.1f}" for m in record["majority"]) + " |"]
     again = run_continual(config, domains, parse_methods("lora"), [0], tmp_path / "out", log=lambda *_: None)
     assert again[0]["record"] == json.loads((folder / "continual.json").read_text())  # read back, not rerun
 

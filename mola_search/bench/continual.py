@@ -296,6 +296,11 @@ def write_summary(out: Path, results: list[dict[str, Any]], specs: list[MethodSp
         pct = r["trainable_percent"]
         cells = [f"{100 * r[f'just_trained_{d}']:.1f} → {100 * r[f'final_{d}']:.1f}" for d in domains]
         lines.append(f"| {r['method']} | {pct:.3f}% | {op} | {bwt} | " + " | ".join(cells) + " |")
+    majority = results[0]["record"].get("majority") or []
+    if len(majority) == len(domains) and all(m is not None for m in majority):
+        # what a model that learned nothing scores: rows equal to it are constant answers, not memory
+        lines.append(f"| majority class (scored examples) | — | {100 * statistics.fmean(majority):.1f} | — | "
+                     + " | ".join(f"{100 * m:.1f}" for m in majority) + " |")
     lines += ["", "Accuracy (%) on each domain's eval split. OP = mean accuracy over all domains after the last "
               "one; BWT = mean over earlier domains of (final accuracy - accuracy right after training on it); "
               "negative BWT is forgetting. Mean ± sample std over seeds. Order: " + " → ".join(domains) + "."]
