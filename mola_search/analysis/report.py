@@ -352,10 +352,11 @@ def _provenance_section(data: StudyData, started: float) -> Section:
         ["train settings", ", ".join(f"{k}={v}" for k, v in c.train.items()) or "defaults"],
         ["seeded baselines", ", ".join(c.seed_names)],
         ["finalists", f"top {c.finalist_top_n} searched + seeds, {c.finalist_seeds} training seeds each, "
-                      f"train/eval examples {c.finalist_train_examples}/{c.finalist_eval_examples}"],
+                      f"train/eval examples {c.finalist_train_examples or fidelity.get('max_train_examples')}/"
+                      f"{c.finalist_eval_examples or fidelity.get('max_eval_examples')}"],
         ["executor / resources", f"{c.executor}, {c.cpus_per_trial} CPU + {c.gpus_per_trial} GPU per trial, "
                                  f"max concurrent {c.max_concurrent}"],
-        ["wall time", (f"study {span / 60:.1f} min (first trial start to last finish)" if span is not None else "–")
+        ["wall time", (f"search {span / 60:.1f} min (first trial start to last finish)" if span is not None else "–")
          + f"; trials {trial_time / 60:.1f} min summed; finalist runs {fin_time / 60:.1f} min summed"],
         ["hardware", (f"nodes {', '.join(nodes)}" if nodes else "nodes unknown")
          + (f"; runs: {envs[0].get('machine')}, {envs[0].get('threads')} threads, torch {envs[0].get('torch')}"

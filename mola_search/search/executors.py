@@ -197,8 +197,10 @@ def run_ray_requests(config: StudyConfig, fidelity: Fidelity, requests: list[Tri
     class Finished(tune.Callback):
         """Tune calls back in this process as each run ends: the user sees progress, not silence."""
 
-        def __init__(self) -> None:
-            self.on_done = on_done  # an attribute, so that __getstate__ can leave it out
+        def __init__(self, on_done: RunDone | None) -> None:
+            # an argument and an attribute, not a closure variable: Tune pickles this callback (class
+            # included) into tuner.pkl, and __getstate__ can leave out an attribute, not a closure cell
+            self.on_done = on_done
 
         def __getstate__(self) -> dict[str, Any]:  # Tune pickles its run config into tuner.pkl
             return {**self.__dict__, "on_done": None}
@@ -223,7 +225,7 @@ def run_ray_requests(config: StudyConfig, fidelity: Fidelity, requests: list[Tri
         trainable, param_space={"request": tune.grid_search([r.to_payload() for r in requests])},
         tune_config=tune.TuneConfig(max_concurrent_trials=config.max_concurrent, metric="score", mode="max"),
         run_config=tune.RunConfig(name="finalists", storage_path=str((folder / "ray").resolve()), verbose=0,
-                                  log_to_file=True, callbacks=[Finished()]),
+                                  log_to_file=True, callbacks=[Finished(on_done)]),
     )
     grid = tuner.fit()
     by_number = {}
