@@ -190,8 +190,8 @@ def run_ray(driver: StudyDriver, fidelity: Fidelity, folder: Path) -> None:
 
 
 def run_ray_requests(config: StudyConfig, fidelity: Fidelity, requests: list[TrialRequest], folder: Path,
-                     num_layers: int, on_done: RunDone | None = None) -> list[dict[str, Any]]:
-    """Independent runs (the finalists) spread over the Ray cluster; results in request order."""
+                     num_layers: int, on_done: RunDone | None = None) -> None:
+    """Independent runs (the finalists) spread over the Ray cluster; each writes its own run folder."""
     from ray import tune
 
     class Finished(tune.Callback):
@@ -202,7 +202,7 @@ def run_ray_requests(config: StudyConfig, fidelity: Fidelity, requests: list[Tri
             # included) into tuner.pkl, and __getstate__ can leave out an attribute, not a closure cell
             self.on_done = on_done
 
-        def __getstate__(self) -> dict[str, Any]:  # Tune pickles its run config into tuner.pkl
+        def __getstate__(self) -> dict[str, Any]:
             return {**self.__dict__, "on_done": None}
 
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:
@@ -227,10 +227,4 @@ def run_ray_requests(config: StudyConfig, fidelity: Fidelity, requests: list[Tri
         run_config=tune.RunConfig(name="finalists", storage_path=str((folder / "ray").resolve()), verbose=0,
                                   log_to_file=True, callbacks=[Finished(on_done)]),
     )
-    grid = tuner.fit()
-    by_number = {}
-    for result in grid:
-        payload = result.config["request"]
-        by_number[(payload["number"], payload["train_seed"])] = {**(result.metrics or {}),
-                                                                 "error": str(result.error) if result.error else ""}
-    return [by_number.get((r.number, r.train_seed), {"error": "no result"}) for r in requests]
+    tuner.fit()

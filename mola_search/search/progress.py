@@ -49,8 +49,8 @@ class Progress:
 class RunProgress:
     """One line per finished independent run (the finalists): which, its score, how many left, ETA."""
 
-    def __init__(self, total: int, concurrency: int = 1, stream: TextIO | None = None) -> None:
-        self.total, self.concurrency = total, max(1, concurrency)
+    def __init__(self, total: int, stream: TextIO | None = None) -> None:
+        self.total = total
         self.stream = stream or sys.stdout
         self.start = time.time()
         self.done = 0

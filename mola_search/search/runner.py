@@ -155,7 +155,7 @@ def run_finalists(config: StudyConfig, driver: StudyDriver, fidelity: Fidelity, 
     if requests:
         progress.message(f"finalists: {len(candidates)} allocations x {config.finalist_seeds} seeds "
                          f"({len(requests)} runs to do) on the held-out test split")
-        runs = RunProgress(len(requests), config.max_concurrent or 1, progress.stream)
+        runs = RunProgress(len(requests), progress.stream)
 
         def on_done(r: TrialRequest, score: float | None, failure: str | None) -> None:
             runs.run_done(labels[r.number][0], r.train_seed, score, failure)
