@@ -20,7 +20,7 @@ from mola_search.search.seeds import Seed, all_seeds
 from mola_search.search.space import Fidelity, SearchSpace, load_space
 from mola_search.search.study import ALLOCATION, ORIGIN, RANK, TOP_K, StudyDriver
 from mola_search.search.synthetic import is_synthetic
-from mola_search.search.trial import TrialRequest
+from mola_search.search.trial import TrialRequest, task_data
 
 
 def resolve_space(config: StudyConfig) -> SearchSpace:
@@ -51,11 +51,8 @@ def inspect_model(config: StudyConfig, space: SearchSpace) -> tuple[int, int, li
 
 def check_task_data(config: StudyConfig) -> None:
     """Load the task once in the driver: missing data is one error now, not a failure in every trial."""
-    if is_synthetic(config.objective):
-        return
-    from mola_search.tasks import load_task
-
-    load_task(config.task, config.data_dir, val_seed=0)
+    if not is_synthetic(config.objective):
+        task_data(config.task, config.data_dir)
 
 
 def run_study(config: StudyConfig, folder: Path, *, resume: bool = False) -> dict[str, Any]:

@@ -141,7 +141,7 @@ def _mola_trial(study: StudyConfig, fidelity: Fidelity, request: TrialRequest, r
                        max_eval_examples=eval_examples or fidelity.max_eval_examples,
                        eval_splits=("validation", "test") if request.final else (),
                        out=request.out, threads=threads)
-    prepared = prepare(config, data=_task_data(study.task, study.data_dir), spec=request.spec)
+    prepared = prepare(config, data=task_data(study.task, study.data_dir), spec=request.spec)
     total = train_cfg.steps_for(len(prepared.splits["train"]))
     rungs = [] if request.final else [max(1, math.ceil(f * total)) for f in fidelity.rungs]
     state = {"model": None}
@@ -167,8 +167,8 @@ def _mola_trial(study: StudyConfig, fidelity: Fidelity, request: TrialRequest, r
 
 
 @lru_cache(maxsize=4)
-def _task_data(task: str, data_dir: str | None):
-    """Task data once per worker process: trials on the same worker share it."""
+def task_data(task: str, data_dir: str | None):
+    """Task data once per process: trials on the same worker (and, in-process, the driver's check) share it."""
     from mola_search.tasks import load_task
 
     return load_task(task, data_dir, val_seed=0)
