@@ -163,10 +163,13 @@ def pin_paths(config: StudyConfig) -> StudyConfig:
     data_dir = config.data_dir or os.environ.get("MOLA_DATA_DIR", "").strip() or None
     task = config.task
     for prefix in ("custom:", "instruct:"):
-        if task.startswith(prefix) and Path(task[len(prefix):].strip()).expanduser().exists():
-            task = prefix + str(Path(task[len(prefix):].strip()).expanduser().resolve())
-    model = config.model
-    if model and Path(model).expanduser().exists():
-        model = str(Path(model).expanduser().resolve())
-    return replace(config, task=task, model=model,
+        if task.startswith(prefix):
+            task = prefix + _absolute_if_exists(task[len(prefix):].strip())
+    return replace(config, task=task, model=_absolute_if_exists(config.model) if config.model else config.model,
                    data_dir=str(Path(data_dir).expanduser().resolve()) if data_dir else None)
+
+
+def _absolute_if_exists(ref: str) -> str:
+    """A path that exists here, made absolute; anything else (a Hub id, an alias) unchanged."""
+    path = Path(ref).expanduser()
+    return str(path.resolve()) if path.exists() else ref
