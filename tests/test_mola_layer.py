@@ -136,3 +136,32 @@ def test_wrong_depth_and_missing_targets_are_user_errors(tmp_path):
         MoLAModel(tiny_llama(num_layers=2, hidden_size=32, vocab_size=128), _config(2, target_modules=("c_attn",)))
     with pytest.raises(UserError, match="not a MoLA adapter folder"):
         MoLAConfig.load(tmp_path)
+
+
+# --- common random numbers ------------------------------------------------------------------
+
+
+def _adapter(experts: tuple[int, ...], init_seed: int = 0) -> MoLAModel:
+    base = tiny_llama(num_layers=len(experts), hidden_size=32, vocab_size=128)
+    config = MoLAConfig(experts=experts, top_k=(1,) * len(experts), rank=(4,) * len(experts), init_seed=init_seed)
+    return MoLAModel(base, config)
+
+
+def test_experts_start_from_weights_keyed_by_seed_layer_module_and_index():
+    """An allocation with more experts in a layer shares its first experts' initial weights with one with
+    fewer, whatever the global RNG did in between: search trials compare allocations, not init draws."""
+    torch.manual_seed(1)
+    small = _adapter((2, 3))
+    torch.manual_seed(2)
+    large = _adapter((4, 3))
+    for name, layer in small.mola_layers.items():
+        other = large.mola_layers[name]
+        n = layer.num_experts
+        torch.testing.assert_close(layer.lora_A, other.lora_A[:n], rtol=0, atol=0)
+        torch.testing.assert_close(layer.router, other.router[:n], rtol=0, atol=0)
+    q0, k0 = small.mola_layers["model.layers.0.self_attn.q_proj"], small.mola_layers["model.layers.0.self_attn.k_proj"]
+    assert not torch.equal(q0.lora_A[0], q0.lora_A[1])       # experts differ from one another
+    assert not torch.equal(q0.lora_A[0, :, :16], k0.lora_A[0, :, :16])  # and from the same expert of another module
+    reseeded = _adapter((2, 3), init_seed=7)
+    assert not torch.equal(reseeded.mola_layers[next(iter(small.mola_layers))].lora_A,
+                           small.mola_layers[next(iter(small.mola_layers))].lora_A)

@@ -302,3 +302,35 @@ def test_accuracy_is_argmax_of_scores_and_leaves_train_mode_alone(tok):
     assert res.predictions == [max(range(len(s)), key=s.__getitem__) for s in scores]
     assert res.accuracy == sum(p == ex.label for p, ex in zip(res.predictions, examples)) / len(examples)
     assert model.training
+
+
+def test_continuous_scores_follow_from_the_choice_loglikelihoods(tok):
+    """gold_logprob = log softmax over the choices at the gold one; margin = gold minus best wrong choice;
+    both per example, keyed by ids that do not depend on the order the examples come in."""
+    examples = classification(12, seed=9, choices=(" no", " yes", " maybe"))
+    model = mola(tok, random_b=True)
+    res = ev.evaluate_accuracy(model, tok, examples, batch_size=5)
+    scores = ev.score_choices(model, tok, examples)
+    for s, ex, gold, margin in zip(scores, examples, res.gold_logprob, res.margin):
+        probs = torch.tensor(s, dtype=torch.float64).softmax(0)
+        assert gold == pytest.approx(math.log(float(probs[ex.label])), abs=1e-6)
+        assert margin == pytest.approx(s[ex.label] - max(v for i, v in enumerate(s) if i != ex.label), abs=1e-6)
+        assert gold <= 0
+    out = res.to_dict(per_example=True)
+    assert out["gold_logprob"] == pytest.approx(sum(res.gold_logprob) / len(examples))
+    assert out["per_example"]["correct"] == [int(p == ex.label) for p, ex in zip(res.predictions, examples)]
+    shuffled = ev.evaluate_accuracy(model, tok, examples[::-1], batch_size=5)
+    assert dict(zip(shuffled.ids, shuffled.gold_logprob)) == pytest.approx(dict(zip(res.ids, res.gold_logprob)))
+    assert len(set(res.ids)) == len(examples)
+
+
+def test_task_metrics_are_the_glue_ones():
+    from sklearn.metrics import f1_score, matthews_corrcoef
+
+    labels, preds = [1, 1, 0, 0, 1, 0, 1], [1, 0, 0, 1, 1, 0, 0]
+    res = ev.EvalResult(4 / 7, 7, preds, labels=labels)
+    # by hand: tp=2, fp=1, fn=2 -> F1 = 2*2/(2*2+1+2) = 4/7
+    assert res.task_metrics("mrpc") == {"f1": pytest.approx(4 / 7)}
+    assert res.task_metrics("cola") == {"mcc": pytest.approx(matthews_corrcoef(labels, preds))}
+    assert res.task_metrics("rte") == {}
+    assert f1_score(labels, preds) == pytest.approx(4 / 7)

@@ -160,7 +160,7 @@ def run_sequence(config: RunConfig, domains: list[Domain], *, progress: bool = F
     """Train one model on `domains` in order; return the matrix, OP/BWT and per-domain records."""
     from mola_search.models import load_base_model
     from mola_search.train.evaluate import evaluate_accuracy
-    from mola_search.train.run import _finite, build_model, describe, prepare
+    from mola_search.train.run import build_model, describe, json_safe, prepare
     from mola_search.train.trainer import train
 
     base = load_base_model(config.model, dtype=config.dtype)
@@ -199,7 +199,7 @@ def run_sequence(config: RunConfig, domains: list[Domain], *, progress: bool = F
               "method_info": info.get("method_info"), "allocation": info.get("allocation"),
               "wall_time_s": time.perf_counter() - t_start,
               "config": replace(config, task="continual:" + ",".join(d.name for d in domains)).to_dict()}
-    return {"record": _finite(record), "model": model}
+    return {"record": json_safe(record), "model": model}
 
 
 def run_continual(config: RunConfig, domains: list[Domain], specs: list[MethodSpec], seeds: list[int],

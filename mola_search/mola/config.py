@@ -27,7 +27,14 @@ class MoLAConfig:
     """Per-layer experts / top-k / rank plus the LoRA and router hyper-parameters.
 
     `aux_loss_coef` weights the Switch-style load-balancing loss that is added to
-    the task loss (the official MoLA code computes no such term; we do).
+    the task loss (one loss per adapted linear, averaged, padding excluded). The
+    official MoLA code has a balance loss too, off by default in its fine-tuning
+    script (`obalance`), pooled per decoder layer with coefficient 0.001.
+
+    `init_seed` keys the initial weights: expert e of module m in layer l starts from
+    a generator seeded with (init_seed, l, m, e), so allocations that differ in a
+    layer's expert count share their common experts' initial weights (common random
+    numbers for a search), on any device.
     """
 
     experts: tuple[int, ...]
@@ -38,6 +45,7 @@ class MoLAConfig:
     lora_dropout: float = 0.05
     aux_loss_coef: float = 0.01
     init: str = "kaiming"
+    init_seed: int = 0
     base_model: str = ""
     source: str = "custom"
     extra: dict[str, Any] = field(default_factory=dict)

@@ -12,6 +12,7 @@ zero gradient).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 
@@ -38,12 +39,13 @@ class MoLALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, num_experts: int, top_k: int, rank: int, *, alpha: float,
                  dropout: float, layer_index: int, state: RoutingState, init: str = "kaiming",
-                 adapter_dtype: torch.dtype = torch.float32) -> None:
+                 adapter_dtype: torch.dtype = torch.float32, module_kind: str = "", init_seed: int = 0) -> None:
         super().__init__()
         self.base_layer = base
         self.num_experts, self.top_k, self.rank = num_experts, top_k, rank
         self.scaling = alpha / rank
         self.layer_index = layer_index
+        self.module_kind, self.init_seed = module_kind, init_seed
         self.state = state
         d_in, d_out = base.in_features, base.out_features
         device = base.weight.device
@@ -59,14 +61,25 @@ class MoLALinear(nn.Module):
         self.reset_parameters(init)
 
     def reset_parameters(self, init: str = "kaiming") -> None:
-        """LoRA's init: A random, B zero, so the adapted model starts equal to the base model."""
+        """LoRA's init: A random, B zero, so the adapted model starts equal to the base model.
+
+        Expert e's A and its router row come from generators keyed by (init_seed, layer,
+        module kind, e) and drawn on the CPU: the same expert starts the same whatever the
+        layer's expert count, the global RNG state or the device.
+        """
         with torch.no_grad():
             for e in range(self.num_experts):  # init only, not the hot path
+                a = torch.empty(self.lora_A.shape[1:], dtype=torch.float32)
+                gen = expert_generator(self.init_seed, self.layer_index, self.module_kind, e, "A")
                 if init == "gaussian":
-                    nn.init.normal_(self.lora_A[e], std=1.0 / self.rank)
+                    nn.init.normal_(a, std=1.0 / self.rank, generator=gen)
                 else:
-                    nn.init.kaiming_uniform_(self.lora_A[e], a=math.sqrt(5))
-            nn.init.kaiming_uniform_(self.router, a=math.sqrt(5))
+                    nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
+                self.lora_A[e].copy_(a)
+                row = torch.empty(1, self.router.shape[1], dtype=torch.float32)
+                gen = expert_generator(self.init_seed, self.layer_index, self.module_kind, e, "router")
+                nn.init.kaiming_uniform_(row, a=math.sqrt(5), generator=gen)
+                self.router[e].copy_(row[0])
             self.lora_B.zero_()
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,6 +135,12 @@ class MoLALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"layer={self.layer_index}, experts={self.num_experts}, top_k={self.top_k}, "
                 f"rank={self.rank}, scaling={self.scaling:g}")
+
+
+def expert_generator(seed: int, layer: int, module: str, expert: int, part: str) -> torch.Generator:
+    """A CPU generator keyed by (seed, layer, module kind, expert, part), stable across processes."""
+    key = hashlib.sha256(f"{seed}|{layer}|{module}|{expert}|{part}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
 
 
 def load_balancing_loss(probs: torch.Tensor, chosen: torch.Tensor, mask: torch.Tensor, top_k: int) -> torch.Tensor:

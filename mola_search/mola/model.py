@@ -156,7 +156,8 @@ def _inject(owner: MoLAModel, base_model: nn.Module, config: MoLAConfig) -> None
         j = index[name]
         layer = MoLALinear(linear, config.experts[j], config.top_k[j], config.rank[j],
                            alpha=config.lora_alpha, dropout=config.lora_dropout, layer_index=j,
-                           state=owner.state, init=config.init)
+                           state=owner.state, init=config.init, module_kind=name.rsplit(".", 1)[-1],
+                           init_seed=config.init_seed)
         parent_name, _, child = name.rpartition(".")
         setattr(base_model.get_submodule(parent_name), child, layer)
         owner.mola_layers[name] = layer

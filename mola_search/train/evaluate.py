@@ -3,12 +3,29 @@
 Each example's choices are scored as sum_t log p(choice_t | prompt, choice_<t);
 the prediction is the argmax.  When every choice is a single token (the
 verbalizers we ship), one forward of the prompt scores all of them at once.
+
+Besides accuracy, the same scores give continuous per-example measures that a
+search can rank short runs by (accuracy on a few hundred examples is quantised
+and sits at the majority class for most short runs):
+
+* ``gold_logprob``: log p(gold | choices), the gold choice's log-likelihood
+  normalised over the choices (log-softmax of the choice scores); <= 0, higher
+  is better, 0 means certain and right.
+* ``margin``: log-likelihood of the gold choice minus the best wrong choice
+  (> 0 exactly when the prediction is right).
+
+`EvalResult.to_dict` also carries the task's usual metric where it has one
+(MRPC: F1 of the positive class, label 1; CoLA: Matthews correlation) and, with
+`per_example=True`, the per-example arrays keyed by stable example ids, so two
+runs can be compared paired on the same examples.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -18,14 +35,52 @@ from mola_search.tasks import Example
 from mola_search.train.batching import Encoded, answer_span, collate, encode_answer, encode_prompt, tail_logits
 
 
+# Scores a search may optimise ("--metric"); the first is the default objective.
+METRICS: tuple[str, ...] = ("gold_logprob", "margin", "accuracy", "f1", "mcc")
+DEFAULT_METRIC = METRICS[0]
+PER_EXAMPLE: tuple[str, ...] = ("gold_logprob", "margin", "correct")
+# The usual GLUE metric of a task beside accuracy: MRPC reports F1 of label 1 (paraphrase), CoLA Matthews r.
+TASK_METRICS: dict[str, str] = {"mrpc": "f1", "cola": "mcc"}
+
+
 @dataclass(frozen=True)
 class EvalResult:
     accuracy: float
     n: int
     predictions: list[int]
+    gold_logprob: list[float] = field(default_factory=list)   # per example: log p(gold | choices)
+    margin: list[float] = field(default_factory=list)         # per example: gold minus best wrong choice
+    labels: list[int] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
 
-    def to_dict(self) -> dict[str, float | int]:
-        return {"accuracy": self.accuracy, "n": self.n}
+    def task_metrics(self, task: str | None) -> dict[str, float]:
+        """The task's usual metric beside accuracy (f1 for mrpc, mcc for cola), else nothing."""
+        name = TASK_METRICS.get((task or "").lower())
+        if name is None or not self.labels:
+            return {}
+        from sklearn.metrics import f1_score, matthews_corrcoef
+
+        if name == "f1":
+            return {"f1": float(f1_score(self.labels, self.predictions, pos_label=1, zero_division=0.0))}
+        return {"mcc": float(matthews_corrcoef(self.labels, self.predictions))}
+
+    def to_dict(self, task: str | None = None, per_example: bool = False) -> dict:
+        out: dict = {"accuracy": self.accuracy, "n": self.n}
+        if self.gold_logprob:
+            out["gold_logprob"] = math.fsum(self.gold_logprob) / len(self.gold_logprob)
+            out["margin"] = math.fsum(self.margin) / len(self.margin)
+        out.update(self.task_metrics(task))
+        if per_example and self.gold_logprob:
+            out["per_example"] = {"ids": list(self.ids), "gold_logprob": list(self.gold_logprob),
+                                  "margin": list(self.margin),
+                                  "correct": [int(p == y) for p, y in zip(self.predictions, self.labels)]}
+        return out
+
+
+def example_id(example: Example) -> str:
+    """A stable id of an example (its content), so runs pair on the same examples whatever their order."""
+    text = "\x1f".join((example.prompt, *example.choices, str(example.label)))
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -82,9 +137,23 @@ def evaluate_accuracy(model: nn.Module, tokenizer, examples: Sequence[Example], 
     if not examples:
         return EvalResult(float("nan"), 0, [])
     scores = score_choices(model, tokenizer, examples, batch_size=batch_size, cutoff_len=cutoff_len)
-    preds = [max(range(len(s)), key=s.__getitem__) for s in scores]
-    correct = sum(int(p == ex.label) for p, ex in zip(preds, examples))
-    return EvalResult(correct / len(examples), len(examples), preds)
+    return result_from_scores(scores, examples)
+
+
+def result_from_scores(scores: Sequence[Sequence[float]], examples: Sequence[Example]) -> EvalResult:
+    """Accuracy and the continuous per-example measures from the choices' log-likelihoods."""
+    preds, gold, margin = [], [], []
+    for s, ex in zip(scores, examples):
+        preds.append(max(range(len(s)), key=s.__getitem__))
+        top = max(s)
+        log_norm = top + math.log(math.fsum(math.exp(v - top) for v in s))
+        gold.append(s[ex.label] - log_norm)
+        wrong = [v for i, v in enumerate(s) if i != ex.label]
+        margin.append(s[ex.label] - max(wrong) if wrong else 0.0)
+    labels = [ex.label for ex in examples]
+    correct = sum(int(p == y) for p, y in zip(preds, labels))
+    return EvalResult(correct / len(examples), len(examples), preds, gold, margin, labels,
+                      [example_id(ex) for ex in examples])
 
 
 @torch.no_grad()
@@ -108,8 +177,10 @@ def evaluate_generation(model: nn.Module, tokenizer, examples: Sequence[Example]
             preds.append(parse_choice(tokenizer.decode(generated), ex.choices))
     finally:
         model.train(was_training)
-    correct = sum(int(p == ex.label) for p, ex in zip(preds, examples))
-    return EvalResult(correct / max(1, len(examples)), len(examples), preds)
+    labels = [ex.label for ex in examples]
+    correct = sum(int(p == y) for p, y in zip(preds, labels))
+    return EvalResult(correct / max(1, len(examples)), len(examples), preds, labels=labels,
+                      ids=[example_id(ex) for ex in examples])
 
 
 def parse_choice(text: str, choices: Sequence[str]) -> int:

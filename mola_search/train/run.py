@@ -146,7 +146,7 @@ def build_model(prepared: Prepared) -> torch.nn.Module:
         return build_baseline(c, prepared.base_model)
     mola_config = MoLAConfig.from_spec(prepared.spec, target_modules=tuple(c.target_modules),
                                        lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
-                                       aux_loss_coef=c.aux_loss_coef, base_model=c.model)
+                                       aux_loss_coef=c.aux_loss_coef, init_seed=c.train.seed, base_model=c.model)
     return MoLAModel(prepared.base_model, mola_config)
 
 
@@ -187,7 +187,8 @@ def evaluate(model: torch.nn.Module, prepared: Prepared, split: str) -> dict[str
     else:
         res = evaluate_accuracy(model, prepared.tokenizer, examples, batch_size=c.eval_batch_size,
                                 cutoff_len=c.train.cutoff_len)
-    return {**res.to_dict(), "majority_baseline": prepared.data.majority_baseline(split, examples) if examples else None}
+    return {**res.to_dict(task=prepared.data.name, per_example=True),
+            "majority_baseline": prepared.data.majority_baseline(split, examples) if examples else None}
 
 
 @torch.no_grad()
@@ -242,7 +243,7 @@ def execute(prepared: Prepared, *, callbacks: Sequence[Callable[[StepEvent], boo
     t0 = time.perf_counter()
     result = train(model, prepared.tokenizer, prepared.splits["train"], c.train, callbacks=callbacks,
                    progress=progress)
-    metrics: dict[str, Any] = {**info, "train_loss_curve": result.loss_curve, "aux_loss_curve": result.aux_curve,
+    metrics: dict[str, Any] = {**info, "train_seed": c.train.seed, "train_loss_curve": result.loss_curve, "aux_loss_curve": result.aux_curve,
                                "train_steps": result.steps, "train_tokens": result.train_tokens,
                                "tokens_per_second": result.tokens_per_second,
                                "train_wall_time_s": result.wall_time, "stopped_early": result.stopped_early}
@@ -267,7 +268,7 @@ def execute(prepared: Prepared, *, callbacks: Sequence[Callable[[StepEvent], boo
         model.save_adapter(out / "adapter", task=prepared.data.name)
         if router is not None:
             (out / "router_stats.json").write_text(json.dumps(router, indent=1) + "\n")
-        (out / "metrics.json").write_text(json.dumps(_finite(metrics), indent=2) + "\n")
+        (out / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2) + "\n")
     return RunOutcome(metrics, model)
 
 
@@ -278,12 +279,12 @@ def _subsample(examples: list[Example], limit: int | None, seed: int) -> list[Ex
     return rng.sample(list(examples), limit)
 
 
-def _finite(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     """JSON has no NaN: write null instead so every reader can parse the file."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
