@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import statistics
 
@@ -129,3 +130,102 @@ def test_a_seeded_optuna_search_beats_the_paper_seeds() -> None:
     best_seed = max(objective.value(seed.spec.experts) for seed in seeds)
     assert [t.value for t in study.trials[:5]] == [objective.value(s.spec.experts) for s in seeds]
     assert study.best_value > best_seed
+
+
+# ------------------------------------------------------------------------------------ seeded observation model
+
+def _upper(**knobs: float) -> SyntheticObjective:
+    return SyntheticObjective("upper", 30, 150, 1, 8, **knobs)
+
+
+SHAPES = {s.name: s.spec.experts for s in paper_seeds(30, 150, 1, 8)}
+
+
+def test_observe_is_a_fixed_seed_training_run() -> None:
+    objective = _upper(noise=0.05, seed_sd=0.1)
+    x = SHAPES["rectangle"]
+    assert objective.observe(x, seed=3) == objective.observe(list(x), seed=3)  # no trial number: same run
+    assert len({objective.observe(x, seed=3, fidelity=f) for f in (0.5, 1.0)}) == 2
+    assert len({objective.observe(x, seed=s) for s in range(5)}) == 5
+    assert objective.observe(x, seed=3, train_examples=64) == objective.observe(x, seed=3)  # 64 is the reference
+    assert objective.observe(x, seed=3, train_examples=128) != objective.observe(x, seed=3)
+    quiet = _upper(noise=0.0, seed_sd=0.0)
+    assert quiet.observe(x, seed=3) == quiet.value(x)
+    assert quiet.observe(x, seed=3, fidelity=0.5) == pytest.approx(0.75 * quiet.value(x) + 0.125)
+
+
+def test_seed_effect_is_shared_and_noise_scales_with_data_and_fidelity() -> None:
+    """sd of one observation sqrt(seed_sd^2 + noise^2); seed-paired differences only sqrt(2) noise;
+    doubling the training examples divides both by sqrt(2); fidelity 0.5 doubles them."""
+    objective = _upper(noise=0.05, seed_sd=0.2)
+    a, b = SHAPES["triangle"], SHAPES["inverted_triangle"]
+    seeds = range(2000)
+
+    def sds(**kwargs: object) -> tuple[float, float]:
+        ya = [objective.observe(a, seed=k, **kwargs) for k in seeds]
+        yb = [objective.observe(b, seed=k, **kwargs) for k in seeds]
+        return statistics.stdev(ya), statistics.stdev([p - q for p, q in zip(ya, yb)])
+
+    single, paired = sds()
+    assert single == pytest.approx(math.hypot(0.2, 0.05), rel=0.06)
+    assert paired == pytest.approx(0.05 * math.sqrt(2), rel=0.06)
+    single_128, paired_128 = sds(train_examples=128)
+    assert single_128 == pytest.approx(single / math.sqrt(2), rel=0.08)
+    assert paired_128 == pytest.approx(paired / math.sqrt(2), rel=0.08)
+    assert sds(fidelity=0.5)[1] == pytest.approx(2 * paired, rel=0.08)
+
+
+def test_true_allocation_share_matches_the_observations() -> None:
+    """The share computed from the model equals the one measured from 3000 seeds (seed-paired residuals)."""
+    objective = _upper(noise=0.3, seed_sd=0.3)
+    allocations = [SHAPES[n] for n in ("triangle", "inverted_triangle", "rectangle")]
+    for kwargs in ({}, {"fidelity": 0.5, "train_examples": 256}):
+        ys = [[objective.observe(x, seed=k, **kwargs) for k in range(3000)] for x in allocations]
+        seed_means = [statistics.fmean(col) for col in zip(*ys)]
+        residual = statistics.fmean(statistics.variance([y - m for y, m in zip(row, seed_means)]) for row in ys) * 1.5
+        shrink = (1 - kwargs.get("fidelity", 1.0)) / 2
+        clean = [(1 - shrink) * objective.value(x) + shrink / 2 for x in allocations]
+        spread = statistics.variance(clean)
+        assert objective.true_allocation_share(allocations, **kwargs) == pytest.approx(
+            spread / (spread + residual), abs=0.02)
+    assert _upper(noise=0.0).true_allocation_share(allocations) == 1.0
+    assert _upper(noise=0.1).true_allocation_share([allocations[0]] * 3) == 0.0
+    assert math.isnan(_upper(noise=0.0).true_allocation_share([allocations[0]] * 2))
+    with pytest.raises(UserError, match="needs at least 2"):
+        objective.true_allocation_share(allocations[:1])
+
+
+def test_observe_examples_average_to_the_observation() -> None:
+    objective = _upper(noise=0.05, seed_sd=0.1, example_sd=0.3)
+    a, b = SHAPES["triangle"], SHAPES["rectangle"]
+    va = objective.observe_examples(a, seed=1, fidelity=0.5, n=400)
+    vb = objective.observe_examples(b, seed=1, fidelity=0.5, n=400)
+    assert len(va) == 400 and va == objective.observe_examples(a, seed=1, fidelity=0.5, n=400)
+    assert statistics.fmean(va) == pytest.approx(objective.observe(a, seed=1, fidelity=0.5), abs=1e-12)
+    assert statistics.stdev(va) == pytest.approx(0.3 * math.sqrt(2), rel=0.12)
+    # example difficulty is shared by allocations (and seeds): half the per-example variance
+    assert statistics.correlation(va, vb) == pytest.approx(0.5, abs=0.12)
+    vc = objective.observe_examples(a, seed=2, fidelity=0.5, n=400)
+    assert statistics.correlation(va, vc) == pytest.approx(0.5, abs=0.12)
+    assert objective.observe_examples(a, seed=1, n=1) == [objective.observe(a, seed=1)]
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda o, x: o.observe(x, seed=-1), "seed is -1"),
+    (lambda o, x: o.observe(x, seed=1.5), "seed is 1.5"),
+    (lambda o, x: o.observe(x, seed=0, fidelity=0), "fidelity is 0"),
+    (lambda o, x: o.observe(x, seed=0, train_examples=0), "train_examples is 0"),
+    (lambda o, x: o.observe(x[:-1], seed=0), "has 29 layers"),
+    (lambda o, x: o.observe_examples(x, seed=0, n=0), "n is 0"),
+])
+def test_observe_refuses_bad_arguments(call, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        call(_upper(), SHAPES["rectangle"])
+
+
+def test_make_synthetic_takes_the_noise_knobs() -> None:
+    objective = make_synthetic("synthetic:middle", 8, 24, 1, 8, 0.02, seed_sd=0.3, example_sd=0.5)
+    assert (objective.noise, objective.seed_sd, objective.example_sd) == (0.02, 0.3, 0.5)
+    for key in ("noise", "seed_sd", "example_sd"):
+        with pytest.raises(UserError, match=f"{key} is -1"):
+            SyntheticObjective("upper", 8, 24, **{key: -1})

@@ -12,29 +12,66 @@ there, and lets a benchmark compare samplers by how close they get per trial.
   a concave gain); the rest contribute nothing. The optimum puts as many experts
   as allowed on those layers, evenly. Importance analysis should single them out.
 
-Every score of a feasible allocation lies in [0, 1], and the optimum scores 1.
+Every noise-free score of a feasible allocation lies in [0, 1], and the optimum scores 1.
+
+Seeded observation model (`SyntheticObjective.observe`), with a *known* split of
+allocation effect and training noise, for allocation x, training seed k, fidelity f
+in (0, 1] and n training examples (default REFERENCE_EXAMPLES)::
+
+    y(x, k) = (1 - s) v(x) + s / 2  +  h g [ seed_sd * z_S(k)  +  noise * z_E(x, k) ]
+
+    s = (1 - f) / 2                     shrink: a short run separates allocations less
+    g = 3 - 2 f                         sd multiplier: 1 at f = 1, 2 at f = 0.5
+    h = sqrt(REFERENCE_EXAMPLES / n)    doubling the training data shrinks the noise by sqrt(2)
+
+z_S (the seed's block effect: one seed = one training subset and order, shared by every
+allocation) and z_E (the allocation x seed residual) are standard normals, fixed
+functions of (objective, seed[, allocation], n); a run observed at two fidelities
+shares half of its noise variance (RUNG_CORRELATION), as a run stopped early and the
+same run finished do. A search compares trials at one seed, so only ``noise`` blurs
+its comparisons; `true_allocation_share` is the share `noise.estimate_noise` should
+recover from a pilot.
+
+Per-example values (`observe_examples`, for paired pruning over validation
+examples) spread around y and average to it exactly::
+
+    x_j = y + example_sd [ (d_j - mean d) + (u_j - mean u) ],   j = 1..n_examples
+
+with example difficulties d_j shared by all allocations and seeds and u_j specific to
+(allocation, seed, fidelity, n). The legacy `__call__` draws independent noise of sd
+``noise * (1.5 - f)`` per call instead (no seeds).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
+import numpy as np
+
 from mola_search.allocation import round_to_budget
 from mola_search.errors import UserError
 
 SYNTHETIC_NAMES: tuple[str, ...] = ("upper", "middle", "sparse")
 SYNTHETIC_PREFIX = "synthetic"
+REFERENCE_EXAMPLES = 64      # training examples at which seed_sd and noise hold as given
+RUNG_CORRELATION = 0.5       # share of a run's noise variance common to all its fidelities
+DEFAULT_VALIDATION_EXAMPLES = 200
 
 
 @dataclass(frozen=True)
 class SyntheticObjective:
     """A noisy score of an allocation whose optimum is known.
 
-    Observation model (`__call__`), for a fidelity f in (0, 1] (the fraction of full
+    `observe` / `observe_examples` follow the seeded model of the module docstring
+    (``seed_sd``, ``noise``, ``example_sd`` are its standard deviations at full fidelity
+    and REFERENCE_EXAMPLES training examples).
+
+    Legacy observation model (`__call__`), for a fidelity f in (0, 1] (the fraction of full
     training a trial got): ``(1 - s) * value + s * 0.5 + N(0, sd)`` with shrink
     ``s = 0.5 * (1 - f)`` and ``sd = noise * (1.5 - f)``. Like a short training run,
     a low-fidelity observation separates allocations less (it is pulled towards 0.5)
@@ -48,6 +85,8 @@ class SyntheticObjective:
     min_experts: int = 1
     max_experts: int | None = 8
     noise: float = 0.01
+    seed_sd: float = 0.01
+    example_sd: float = 0.1
 
     def __post_init__(self) -> None:
         if self.name not in SYNTHETIC_NAMES:
@@ -56,8 +95,10 @@ class SyntheticObjective:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"{key} is {value!r}: use an integer >= 1")
-        if not isinstance(self.noise, (int, float)) or isinstance(self.noise, bool) or not self.noise >= 0:
-            raise UserError(f"noise is {self.noise!r}: use a number >= 0")
+        for key in ("noise", "seed_sd", "example_sd"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
+                raise UserError(f"{key} is {value!r}: use a number >= 0")
         # Raises the standard "budget ... is infeasible ..." UserError for an impossible budget or bounds.
         round_to_budget([0.0] * self.num_layers, self.budget, self.min_experts, self.max_experts)
 
@@ -94,15 +135,107 @@ class SyntheticObjective:
         Without `rng` the noise is a fixed function of (objective, allocation, fidelity),
         as a training run with a fixed seed is: repeating a call repeats its result.
         """
-        if isinstance(fidelity, bool) or not isinstance(fidelity, (int, float)) or not 0 < fidelity <= 1:
-            raise UserError(f"fidelity is {fidelity!r}: use a fraction of full training in (0, 1]")
+        _check_fidelity(fidelity)
         clean = self.value(experts)
         if rng is None:
-            rng = random.Random(f"{self}|{list(experts)}|{float(fidelity)!r}")
+            rng = random.Random(f"{self._legacy_repr}|{list(experts)}|{float(fidelity)!r}")
         shrink = 0.5 * (1.0 - fidelity)
         return (1.0 - shrink) * clean + shrink * 0.5 + rng.gauss(0.0, self.noise * (1.5 - fidelity))
 
+    def observe(self, experts: Sequence[int], *, seed: int, fidelity: float = 1.0,
+                train_examples: int | None = None) -> float:
+        """The score of a training run of `experts` with training seed `seed` (module docstring model).
+
+        Deterministic in (objective, experts, seed, fidelity, train_examples), as a
+        fixed-seed training run is: no trial number enters it, so the same allocation
+        trained twice with one seed scores the same.
+        """
+        counts = [int(c) for c in self._check(experts)]
+        _check_fidelity(fidelity)
+        seed, n = _check_seed(seed), self._train_examples(train_examples)
+        z_seed = self._run_normal("seed", seed, n, float(fidelity))
+        z_residual = self._run_normal("residual", tuple(counts), seed, n, float(fidelity))
+        scale = self._noise_scale(fidelity, n)
+        return self._clean_at(self.value(counts), fidelity) + scale * (self.seed_sd * z_seed + self.noise * z_residual)
+
+    def observe_examples(self, experts: Sequence[int], *, seed: int, fidelity: float = 1.0,
+                         n: int = DEFAULT_VALIDATION_EXAMPLES, train_examples: int | None = None) -> list[float]:
+        """`n` per-example validation values of the run `observe` scores; their mean is that score.
+
+        Example j keeps its difficulty across allocations and seeds, so pairing two runs'
+        values by j (as `optuna.pruners.WilcoxonPruner` does) cancels it.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise UserError(f"n is {n!r}: use a number of validation examples >= 1")
+        counts = [int(c) for c in self._check(experts)]
+        mean = self.observe(counts, seed=seed, fidelity=fidelity, train_examples=train_examples)
+        key = ("examples", tuple(counts), int(seed), self._train_examples(train_examples), float(fidelity))
+        difficulty = _generator(self._identity, "difficulty", n).standard_normal(n)
+        specific = _generator(self._identity, *key, n).standard_normal(n)
+        spread = self.example_sd * ((difficulty - difficulty.mean()) + (specific - specific.mean()))
+        values = mean + spread
+        values[-1] += mean * n - math.fsum(values)  # the mean is the observation, up to one rounding
+        return [float(v) for v in values]
+
+    def true_allocation_share(self, allocations: Sequence[Sequence[int]], *, fidelity: float = 1.0,
+                              train_examples: int | None = None) -> float:
+        """The seed-paired allocation share of variance that `estimate_noise` estimates from a pilot.
+
+        With w_i the noise-free observed values (1 - s) v + s / 2 of the a allocations
+        and sigma_E = h g noise the residual sd (module docstring)::
+
+            S = sum_i (w_i - mean w)^2 / (a - 1);   share = S / (S + sigma_E^2)
+
+        NaN when both are zero.
+        """
+        if len(allocations) < 2:
+            raise UserError(f"{len(allocations)} allocation(s) given: the share needs at least 2")
+        _check_fidelity(fidelity)
+        n = self._train_examples(train_examples)
+        clean = [self._clean_at(self.value(x), fidelity) for x in allocations]
+        centre = math.fsum(clean) / len(clean)
+        spread = math.fsum((w - centre) ** 2 for w in clean) / (len(clean) - 1)
+        residual = (self._noise_scale(fidelity, n) * self.noise) ** 2
+        return spread / (spread + residual) if spread + residual > 0 else math.nan
+
     # ---------------------------------------------------------------------------------- internals
+
+    @staticmethod
+    def _clean_at(value: float, fidelity: float) -> float:
+        shrink = 0.5 * (1.0 - fidelity)
+        return (1.0 - shrink) * value + shrink * 0.5
+
+    @staticmethod
+    def _noise_scale(fidelity: float, train_examples: int) -> float:
+        """h * g of the module docstring."""
+        return math.sqrt(REFERENCE_EXAMPLES / train_examples) * (3.0 - 2.0 * fidelity)
+
+    @staticmethod
+    def _train_examples(value: int | None) -> int:
+        if value is None:
+            return REFERENCE_EXAMPLES
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"train_examples is {value!r}: use a number of training examples >= 1 (or None for "
+                            f"{REFERENCE_EXAMPLES})")
+        return value
+
+    def _run_normal(self, kind: str, *key: object) -> float:
+        """A standard normal of one run: RUNG_CORRELATION of its variance shared by all fidelities."""
+        *run, fidelity = key
+        shared = _generator(self._identity, kind, *run).standard_normal()
+        own = _generator(self._identity, kind, *run, fidelity).standard_normal()
+        return float(math.sqrt(RUNG_CORRELATION) * shared + math.sqrt(1.0 - RUNG_CORRELATION) * own)
+
+    @property
+    def _identity(self) -> str:
+        """What the random draws depend on: the objective's shape, not its noise sizes (so they scale)."""
+        return f"{self.name}|{self.num_layers}|{self.budget}|{self.min_experts}|{self.max_experts}"
+
+    @property
+    def _legacy_repr(self) -> str:
+        """The repr `__call__` keyed its noise on before the seeded model existed (keeps old draws)."""
+        return (f"SyntheticObjective(name={self.name!r}, num_layers={self.num_layers!r}, budget={self.budget!r}, "
+                f"min_experts={self.min_experts!r}, max_experts={self.max_experts!r}, noise={self.noise!r})")
 
     @property
     def _upper_bound(self) -> int:
@@ -175,14 +308,20 @@ class SyntheticObjective:
 
 
 def make_synthetic(spec: str, num_layers: int, budget: int, min_experts: int = 1,
-                   max_experts: int | None = None, noise: float = 0.01) -> SyntheticObjective:
-    """Parse a task name like "synthetic" (= synthetic:upper) or "synthetic:sparse"."""
+                   max_experts: int | None = None, noise: float = 0.01, *, seed_sd: float = 0.01,
+                   example_sd: float = 0.1) -> SyntheticObjective:
+    """Parse a task name like "synthetic" (= synthetic:upper) or "synthetic:sparse".
+
+    `noise`, `seed_sd` and `example_sd` are the standard deviations of the seeded
+    observation model (module docstring).
+    """
     text = spec.strip().lower()
     prefix, _, name = text.partition(":")
     accepted = ", ".join([SYNTHETIC_PREFIX] + [f"{SYNTHETIC_PREFIX}:{n}" for n in SYNTHETIC_NAMES])
     if prefix != SYNTHETIC_PREFIX or (name and name not in SYNTHETIC_NAMES):
         raise UserError(f"unknown synthetic objective '{spec}': use one of {accepted}")
-    return SyntheticObjective(name or SYNTHETIC_NAMES[0], num_layers, budget, min_experts, max_experts, noise)
+    return SyntheticObjective(name or SYNTHETIC_NAMES[0], num_layers, budget, min_experts, max_experts, noise,
+                              seed_sd, example_sd)
 
 
 def is_synthetic(spec: str) -> bool:
@@ -195,3 +334,20 @@ def _spread(count: int, total: int, low: int, high: int) -> list[int]:
     if count == 0:
         return []
     return round_to_budget([0.0] * count, total, low, high)
+
+
+def _check_fidelity(fidelity: float) -> None:
+    if isinstance(fidelity, bool) or not isinstance(fidelity, (int, float)) or not 0 < fidelity <= 1:
+        raise UserError(f"fidelity is {fidelity!r}: use a fraction of full training in (0, 1]")
+
+
+def _check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise UserError(f"seed is {seed!r}: use a training seed, an integer >= 0")
+    return int(seed)
+
+
+def _generator(*key: object) -> np.random.Generator:
+    """A generator that is a fixed function of `key` (stable across processes, unlike hash())."""
+    digest = hashlib.blake2b("|".join(map(repr, key)).encode(), digest_size=16).digest()
+    return np.random.default_rng(int.from_bytes(digest, "little"))
