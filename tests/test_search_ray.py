@@ -21,7 +21,7 @@ from mola_search.search.runner import resolve_space
 from test_search import MODEL, key, kill_mid_study_and_resume, load_study, read_trials, search, trained
 
 BASE = ["--task", "mrpc", "--model", MODEL, "--objective", "synthetic:upper", "--executor", "ray",
-        "--max-concurrent", "2", "--cpus-per-trial", "1", "--finalist-seeds", "0"]
+        "--max-concurrent", "2", "--cpus-per-trial", "1", "--finalist-seeds", "0", "--no-pilot"]
 FAULTS = "raise@1,nan@2,oom@3,kill@4"
 
 
@@ -155,7 +155,7 @@ def test_relative_data_dir_and_out_reach_ray_trials_and_finalists(cluster, tmp_p
     try:
         rc = search(["--task", "mrpc", "--model", "tiny-llama-L4", "--executor", "ray", "--address", cluster.address,
                      "--config", str(spaces), "--trials", "2", "--budget", "12", "--max-concurrent", "2",
-                     "--finalists", "0", "--finalist-seeds", "1", "--out", "runs/rel"])
+                     "--finalists", "0", "--finalist-seeds", "1", "--no-pilot", "--out", "runs/rel"])
     finally:
         _disconnect()
     assert rc == 0
@@ -163,7 +163,7 @@ def test_relative_data_dir_and_out_reach_ray_trials_and_finalists(cluster, tmp_p
     rows = read_trials(folder)
     assert [r["state"] for r in rows] == ["COMPLETE", "COMPLETE"], [r["failure"] for r in rows]
     assert StudyConfig.load(folder).data_dir == str(tmp_path / "data")
-    metrics = sorted(folder.glob("finalists/*/seed0/metrics.json"))
+    metrics = sorted(folder.glob("finalists/*/seed1000/metrics.json"))
     assert len(metrics) == 2, metrics  # written by Ray trials, into the study folder, not their own cwd
     assert (folder / "best_allocation.json").is_file()
     out = capsys.readouterr().out  # each finalist run is announced as it ends, with an ETA

@@ -27,7 +27,8 @@ SUBCOMMANDS = ("export", "report", "analyze", "compare")
 _STUDY_FLAGS = ("task", "model", "budget", "out", "space", "objective", "trials", "sampler", "seed", "data_dir", "dtype",
                 "storage", "study_name", "executor", "address", "cpus_per_trial", "gpus_per_trial",
                 "max_concurrent", "scheduler", "finalist_top_n", "finalist_seeds", "finalist_train_examples",
-                "finalist_eval_examples")
+                "finalist_eval_examples", "metric", "pilot", "pilot_seeds", "auto_fidelity", "noise_threshold",
+                "time_budget")
 _FIDELITY_FLAGS = {"max_train_examples": "max_train_examples", "max_eval_examples": "max_eval_examples",
                    "epochs": "epochs", "max_steps": "max_steps"}
 _TRAIN_FLAGS = ("lr", "batch_size", "micro_batch_size", "cutoff_len")
@@ -39,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 argument_default=argparse.SUPPRESS)
     p.add_argument("--config", help="YAML/JSON study settings; flags override them")
     p.add_argument("--resume", metavar="STUDY_DIR", help="continue the study in this folder")
-    p.add_argument("--preset", help="cpu-quick (default without a GPU) or paper")
+    p.add_argument("--preset", help="cpu-quick (default without a GPU; 30-min demonstration), cpu-standard "
+                                    "(learns the task on 2 CPU cores in about 2 h) or paper")
     w = p.add_argument_group("what to search")
     w.add_argument("--task", help="mrpc | rte | cola | scienceqa | commonsenseqa | openbookqa | custom:task.yaml")
     w.add_argument("--model", help="embedded smollm2-135m-instruct (default), a HF id or a local folder")
@@ -51,7 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     s = p.add_argument_group("search")
     s.add_argument("--trials", type=int, help="trials to train (seeds included)")
     s.add_argument("--sampler", help="tpe | cmaes | gp | random")
-    s.add_argument("--scheduler", help="asha (default) | none")
+    s.add_argument("--pruner", "--scheduler", dest="scheduler",
+                   help="asha (default) | wilcoxon (paired over validation examples) | none")
+    s.add_argument("--metric", help="what the search maximises on validation: gold_logprob (default; "
+                                    "mean log p(gold answer | choices)) | margin | accuracy | f1 | mcc")
+    n = p.add_argument_group("noise floor (pilot) and fidelity")
+    n.add_argument("--no-pilot", dest="pilot", action="store_false",
+                   help="skip the pilot (3 paper shapes x 3 seeds) that measures the noise floor first")
+    n.add_argument("--pilot-seeds", type=int, dest="pilot_seeds", help="seeds per pilot allocation (default 3)")
+    n.add_argument("--auto-fidelity", dest="auto_fidelity", action="store_true",
+                   help="double the trial fidelity until the allocation explains --noise-threshold of the "
+                        "score variance (or --time-budget would be exceeded)")
+    n.add_argument("--noise-threshold", type=float, dest="noise_threshold",
+                   help="allocation share of score variance --auto-fidelity aims for (default 0.5)")
+    n.add_argument("--time-budget", type=float, dest="time_budget", help="minutes the whole study may take")
     s.add_argument("--seed", type=int)
     s.add_argument("--storage", help="Optuna storage URL (default: sqlite file in the study folder)")
     s.add_argument("--study-name", dest="study_name")

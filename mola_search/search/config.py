@@ -17,18 +17,37 @@ from mola_search.errors import UserError
 from mola_search.search.synthetic import SYNTHETIC_NAMES, SYNTHETIC_PREFIX
 
 SAMPLERS = ("tpe", "cmaes", "gp", "random")
+PRUNERS = ("asha", "wilcoxon", "none")
+# Must match mola_search.train.evaluate.METRICS (not imported: this module stays free of torch).
+METRICS = ("gold_logprob", "margin", "accuracy", "f1", "mcc")
 STUDY_FILE = "study.json"
+# Finalists train with seeds FINALIST_SEED_BASE + i: never a seed a search or pilot trial used, so no
+# finalist run can reproduce the run that selected it.
+FINALIST_SEED_BASE = 1000
+PILOT_SHAPES = ("triangle", "inverted_triangle", "rectangle")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # A whole search (6 seeds + 4 TPE trials, then 7 finalists x 3 seeds = 31 fine-tunes) in under half
     # an hour on 2 CPU cores: ~1.5 min per fine-tune on one core. Enough to show the pipeline and its
     # noise floor, not to separate allocations on MRPC; give real searches more data or a GPU.
     "cpu-quick": {
-        "model": "smollm2-135m-instruct", "trials": 10, "max_concurrent": 2, "cpus_per_trial": 1,
-        "finalist_top_n": 1, "finalist_seeds": 3, "finalist_eval_examples": 100,
+        "model": "smollm2-135m-instruct", "trials": 12, "max_concurrent": 2, "cpus_per_trial": 1,
+        "finalist_top_n": 1, "finalist_seeds": 2, "finalist_eval_examples": 200,
         "train": {"batch_size": 8, "micro_batch_size": 8, "cutoff_len": 128, "lr": 1e-3},
-        "fidelity": {"max_train_examples": 64, "max_eval_examples": 64, "rungs": [0.5, 1.0]},
+        "fidelity": {"max_train_examples": 64, "max_eval_examples": 200, "rungs": [0.5, 1.0]},
         "seed_names": ["triangle", "inverted_triangle", "hourglass", "rectangle", "diamond", "alphalora"],
+        "finalist_shapes": ["triangle", "inverted_triangle", "rectangle"],
+    },
+    # Trials long enough to learn the task on 2 CPU cores: the whole study (pilot, search,
+    # finalists) in about 2 hours; a longer study continues with --resume.
+    "cpu-standard": {
+        "model": "smollm2-135m-instruct", "trials": 14, "max_concurrent": 2, "cpus_per_trial": 1,
+        "finalist_top_n": 1, "finalist_seeds": 3, "finalist_eval_examples": 400,
+        "train": {"batch_size": 16, "micro_batch_size": 16, "cutoff_len": 128, "lr": 1e-3},
+        "fidelity": {"max_train_examples": 256, "max_eval_examples": None, "rungs": [0.5, 1.0]},
+        "seed_names": ["triangle", "inverted_triangle", "hourglass", "rectangle", "diamond", "alphalora"],
+        "finalist_shapes": ["triangle", "inverted_triangle", "rectangle", "hourglass"],
+        "time_budget": 120.0,
     },
     # The paper's setting (LLaMA-2-7B, 160 experts, cutoff 256, batch 128, lr 3e-4): for GPU boxes.
     "paper": {
@@ -62,13 +81,21 @@ class StudyConfig:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     max_concurrent: int | None = None
-    scheduler: str = "asha"                   # "asha" or "none"
+    scheduler: str = "asha"                   # the pruner: "asha", "wilcoxon" or "none" (--pruner)
     asha_reduction_factor: float = 2.0
     seed_names: tuple[str, ...] = ("triangle", "inverted_triangle", "hourglass", "rectangle", "diamond", "alphalora")
     finalist_top_n: int = 2
     finalist_seeds: int = 3
     finalist_train_examples: int | None = None   # default: the space's fidelity
     finalist_eval_examples: int | None = None
+    finalist_shapes: tuple[str, ...] | None = None  # seeds retrained as finalists (None = every seed that trained)
+    metric: str = "gold_logprob"              # what Optuna optimises (validation split)
+    pilot: bool = True                        # noise floor first: PILOT_SHAPES x pilot_seeds at trial fidelity
+    pilot_seeds: int = 3
+    auto_fidelity: bool = False               # double the trial fidelity until allocations separate
+    noise_threshold: float = 0.5              # allocation share of variance that --auto-fidelity aims for
+    max_doublings: int = 4
+    time_budget: float | None = None          # minutes for the whole study (--auto-fidelity stays within it)
     train: dict[str, Any] = field(default_factory=dict)
     fidelity: dict[str, Any] = field(default_factory=dict)   # overrides of the space's fidelity
     preset: str | None = None
@@ -84,8 +111,30 @@ class StudyConfig:
             raise UserError(f"unknown sampler '{self.sampler}': choose one of {', '.join(SAMPLERS)}")
         if self.executor not in ("ray", "local"):
             raise UserError(f"unknown executor '{self.executor}': use 'ray' or 'local'")
-        if self.scheduler not in ("asha", "none"):
-            raise UserError(f"unknown scheduler '{self.scheduler}': use 'asha' or 'none'")
+        if self.scheduler not in PRUNERS:
+            raise UserError(f"unknown pruner '{self.scheduler}': use {', '.join(PRUNERS)}")
+        if self.metric not in METRICS:
+            raise UserError(f"unknown metric '{self.metric}': use {', '.join(METRICS)}")
+        if self.scheduler == "wilcoxon" and self.metric in ("f1", "mcc"):
+            raise UserError(f"--pruner wilcoxon pairs per-example scores, and {self.metric} has none: "
+                            "use --metric gold_logprob|margin|accuracy or --pruner asha|none")
+        if not 0 <= self.pilot_seeds < FINALIST_SEED_BASE:
+            raise UserError(f"--pilot-seeds is {self.pilot_seeds}: use 2..{FINALIST_SEED_BASE - 1}")
+        if self.pilot and self.trials < len(PILOT_SHAPES) * self.pilot_seeds:
+            raise UserError(f"--trials {self.trials} is fewer than the pilot's {len(PILOT_SHAPES) * self.pilot_seeds} "
+                            f"runs ({len(PILOT_SHAPES)} shapes x {self.pilot_seeds} seeds, which count as trials): "
+                            "raise --trials or pass --no-pilot")
+        if self.pilot and self.pilot_seeds < 2:
+            raise UserError(f"--pilot-seeds is {self.pilot_seeds}: a noise floor needs at least 2 seeds "
+                            "(or pass --no-pilot)")
+        if not 0 < self.noise_threshold < 1:
+            raise UserError(f"--noise-threshold is {self.noise_threshold}: use a fraction in (0, 1)")
+        if self.max_doublings < 0:
+            raise UserError(f"max_doublings is {self.max_doublings}: use an integer >= 0")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise UserError(f"--time-budget is {self.time_budget}: use minutes > 0")
+        if self.auto_fidelity and not self.pilot:
+            raise UserError("--auto-fidelity chooses the fidelity from the pilot's noise floor: drop --no-pilot")
         if self.trials < 1:
             raise UserError(f"--trials must be at least 1, got {self.trials}")
         if self.finalist_seeds < 0 or self.finalist_top_n < 0:
@@ -102,12 +151,24 @@ class StudyConfig:
         raw = dict(raw)
         if "seed_names" in raw:
             raw["seed_names"] = tuple(raw["seed_names"])
+        if raw.get("finalist_shapes") is not None:
+            raw["finalist_shapes"] = tuple(raw["finalist_shapes"])
         return cls(**raw)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["seed_names"] = list(self.seed_names)
+        if self.finalist_shapes is not None:
+            d["finalist_shapes"] = list(self.finalist_shapes)
         return d
+
+    def finalist_train_seeds(self) -> list[int]:
+        """The finalists' training seeds: disjoint from every search and pilot seed."""
+        return [FINALIST_SEED_BASE + self.seed + i for i in range(self.finalist_seeds)]
+
+    def pilot_train_seeds(self) -> list[int]:
+        """The pilot's seeds; the first is the study seed every search trial trains with."""
+        return [self.seed + i for i in range(self.pilot_seeds)]
 
     def save(self, folder: Path) -> None:
         (folder / STUDY_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

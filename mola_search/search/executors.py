@@ -1,13 +1,19 @@
 """How trials run: in this process one after another, or as Ray Tune trials.
 
-Both executors drive the same `StudyDriver`.  In-process, Optuna's successive
-halving pruner stops weak trials at a rung; under Ray, Tune's ASHA does, and a
-trial stopped that way is told to Optuna as PRUNED (never as a completed trial
-with a partial score).
+Both executors drive the same `StudyDriver`.  In-process, the study's Optuna
+pruner (successive halving, or Wilcoxon paired over validation examples) stops
+weak trials at a rung; under Ray, Tune's ASHA does, or for Wilcoxon a Tune
+scheduler that asks the same Optuna pruner. A trial stopped either way is told
+to Optuna as PRUNED (never as a completed trial with a partial score).
+
+Independent runs (the pilot, the finalists) come back as `TrialOutcome`s through
+the executor itself (Ray's trial results), not through a shared disk.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -26,24 +32,26 @@ def run_local(driver: StudyDriver, fidelity: Fidelity) -> None:
         if proposal is None:
             driver.progress.message("sampler only proposes allocations already trained: stopping early")
             return
-        prune = driver.config.scheduler == "asha"
+        prune = driver.config.scheduler != "none"
         outcome = run_trial(driver.config, fidelity, proposal.request,
-                            lambda rung, score, last: driver.report(proposal, rung, score) and prune and not last,
+                            lambda rung, score, last, examples: (driver.report(proposal, rung, score, examples)
+                                                                 and prune and not last),
                             driver.num_layers)
         driver.finish(proposal, outcome)
 
 
-# on_done(request, test score or None, failure or None): called as each independent run finishes
-RunDone = Callable[[TrialRequest, "float | None", "str | None"], None]
+# on_done(request, outcome): called in the driver as each independent run finishes
+RunDone = Callable[[TrialRequest, TrialOutcome], None]
 
 
 def run_local_requests(config: StudyConfig, fidelity: Fidelity, requests: list[TrialRequest],
                        num_layers: int, on_done: RunDone | None = None) -> list[TrialOutcome]:
+    """Independent runs (pilot, finalists) one after another; never pruned."""
     outcomes = []
     for r in requests:
         outcomes.append(run_trial(config, fidelity, r, lambda *_: False, num_layers))
         if on_done:
-            on_done(r, outcomes[-1].test_score, outcomes[-1].failure)
+            on_done(r, outcomes[-1])
     return outcomes
 
 
@@ -80,17 +88,26 @@ def _trainable(config: dict[str, Any], study: dict[str, Any], fidelity: dict[str
     fid = Fidelity.from_dict(fidelity)
     request = TrialRequest.from_payload(config["request"])
 
-    def report(rung: int, score: float, last: bool) -> bool:
+    def report(rung: int, score: float, last: bool, examples: list[float] | None) -> bool:
         if last or score != score:  # the last rung is reported once, with the outcome, below
             return False
-        tune.report({"rung": rung, "score": score, "node": _node()})
+        tune.report({"rung": rung, "score": score, "examples": examples, "node": _node()})
         return False
 
     outcome = run_trial(study_cfg, fid, request, report, num_layers)
-    tune.report({"rung": len(outcome.scores) or 1, "score": outcome.score if outcome.score == outcome.score and outcome.score is not None else -1.0,
-                 "final": True, "failure": outcome.failure or "", "pruned": outcome.pruned,
-                 "test_score": outcome.test_score if outcome.test_score is not None else float("nan"),
-                 "wall_time_s": outcome.wall_time_s, "node": outcome.node, "scores": list(outcome.scores)})
+    score = outcome.score if outcome.score is not None and outcome.score == outcome.score else -1e9
+    tune.report({"rung": len(outcome.scores) or 1, "score": score, "final": True, "outcome": outcome_payload(outcome),
+                 "node": outcome.node})
+
+
+def outcome_payload(outcome: TrialOutcome) -> str:
+    """A trial's outcome as one JSON string in Ray's result dict: Tune flattens nested dicts in results
+    (and drops or coerces some values); a string reaches the driver exactly as it was sent."""
+    return json.dumps(dataclasses.asdict(outcome), allow_nan=True)
+
+
+def outcome_from_payload(payload: str) -> TrialOutcome:
+    return TrialOutcome(**json.loads(payload))
 
 
 def _node() -> str:
@@ -146,42 +163,42 @@ def run_ray(driver: StudyDriver, fidelity: Fidelity, folder: Path) -> None:
 
         def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
             proposal = self.live.get(trial_id)
-            if proposal is not None and not result.get("final"):
-                self.driver.report(proposal, int(result["rung"]), float(result["score"]))
+            if proposal is not None and not result.get("final"):  # (the Wilcoxon scheduler reported it already)
+                self.driver.report(proposal, int(result["rung"]), float(result["score"]), result.get("examples"))
 
         def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
             proposal = self.live.pop(trial_id, None)
             if proposal is None:
                 return
-            outcome = TrialOutcome()
             if error or result is None:
-                outcome.failure = ("the Ray worker died or raised outside the trial (killed, or out of memory); "
-                                   f"see {folder / 'ray'}")
+                outcome = TrialOutcome(failure="the Ray worker died or raised outside the trial (killed, or out of "
+                                               f"memory); see {folder / 'ray'}")
             elif result.get("final"):
-                outcome.scores = list(result.get("scores", []))
-                outcome.failure = result.get("failure") or None
-                outcome.pruned = bool(result.get("pruned"))
-                outcome.wall_time_s = float(result.get("wall_time_s", 0.0))
-                outcome.node = str(result.get("node", ""))
+                outcome = outcome_from_payload(result["outcome"])
                 if outcome.scores and not outcome.failure and not outcome.pruned:
-                    self.driver.report(proposal, len(outcome.scores), outcome.scores[-1])
-            else:  # stopped by ASHA after a rung: pruned, with the rung scores it reached
+                    self.driver.report(proposal, len(outcome.scores), outcome.scores[-1],
+                                       outcome.example_scores[-1] if outcome.example_scores else None)
+            else:  # stopped by the scheduler after a rung: pruned, with the rung scores it reached
                 if "rung" in result and "score" in result:
-                    self.driver.report(proposal, int(result["rung"]), float(result["score"]))
-                outcome.pruned = True
-                outcome.node = str(result.get("node", ""))
+                    self.driver.report(proposal, int(result["rung"]), float(result["score"]), result.get("examples"))
+                outcome = TrialOutcome(pruned=True, node=str(result.get("node", "")))
             self.driver.finish(proposal, outcome)
 
-    scheduler = (ASHAScheduler(time_attr="rung", max_t=len(fidelity.rungs), grace_period=1,
-                               reduction_factor=config.asha_reduction_factor)
-                 if config.scheduler == "asha" and len(fidelity.rungs) > 1 else FIFOScheduler())
+    bridge = OptunaBridge(driver)
+    if config.scheduler == "asha" and len(fidelity.rungs) > 1:
+        scheduler = ASHAScheduler(time_attr="rung", max_t=len(fidelity.rungs), grace_period=1,
+                                  reduction_factor=config.asha_reduction_factor)
+    elif config.scheduler == "wilcoxon" and len(fidelity.rungs) > 1:
+        scheduler = _optuna_pruning_scheduler(bridge)
+    else:
+        scheduler = FIFOScheduler()
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, study=config.to_dict(), fidelity=fidelity.to_dict(),
                              num_layers=driver.num_layers),
         _resources(config))
     tuner = tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=OptunaBridge(driver), scheduler=scheduler, num_samples=remaining,
+        tune_config=tune.TuneConfig(search_alg=bridge, scheduler=scheduler, num_samples=remaining,
                                     max_concurrent_trials=config.max_concurrent, metric="score", mode="max"),
         run_config=tune.RunConfig(name="tune", storage_path=str((folder / "ray").resolve()), verbose=0,
                                   log_to_file=True),
@@ -189,9 +206,41 @@ def run_ray(driver: StudyDriver, fidelity: Fidelity, folder: Path) -> None:
     tuner.fit()
 
 
+def _optuna_pruning_scheduler(bridge):
+    """A Tune scheduler that stops a trial when the study's Optuna pruner (Wilcoxon) says so.
+
+    Tune asks the scheduler before the search algorithm, so the rung (with its per-example
+    values) is reported to Optuna here; the bridge's later report of the same rung is a no-op.
+    """
+    from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+    class OptunaPruning(FIFOScheduler):
+        def __init__(self, bridge) -> None:
+            super().__init__()
+            self.bridge = bridge
+
+        def __getstate__(self) -> dict[str, Any]:  # pickled into tuner.pkl like the bridge: no live driver
+            return {**self.__dict__, "bridge": None}
+
+        def on_trial_result(self, tune_controller, trial, result: dict[str, Any]) -> str:
+            proposal = self.bridge.live.get(trial.trial_id) if self.bridge is not None else None
+            if proposal is None or result.get("final") or "rung" not in result:
+                return TrialScheduler.CONTINUE
+            prune = self.bridge.driver.report(proposal, int(result["rung"]), float(result["score"]),
+                                              result.get("examples"))
+            return TrialScheduler.STOP if prune else TrialScheduler.CONTINUE
+
+    return OptunaPruning(bridge)
+
+
 def run_ray_requests(config: StudyConfig, fidelity: Fidelity, requests: list[TrialRequest], folder: Path,
-                     num_layers: int, on_done: RunDone | None = None) -> None:
-    """Independent runs (the finalists) spread over the Ray cluster; each writes its own run folder."""
+                     num_layers: int, on_done: RunDone | None = None, name: str = "runs") -> None:
+    """Independent runs (pilot, finalists) spread over the Ray cluster, never pruned.
+
+    Each run's outcome (scores, per-example values, metrics) comes back in its last Tune
+    result and is handed to `on_done` in this process as the run ends; a run whose worker
+    died comes back as an outcome with a failure.
+    """
     from ray import tune
 
     class Finished(tune.Callback):
@@ -207,15 +256,18 @@ def run_ray_requests(config: StudyConfig, fidelity: Fidelity, requests: list[Tri
 
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:
             result = trial.last_result or {}
-            score = result.get("test_score")
-            self._tell(trial, None if score is None or score != score else float(score), result.get("failure") or None)
+            if result.get("final") and "outcome" in result:
+                self._tell(trial, outcome_from_payload(result["outcome"]))
+            else:
+                self._tell(trial, TrialOutcome(failure="the run ended without reporting an outcome"))
 
         def on_trial_error(self, iteration, trials, trial, **info) -> None:
-            self._tell(trial, None, "the Ray worker died or raised outside the run")
+            self._tell(trial, TrialOutcome(failure="the Ray worker died or raised outside the run "
+                                                   "(killed, or out of memory)"))
 
-        def _tell(self, trial, score, failure) -> None:
+        def _tell(self, trial, outcome: TrialOutcome) -> None:
             if self.on_done:
-                self.on_done(TrialRequest.from_payload(trial.config["request"]), score, failure)
+                self.on_done(TrialRequest.from_payload(trial.config["request"]), outcome)
 
     init_ray(config)
     trainable = tune.with_resources(
@@ -224,7 +276,7 @@ def run_ray_requests(config: StudyConfig, fidelity: Fidelity, requests: list[Tri
     tuner = tune.Tuner(
         trainable, param_space={"request": tune.grid_search([r.to_payload() for r in requests])},
         tune_config=tune.TuneConfig(max_concurrent_trials=config.max_concurrent, metric="score", mode="max"),
-        run_config=tune.RunConfig(name="finalists", storage_path=str((folder / "ray").resolve()), verbose=0,
+        run_config=tune.RunConfig(name=name, storage_path=str((folder / "ray").resolve()), verbose=0,
                                   log_to_file=True, callbacks=[Finished(on_done)]),
     )
     tuner.fit()

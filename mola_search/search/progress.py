@@ -21,7 +21,9 @@ class Progress:
         self.done_before = 0
 
     def resume_from(self, finished: Sequence) -> None:
+        """Counts start from the trials already finished (a resumed study, or the pilot's runs)."""
         self.done_before = len(finished)
+        self.counts = {"complete": 0, "pruned": 0, "failed": 0}
         for t in finished:
             self.counts[_label(t.state)] += 1
 
@@ -49,18 +51,21 @@ class Progress:
 class RunProgress:
     """One line per finished independent run (the finalists): which, its score, how many left, ETA."""
 
-    def __init__(self, total: int, stream: TextIO | None = None) -> None:
+    def __init__(self, total: int, stream: TextIO | None = None, what: str = "finalist") -> None:
         self.total = total
         self.stream = stream or sys.stdout
         self.start = time.time()
         self.done = 0
+        self.what = what
 
-    def run_done(self, label: str, seed: int, score: float | None, failure: str | None = None) -> None:
+    def run_done(self, label: str, seed: int, score: float | None, failure: str | None = None,
+                 what: str = "test") -> None:
         self.done += 1
         elapsed = time.time() - self.start
         eta = elapsed / self.done * (self.total - self.done)
-        shown = f"test {score:.4f}" if score is not None and score == score else "failed"
-        line = f"  [finalist {self.done}/{self.total}] {label:<32} seed {seed}  {shown:<11} ETA {_duration(eta)}"
+        shown = f"{what} {score:.4f}" if score is not None and score == score else "failed"
+        line = (f"  [{self.what} {self.done}/{self.total}] {label:<32} seed {seed}  {shown:<20} "
+                f"ETA {_duration(eta)}")
         if failure:
             line += f"\n      failed: {failure}"
         print(line, file=self.stream, flush=True)

@@ -1,7 +1,15 @@
-"""A whole study, start to finish: resolve -> seeds -> search -> finalists -> outputs."""
+"""A whole study, start to finish: resolve -> pilot (noise floor) -> seeds -> search -> finalists -> outputs.
+
+The pilot trains a small allocation x seed design at trial fidelity and measures how much of
+the score variance the allocation explains with the seed as a blocking factor (noise.json);
+search trials then all train with the study seed (common random numbers); finalists are
+retrained with seeds no trial used, the best is chosen on their validation scores and its
+test score is reported once.
+"""
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -11,16 +19,18 @@ from optuna.trial import TrialState
 
 from mola_search.allocation import AllocationSpec, run_length
 from mola_search.errors import UserError
-from mola_search.search.config import StudyConfig, pin_paths
+from mola_search.search.config import PILOT_SHAPES, StudyConfig, pin_paths
 from mola_search.search.executors import run_local, run_local_requests, run_ray, run_ray_requests
-from mola_search.search.outputs import (Finalist, choose_best, read_json, write_best, write_finalists_csv,
-                                        write_summary, write_trials_csv)
+from mola_search.search.noise import NoiseFloor, estimate_noise, read_noise, write_noise
+from mola_search.search.outputs import (Finalist, choose_best, read_json, read_outcome, write_best,
+                                        write_finalists_csv, write_outcome, write_run_metrics, write_summary,
+                                        write_trials_csv)
 from mola_search.search.progress import Progress, RunProgress
-from mola_search.search.seeds import Seed, all_seeds
+from mola_search.search.seeds import Seed, all_seeds, paper_seeds
 from mola_search.search.space import Fidelity, SearchSpace, load_space
-from mola_search.search.study import ALLOCATION, ORIGIN, RANK, TOP_K, StudyDriver
+from mola_search.search.study import ALLOCATION, ORIGIN, PILOT, RANK, TOP_K, TRAIN_SEED, StudyDriver
 from mola_search.search.synthetic import is_synthetic
-from mola_search.search.trial import TrialRequest, task_data
+from mola_search.search.trial import TrialOutcome, TrialRequest, task_data
 
 
 def resolve_space(config: StudyConfig) -> SearchSpace:
@@ -56,6 +66,7 @@ def check_task_data(config: StudyConfig) -> None:
 
 
 def run_study(config: StudyConfig, folder: Path, *, resume: bool = False) -> dict[str, Any]:
+    """pilot (noise floor, fidelity) -> seeds -> search -> finalists on fresh seeds -> best chosen on validation."""
     start = time.time()
     folder = folder.resolve()  # finalists write their run folders from Ray trials' own working directories
     config = pin_paths(config)
@@ -65,39 +76,191 @@ def run_study(config: StudyConfig, folder: Path, *, resume: bool = False) -> dic
     num_layers, budget, seeds = inspect_model(config, space)
     concurrency = config.max_concurrent or 1
     progress = Progress(config.trials, concurrency)
-    driver = StudyDriver(config, folder, space, num_layers, budget, seeds, progress)
+    driver = StudyDriver(config, folder, space, num_layers, budget, None, progress)
     if not resume:  # written once the storage exists: study.json marks a study others may open
         config.save(folder)
     progress.message(f"study {folder} | {config.task} on {config.model} ({num_layers} layers) | budget {budget} | "
-                     f"space {space.name}/{space.encoding} | sampler {config.sampler} | {config.trials} trials "
+                     f"space {space.name}/{space.encoding} | sampler {config.sampler} | pruner {config.scheduler} | "
+                     f"metric {config.metric} | {config.trials} trials "
                      f"({driver.remaining()} to run{', ' + str(driver.recovered) + ' interrupted re-queued' if driver.recovered else ''})"
                      f" | seeds: {', '.join(s.name for s in seeds)}")
+    fidelity = run_pilot(config, driver, space, folder, progress, start)
+    driver.enqueue_seeds(seeds)
+    progress.resume_from(driver.trained_trials())
     try:
+        if driver.remaining() > 0:
+            progress.message(f"search: {driver.remaining()} trials at {describe_fidelity(fidelity)}")
         if config.executor == "local":
-            run_local(driver, space.fidelity)
+            run_local(driver, fidelity)
         else:
-            run_ray(driver, space.fidelity, folder)
+            run_ray(driver, fidelity, folder)
     finally:
         write_trials_csv(driver.study, folder)
 
-    finalists = run_finalists(config, driver, space.fidelity, folder, progress)
-    best = choose_best(finalists) if finalists else None
+    finalists = run_finalists(config, driver, fidelity, folder, progress)
+    scored = [f for f in finalists if f.validation]
+    best = choose_best(scored) if scored else None
     if best is not None:
-        write_best(best, folder, config.to_dict(), chosen_by=f"mean test accuracy over {config.finalist_seeds} seeds")
+        write_best(best, folder, config.to_dict(),
+                   chosen_by=f"mean validation {config.metric} over {len(best.validation)} finalist seeds "
+                             f"({', '.join(map(str, best.seeds))}); test reported once")
     elif _best_trial_spec(driver) is not None:  # no finalists requested: best validation trial
         number, origin, spec, value = _best_trial_spec(driver)
-        best = Finalist(f"t{number:03d}", number, origin, spec, [value], [])
-        write_best(best, folder, config.to_dict(), chosen_by="validation score of one search trial")
+        best = Finalist(f"t{number:03d}", number, origin, spec, [value], [], seeds=[config.seed])
+        write_best(best, folder, config.to_dict(), chosen_by=f"validation {config.metric} of one search trial")
     write_finalists_csv(finalists, folder)
     wall = time.time() - start
-    write_summary(folder, config.to_dict(), driver.study, finalists, best, wall)
+    write_summary(folder, config.to_dict(), driver.study, finalists, best, wall, noise=read_noise(folder))
     progress.message(f"done in {wall / 60:.1f} min: {folder / 'summary.md'}"
-                     + (f" | best {run_length(best.spec.experts)} ({best.origin})" if best else ""))
+                     + (f" | best {run_length(best.spec.experts)} ({best.origin}, chosen on validation)" if best else ""))
     return {"folder": str(folder), "best": best, "finalists": finalists}
 
 
+# --- the pilot: noise floor and trial fidelity ------------------------------------------------
+
+
+def describe_fidelity(fidelity: Fidelity) -> str:
+    steps = f"{fidelity.max_steps} steps" if fidelity.max_steps else f"{fidelity.epochs:g} epoch(s)"
+    train = fidelity.max_train_examples if fidelity.max_train_examples is not None else "all"
+    evals = fidelity.max_eval_examples if fidelity.max_eval_examples is not None else "all"
+    return f"{train} train examples x {steps}, {evals} validation examples"
+
+
+def doubled(fidelity: Fidelity, train_size: int | None) -> Fidelity:
+    """Twice the training of one trial: more examples while the split has them, else more epochs/steps."""
+    if fidelity.max_steps:
+        more = fidelity.max_train_examples
+        if more is not None and train_size is not None:
+            more = min(2 * more, train_size)
+        return replace(fidelity, max_steps=2 * fidelity.max_steps, max_train_examples=more)
+    n = fidelity.max_train_examples
+    if n is not None and (train_size is None or n < train_size):
+        return replace(fidelity, max_train_examples=2 * n if train_size is None else min(2 * n, train_size))
+    return replace(fidelity, epochs=2 * fidelity.epochs)
+
+
+def pilot_specs(driver: StudyDriver) -> dict[str, AllocationSpec]:
+    space = driver.space
+    shapes = {s.name: s.spec for s in paper_seeds(driver.num_layers, driver.budget, space.min_experts,
+                                                   space.max_experts, top_k=space.top_k, rank=space.rank)}
+    return {name: shapes[name] for name in PILOT_SHAPES}
+
+
+def run_pilot(config: StudyConfig, driver: StudyDriver, space: SearchSpace, folder: Path, progress: Progress,
+              started: float) -> Fidelity:
+    """Train the noise-floor design, estimate how much of the score variance the allocation explains
+    (seed-blocked), write noise.json and return the trial fidelity the search will use.
+
+    With `auto_fidelity` the design is retrained at doubled fidelity until the allocation share
+    reaches `noise_threshold`, the data run out, `max_doublings` is reached, or the next round
+    would push the study past `time_budget`. Every finished run is kept in pilot/ (a resumed study
+    re-runs none), and the chosen round's runs become trials of the study.
+    """
+    fidelity = space.fidelity
+    if not config.pilot:
+        return fidelity
+    if driver.study.user_attrs.get("pilot_done"):
+        chosen = driver.study.user_attrs.get("fidelity")
+        return Fidelity.from_dict(chosen) if chosen else fidelity
+    specs = pilot_specs(driver)
+    seeds = config.pilot_train_seeds()
+    train_size = None if is_synthetic(config.objective) else len(task_data(config.task, config.data_dir).splits["train"])
+    rounds: list[NoiseFloor] = []
+    outcomes: dict[tuple[str, int], TrialOutcome] = {}
+    for round_index in range(config.max_doublings + 1):
+        outcomes = _pilot_round(config, driver, fidelity, specs, seeds, folder, progress, round_index)
+        table = {name: {seed: o.score for (n, seed), o in outcomes.items() if n == name and _usable(o)}
+                 for name in specs}
+        floor = estimate_noise(table, metric=config.metric, fidelity=fidelity.to_dict())
+        rounds.append(floor)
+        write_noise(folder, floor, rounds)
+        progress.message(f"{floor.line()} [{describe_fidelity(fidelity)}]")
+        if not config.auto_fidelity:
+            break
+        if floor.allocation_share == floor.allocation_share and floor.allocation_share >= config.noise_threshold:
+            progress.message(f"auto-fidelity: allocation share {floor.allocation_share:.0%} >= "
+                             f"{config.noise_threshold:.0%}: searching at this fidelity")
+            break
+        if round_index == config.max_doublings:
+            progress.message(f"auto-fidelity: stopped after {config.max_doublings} doublings")
+            break
+        nxt = doubled(fidelity, train_size)
+        if config.time_budget is not None:
+            per_run = statistics.fmean([o.wall_time_s for o in outcomes.values()] or [0.0])
+            runs_left = len(specs) * len(seeds) + driver.remaining() + _finalist_runs(config)
+            predicted = time.time() - started + 2 * per_run * runs_left / max(1, config.max_concurrent or 1)
+            if predicted > 60 * config.time_budget:
+                progress.message(f"auto-fidelity: doubling would take the study to about {predicted / 60:.0f} min, "
+                                 f"past --time-budget {config.time_budget:g} min: keeping this fidelity")
+                break
+        progress.message(f"auto-fidelity: allocation share below {config.noise_threshold:.0%}: doubling to "
+                         f"{describe_fidelity(nxt)}")
+        fidelity = nxt
+    _record_pilot(driver, specs, outcomes, fidelity)
+    driver.study.set_user_attr("fidelity", fidelity.to_dict())
+    driver.study.set_user_attr("pilot_done", True)
+    return fidelity
+
+
+def _finalist_runs(config: StudyConfig) -> int:
+    shapes = len(config.finalist_shapes) if config.finalist_shapes is not None else len(config.seed_names)
+    return (shapes + config.finalist_top_n) * config.finalist_seeds
+
+
+def _usable(outcome: TrialOutcome) -> bool:
+    return outcome.failure is None and not outcome.pruned and outcome.score is not None and outcome.score == outcome.score
+
+
+def _pilot_round(config: StudyConfig, driver: StudyDriver, fidelity: Fidelity, specs: dict[str, AllocationSpec],
+                 seeds: list[int], folder: Path, progress: Progress, round_index: int
+                 ) -> dict[tuple[str, int], TrialOutcome]:
+    where = folder / "pilot" / f"round{round_index}"
+    outcomes: dict[tuple[str, int], TrialOutcome] = {}
+    requests, keys = [], {}
+    for name, spec in specs.items():
+        for seed in seeds:
+            kept = read_outcome(where / f"{name}-seed{seed}.json", fidelity)
+            if kept is not None:
+                outcomes[(name, seed)] = kept
+                continue
+            number = len(requests)
+            keys[number] = (name, seed)
+            requests.append(TrialRequest(number, spec.experts, spec.top_k, spec.rank, f"seed:{name}", train_seed=seed,
+                                         min_experts=driver.space.min_experts, max_experts=driver.space.max_experts))
+    if requests:
+        progress.message(f"pilot (noise floor): {len(specs)} allocations x {len(seeds)} seeds at "
+                         f"{describe_fidelity(fidelity)} ({len(requests)} runs to do)")
+        runs = RunProgress(len(requests), progress.stream, what="pilot")
+
+        def on_done(r: TrialRequest, outcome: TrialOutcome) -> None:
+            name, seed = keys[r.number]
+            outcomes[(name, seed)] = outcome
+            write_outcome(where / f"{name}-seed{seed}.json", outcome, fidelity)
+            runs.run_done(name, seed, outcome.score, outcome.failure, what=config.metric)
+
+        if config.executor == "local":
+            run_local_requests(config, fidelity, requests, driver.num_layers, on_done)
+        else:
+            run_ray_requests(config, fidelity, requests, folder, driver.num_layers, on_done, name=f"pilot{round_index}")
+    return outcomes
+
+
+def _record_pilot(driver: StudyDriver, specs: dict[str, AllocationSpec], outcomes: dict[tuple[str, int], TrialOutcome],
+                  fidelity: Fidelity) -> None:
+    """The chosen round's runs become trials (they count towards --trials; the sampler learns from them)."""
+    done = {(t.user_attrs.get(ORIGIN), t.user_attrs.get(TRAIN_SEED)) for t in driver.study.get_trials(deepcopy=False)
+            if t.user_attrs.get(PILOT)}
+    for (name, seed), outcome in sorted(outcomes.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        if (f"seed:{name}", seed) not in done:
+            driver.record(specs[name], f"seed:{name}", seed, outcome, **{PILOT: True})
+
+
+# --- finalists -------------------------------------------------------------------------------
+
+
 def _best_trial_spec(driver: StudyDriver):
-    done = driver.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    done = [t for t in driver.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if int(t.user_attrs.get(TRAIN_SEED, driver.config.seed)) == driver.config.seed]
     if not done:
         return None
     t = max(done, key=lambda t: t.value)
@@ -107,18 +270,23 @@ def _best_trial_spec(driver: StudyDriver):
 
 
 def finalist_candidates(driver: StudyDriver) -> list[tuple[int, str, AllocationSpec]]:
-    """All seeds that trained, plus the top-N searched allocations by validation score (distinct allocations)."""
+    """Seeds that trained (those in `finalist_shapes` when set), plus the top-N searched allocations by
+    validation score (distinct allocations). Only study-seed trials count: they are the ones compared
+    under common random numbers."""
+    config = driver.config
     trials = [t for t in driver.study.get_trials(deepcopy=False)
-              if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "duplicate_of" not in t.user_attrs]
+              if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "duplicate_of" not in t.user_attrs
+              and int(t.user_attrs.get(TRAIN_SEED, config.seed)) == config.seed]
     chosen: dict[tuple, tuple[int, str, AllocationSpec]] = {}
     for t in trials:
-        if str(t.user_attrs.get(ORIGIN, "")).startswith("seed:"):
+        origin = str(t.user_attrs.get(ORIGIN, ""))
+        if origin.startswith("seed:") and (config.finalist_shapes is None or origin[5:] in config.finalist_shapes):
             _add(chosen, t)
     searched = sorted((t for t in trials if t.state == TrialState.COMPLETE
                        and not str(t.user_attrs.get(ORIGIN, "")).startswith("seed:")), key=lambda t: -t.value)
     added = 0
     for t in searched:
-        if added >= driver.config.finalist_top_n:
+        if added >= config.finalist_top_n:
             break
         if _add(chosen, t):
             added += 1
@@ -136,44 +304,59 @@ def _add(chosen: dict, t) -> bool:
 
 def run_finalists(config: StudyConfig, driver: StudyDriver, fidelity: Fidelity, folder: Path,
                   progress: Progress) -> list[Finalist]:
+    """Retrain the candidates with fresh seeds (never one a search or pilot trial used), scoring validation
+    and test. Each run's metrics come back with its outcome and are written here, on the driver."""
     if config.finalist_seeds == 0:
         return []
     candidates = finalist_candidates(driver)
-    requests, labels = [], {}
+    seeds = config.finalist_train_seeds()
+    requests, labels, failures = [], {}, {}
     for number, origin, spec in candidates:
         label = f"t{number:03d}-{origin.replace(':', '_')}"
         labels[number] = (label, origin, spec)
-        for seed in range(config.finalist_seeds):
+        for seed in seeds:
             out = folder / "finalists" / label / f"seed{seed}"
             if read_json(out / "metrics.json") is None:  # finished runs are kept: finalists resume too
                 requests.append(TrialRequest(number, spec.experts, spec.top_k, spec.rank, origin, train_seed=seed,
                                              min_experts=driver.space.min_experts,
                                              max_experts=driver.space.max_experts, final=True, out=str(out)))
     if requests:
-        progress.message(f"finalists: {len(candidates)} allocations x {config.finalist_seeds} seeds "
-                         f"({len(requests)} runs to do) on the held-out test split")
+        progress.message(f"finalists: {len(candidates)} allocations x {len(seeds)} fresh seeds ({', '.join(map(str, seeds))};"
+                         f" {len(requests)} runs to do), scored on validation and the held-out test split")
         runs = RunProgress(len(requests), progress.stream)
 
-        def on_done(r: TrialRequest, score: float | None, failure: str | None) -> None:
-            runs.run_done(labels[r.number][0], r.train_seed, score, failure)
+        def on_done(r: TrialRequest, outcome: TrialOutcome) -> None:
+            if outcome.failure is None and outcome.metrics:
+                write_run_metrics(Path(r.out), outcome.metrics)
+            else:
+                failures[(r.number, r.train_seed)] = outcome.failure or "the run produced no metrics"
+            runs.run_done(labels[r.number][0], r.train_seed, outcome.test_score, outcome.failure,
+                          what=f"test {config.metric}")
 
         if config.executor == "local":
             run_local_requests(config, fidelity, requests, driver.num_layers, on_done)
         else:
-            run_ray_requests(config, fidelity, requests, folder, driver.num_layers, on_done)
+            run_ray_requests(config, fidelity, requests, folder, driver.num_layers, on_done, name="finalists")
     finalists = []
     for number, (label, origin, spec) in labels.items():
-        val, test = [], []
-        for seed in range(config.finalist_seeds):
+        fin = Finalist(label, number, origin, spec, [], [])
+        for seed in seeds:
             m = read_json(folder / "finalists" / label / f"seed{seed}" / "metrics.json")
-            if m and m.get("test", {}).get("accuracy") is not None:
-                val.append(float(m["validation"]["accuracy"]))
-                test.append(float(m["test"]["accuracy"]))
-        finalists.append(Finalist(label, number, origin, spec, val, test))
-        if test:
-            progress.message(f"  {label:<32} {run_length(spec.experts):<22} test {finalists[-1].test_mean:.4f} "
-                             f"± {finalists[-1].test_std:.4f} (n={len(test)})")
-    return [f for f in finalists if f.test]
+            val, test = (m or {}).get("validation") or {}, (m or {}).get("test") or {}
+            if val.get(config.metric) is not None and test.get(config.metric) is not None:
+                fin.seeds.append(seed)
+                fin.validation.append(float(val[config.metric]))
+                fin.test.append(float(test[config.metric]))
+                fin.test_accuracy.append(float(test.get("accuracy") or float("nan")))
+            else:
+                fin.failures.append(f"seed {seed}: {failures.get((number, seed), 'no metrics.json')}")
+        finalists.append(fin)
+        if fin.validation:
+            progress.message(f"  {label:<32} {run_length(spec.experts):<22} validation {fin.val_mean:.4f} "
+                             f"± {fin.val_std:.4f} (n={len(fin.validation)})")
+        else:
+            progress.message(f"  {label:<32} FAILED: {'; '.join(fin.failures)}")
+    return finalists
 
 
 def _slug(text: str) -> str:

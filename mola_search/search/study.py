@@ -8,7 +8,7 @@ study records is made here, in one process, against one storage.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 from mola_search.allocation import AllocationSpec
 from mola_search.search.config import StudyConfig
 from mola_search.search.progress import Progress
+from mola_search.search.pruning import make_pruner, report_rung
 from mola_search.search.seeds import Seed
 from mola_search.search.space import SearchSpace
 from mola_search.search.trial import TrialOutcome, TrialRequest
@@ -28,6 +29,10 @@ TOP_K, RANK = "top_k", "rank"
 FORCED = "forced_allocation"  # user attr on enqueued seeds: train exactly this, whatever the encoding decodes
 DUPLICATE_OF = "duplicate_of"
 FAILURE = "failure"
+TRAIN_SEED = "train_seed"    # user attr: the training seed (the study seed for search trials)
+PILOT = "pilot"              # user attr: True on the noise-floor design's runs
+RUNG_SCORES = "rung_scores"  # user attr: the metric's mean at each rung (intermediate values may be per example)
+METRICS = "metrics"          # user attr: accuracy / gold_logprob / margin / f1 / mcc of the last rung
 MAX_DUPLICATE_ASKS = 25
 
 
@@ -51,13 +56,22 @@ class Proposal:
     trial: optuna.trial.Trial
     request: TrialRequest
     started: float
+    reported: set[int] = field(default_factory=set)
 
 
 class StudyDriver:
+    """The study's one Optuna storage and every decision about it.
+
+    Call order: construct (recovers trials a killed study left RUNNING) -> `record` the
+    pilot's runs -> `enqueue_seeds` -> repeatedly `ask` / `report` / `finish` (what the
+    executors do) -> read `study`.
+    """
+
     def __init__(self, config: StudyConfig, folder: Path, space: SearchSpace, num_layers: int, budget: int,
-                 seeds: list[Seed], progress: Progress | None = None,
+                 seeds: list[Seed] | None = None, progress: Progress | None = None,
                  storage: str | optuna.storages.BaseStorage | None = None) -> None:
-        """`storage` overrides config.storage, e.g. an `optuna.storages.InMemoryStorage()` for benchmarks."""
+        """`storage` overrides config.storage, e.g. an `optuna.storages.InMemoryStorage()` for benchmarks.
+        `seeds` are enqueued at once when given (callers with a pilot enqueue them after it)."""
         self.config, self.folder, self.space = config, folder, space
         self.num_layers, self.budget = num_layers, budget
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -65,10 +79,11 @@ class StudyDriver:
             study_name=config.study_name or folder.name,
             storage=storage if storage is not None else config.storage or default_storage(folder),
             sampler=make_sampler(config.sampler, config.seed), direction="maximize", load_if_exists=True,
-            pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=max(2, int(config.asha_reduction_factor))))
+            pruner=make_pruner(config.scheduler, reduction_factor=max(2, int(config.asha_reduction_factor))))
         self.progress = progress or Progress(config.trials)
         self.recovered = self._recover_interrupted()
-        self._enqueue_seeds(seeds)
+        if seeds is not None:
+            self.enqueue_seeds(seeds)
         self.progress.resume_from(self.trained_trials())
 
     # --- bookkeeping -----------------------------------------------------------------
@@ -85,17 +100,20 @@ class StudyDriver:
         """Trials left RUNNING by a killed study never finished: mark them failed and queue them again."""
         stale = [t for t in self.study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
         for t in stale:
-            attrs = {k: v for k, v in t.user_attrs.items() if k in (ORIGIN, FORCED)}
+            attrs = {k: v for k, v in t.user_attrs.items() if k in (ORIGIN, FORCED, TRAIN_SEED, PILOT)}
             self.study.enqueue_trial(t.params, user_attrs={**attrs, "retry_of": t.number})
             self.study._storage.set_trial_user_attr(  # Optuna has no public setter for a trial it did not hand out
                 t._trial_id, FAILURE, "interrupted: the study process ended before this trial finished; re-queued")
             self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
         return len(stale)
 
-    def _enqueue_seeds(self, seeds: list[Seed]) -> None:
+    def enqueue_seeds(self, seeds: list[Seed]) -> None:
+        """Queue the seeded allocations (once per study); those the pilot already trained are skipped."""
         if self.study.user_attrs.get("seeds_enqueued"):
             return
         for seed in seeds:
+            if self._twin(-1, seed.spec, self.config.seed) is not None:
+                continue
             params, exact = self.space.encode(seed.spec)
             attrs: dict[str, Any] = {ORIGIN: f"seed:{seed.name}", "seed_exact_in_encoding": exact}
             if not exact:  # train the seed itself; the sampler learns from its nearest point
@@ -117,14 +135,40 @@ class StudyDriver:
             trial.set_user_attr(ALLOCATION, list(spec.experts))
             trial.set_user_attr(TOP_K, list(spec.top_k))
             trial.set_user_attr(RANK, list(spec.rank))
-            twin = self._twin(trial.number, spec)
+            train_seed = int(trial.user_attrs.get(TRAIN_SEED, self.config.seed))
+            trial.set_user_attr(TRAIN_SEED, train_seed)
+            twin = self._twin(trial.number, spec, train_seed)
             if twin is None:
                 request = TrialRequest(trial.number, spec.experts, spec.top_k, spec.rank, origin,
-                                       train_seed=self.config.seed, min_experts=self.space.min_experts,
+                                       train_seed=train_seed, min_experts=self.space.min_experts,
                                        max_experts=self.space.max_experts)
                 return Proposal(trial, request, time.time())
             self._answer_from_cache(trial, twin)
         return None
+
+    def record(self, spec: AllocationSpec, origin: str, train_seed: int, outcome: TrialOutcome,
+               **attrs: Any) -> optuna.trial.FrozenTrial:
+        """Tell the study about a run trained outside `ask` (the pilot's), as a trial of its own.
+
+        The run's allocation is enqueued and asked for at once, so it is stored with the
+        encoding's parameters (the sampler learns from it) and every user attr a trial has.
+        """
+        params, _ = self.space.encode(spec)
+        forced = {"experts": list(spec.experts), "top_k": list(spec.top_k), "rank": list(spec.rank)}
+        self.study.enqueue_trial(params, user_attrs={ORIGIN: origin, FORCED: forced, TRAIN_SEED: train_seed,
+                                                     **attrs}, skip_if_exists=False)
+        trial = self.study.ask()
+        spec = self._spec_for(trial)
+        for key, value in ((ALLOCATION, list(spec.experts)), (TOP_K, list(spec.top_k)), (RANK, list(spec.rank))):
+            trial.set_user_attr(key, value)
+        request = TrialRequest(trial.number, spec.experts, spec.top_k, spec.rank, origin, train_seed=train_seed)
+        proposal = Proposal(trial, request, time.time() - outcome.wall_time_s)
+        for rung, (score, examples) in enumerate(zip(outcome.scores, outcome.example_scores or
+                                                     [None] * len(outcome.scores)), start=1):
+            if score == score:
+                self.report(proposal, rung, score, examples)
+        self.finish(proposal, outcome, quiet=True)
+        return self.study.trials[trial.number]
 
     def _spec_for(self, trial: optuna.trial.Trial) -> AllocationSpec:
         forced = trial.user_attrs.get(FORCED)
@@ -133,20 +177,24 @@ class StudyDriver:
             return AllocationSpec(tuple(forced["experts"]), tuple(forced["top_k"]), tuple(forced["rank"]), spec.source)
         return spec
 
-    def _twin(self, number: int, spec: AllocationSpec) -> optuna.trial.FrozenTrial | None:
-        """A trial that already trained (or is training) the same allocation."""
+    def _twin(self, number: int, spec: AllocationSpec, train_seed: int) -> optuna.trial.FrozenTrial | None:
+        """A trial that already trained (or is training) the same allocation with the same seed."""
         for t in self.study.get_trials(deepcopy=False):
             if t.number == number or DUPLICATE_OF in t.user_attrs:
                 continue
-            if t.state == TrialState.FAIL:
+            if t.state in (TrialState.FAIL, TrialState.WAITING):
                 continue
             if (t.user_attrs.get(ALLOCATION) == list(spec.experts) and t.user_attrs.get(TOP_K) == list(spec.top_k)
-                    and t.user_attrs.get(RANK) == list(spec.rank)):
+                    and t.user_attrs.get(RANK) == list(spec.rank)
+                    and int(t.user_attrs.get(TRAIN_SEED, self.config.seed)) == train_seed):
                 return t
         return None
 
     def _answer_from_cache(self, trial: optuna.trial.Trial, twin: optuna.trial.FrozenTrial) -> None:
         trial.set_user_attr(DUPLICATE_OF, twin.number)
+        for key in (RUNG_SCORES, METRICS):
+            if key in twin.user_attrs:
+                trial.set_user_attr(key, twin.user_attrs[key])
         for step, value in twin.intermediate_values.items():
             trial.report(value, step)
         if twin.state == TrialState.COMPLETE:
@@ -157,16 +205,23 @@ class StudyDriver:
             trial.set_user_attr(FAILURE, f"duplicate of trial {twin.number}, still running")
             self.study.tell(trial, state=TrialState.FAIL)
 
-    def report(self, proposal: Proposal, rung: int, score: float) -> bool:
-        """Record a rung score; True when Optuna's pruner would stop the trial (in-process executor)."""
-        if score == score:  # NaN is recorded as a failure by `finish`, not as an intermediate value
-            proposal.trial.report(score, rung)
+    def report(self, proposal: Proposal, rung: int, score: float, per_example: list[float] | None = None) -> bool:
+        """Record a rung's score (and its per-example values, for the Wilcoxon pruner); True when the
+        study's pruner would stop the trial here. Reporting a rung twice records it once."""
+        if score == score and rung not in proposal.reported:  # NaN: recorded as a failure by `finish`
+            proposal.reported.add(rung)
+            report_rung(proposal.trial, self.config.scheduler, rung, score, per_example)
+            rungs = dict(proposal.trial.user_attrs.get(RUNG_SCORES) or {})
+            rungs[str(rung)] = score
+            proposal.trial.set_user_attr(RUNG_SCORES, rungs)
         return proposal.trial.should_prune()
 
-    def finish(self, proposal: Proposal, outcome: TrialOutcome) -> None:
+    def finish(self, proposal: Proposal, outcome: TrialOutcome, quiet: bool = False) -> None:
         trial = proposal.trial
         trial.set_user_attr("wall_time_s", round(outcome.wall_time_s or time.time() - proposal.started, 2))
         trial.set_user_attr("node", outcome.node)
+        if outcome.metrics:
+            trial.set_user_attr(METRICS, outcome.metrics)
         if outcome.failure:
             trial.set_user_attr(FAILURE, outcome.failure)
             state = TrialState.FAIL
@@ -177,6 +232,8 @@ class StudyDriver:
         else:
             state = TrialState.COMPLETE
             self.study.tell(trial, outcome.score)
+        if quiet:
+            return
         self.progress.trial_done(trial.number, proposal.request.origin, proposal.request.experts, state,
                                  outcome.score, outcome.failure, self._best())
 

@@ -25,8 +25,9 @@ from mola_search.search.config import StudyConfig
 from mola_search.search.space import Fidelity
 from mola_search.search.synthetic import is_synthetic, make_synthetic
 
-# report(rung_index starting at 1, score, is_last) -> True when the trial should stop (pruned)
-Report = Callable[[int, float, bool], bool]
+# report(rung index starting at 1, score, is_last, per-example scores or None) -> True when the trial
+# should stop (pruned). The score is the study metric's mean over the validation examples.
+Report = Callable[[int, float, bool, "list[float] | None"], bool]
 
 FAULTS_ENV = "MOLA_SEARCH_FAULTS"  # test hook, e.g. "raise@3,nan@5,oom@7,kill@9" (trial numbers)
 
@@ -62,6 +63,8 @@ class TrialRequest:
 @dataclass
 class TrialOutcome:
     scores: list[float] = field(default_factory=list)      # validation score per reported rung
+    example_scores: list[list[float] | None] = field(default_factory=list)  # per rung: per-example values
+    metrics: dict[str, Any] = field(default_factory=dict)  # last rung's summary (accuracy, gold_logprob, ...)
     test_score: float | None = None
     pruned: bool = False
     failure: str | None = None
@@ -100,32 +103,58 @@ def run_trial(study: StudyConfig, fidelity: Fidelity, request: TrialRequest, rep
 
 def _synthetic_trial(study: StudyConfig, fidelity: Fidelity, request: TrialRequest, report: Report,
                      num_layers: int, outcome: TrialOutcome) -> None:
-    objective = make_synthetic(study.objective, num_layers, sum(request.experts),
-                               min_experts=request.min_experts, max_experts=request.max_experts)
-    rng = random.Random(hash((study.seed, request.number, request.train_seed, request.experts)) & 0xFFFFFFFF)
+    """The seeded synthetic model (search/synthetic.py) in place of a fine-tune: same reports, same files."""
+    objective = make_synthetic(study.objective, num_layers, sum(request.experts), min_experts=request.min_experts,
+                               max_experts=request.max_experts, **_synthetic_noise())
     delay = float(os.environ.get("MOLA_SYNTHETIC_DELAY", "0"))  # lets tests see trials overlap on a cluster
+    train_n = (study.finalist_train_examples if request.final else None) or fidelity.max_train_examples
+    n_val = (study.finalist_eval_examples if request.final else None) or fidelity.max_eval_examples or 200
     rungs = (1.0,) if request.final else fidelity.rungs
+    key = "correct" if study.metric == "accuracy" else study.metric
     for i, fraction in enumerate(rungs, start=1):
         if delay:
             time.sleep(delay)
-        score = objective(request.experts, fidelity=fraction, rng=rng)
-        score = _nan_fault(request.number, score)
+        examples = objective.observe_examples(request.experts, seed=request.train_seed, fidelity=fraction, n=n_val,
+                                              train_examples=train_n)
+        score = _nan_fault(request.number, math.fsum(examples) / len(examples))
         outcome.scores.append(score)
-        if report(i, score, i == len(rungs)):
+        outcome.example_scores.append(examples)
+        outcome.metrics = {study.metric: score}
+        if report(i, score, i == len(rungs), examples):
             raise TrialPruned
     if request.final:
-        outcome.test_score = objective(request.experts, fidelity=1.0, rng=random.Random(rng.random()))
+        # The test split: the same run (same expected score), other examples with their own sampling noise.
+        rng = random.Random(f"test|{study.objective}|{list(request.experts)}|{request.train_seed}")
+        test_mean = outcome.scores[-1] + rng.gauss(0.0, objective.noise)
+        test = [test_mean + objective.example_sd * rng.gauss(0.0, 1.0) for _ in range(n_val)]
+        shift = test_mean - math.fsum(test) / len(test)
+        test = [v + shift for v in test]
+        outcome.test_score = test_mean
+        ids = [f"ex{j}" for j in range(n_val)]
+        outcome.metrics = {
+            split: {study.metric: math.fsum(values) / len(values), "n": len(values),
+                    "per_example": {"ids": ids, key: values}}
+            for split, values in (("validation", outcome.example_scores[-1]), ("test", test))}
+        outcome.metrics.update({"allocation": list(request.experts), "objective": study.objective,
+                                "train_seed": request.train_seed})
         if request.out:
-            _write_json(Path(request.out) / "metrics.json", {
-                "validation": {"accuracy": outcome.scores[-1]}, "test": {"accuracy": outcome.test_score},
-                "allocation": list(request.experts), "objective": study.objective, "seed": request.train_seed})
+            _write_json(Path(request.out) / "metrics.json", outcome.metrics)
+
+
+def _synthetic_noise() -> dict[str, float]:
+    """Benchmark/test hook: MOLA_SYNTHETIC_NOISE="noise=0.02,seed_sd=0.05,example_sd=0.1"."""
+    out = {}
+    for item in filter(None, (x.strip() for x in os.environ.get("MOLA_SYNTHETIC_NOISE", "").split(","))):
+        name, _, value = item.partition("=")
+        out[name.strip()] = float(value)
+    return out
 
 
 def _mola_trial(study: StudyConfig, fidelity: Fidelity, request: TrialRequest, report: Report,
                 outcome: TrialOutcome) -> None:
     import torch
 
-    from mola_search.train.run import RunConfig, evaluate, execute, prepare
+    from mola_search.train.run import RunConfig, evaluate, execute, json_safe, prepare
     from mola_search.train.trainer import TrainConfig
 
     threads = max(1, int(study.cpus_per_trial))
@@ -141,7 +170,11 @@ def _mola_trial(study: StudyConfig, fidelity: Fidelity, request: TrialRequest, r
                        max_eval_examples=eval_examples or fidelity.max_eval_examples,
                        eval_splits=("validation", "test") if request.final else (),
                        out=request.out, threads=threads)
-    prepared = prepare(config, data=task_data(study.task, study.data_dir), spec=request.spec)
+    data = task_data(study.task, study.data_dir)
+    # Common random numbers: the training subset, its order and the experts' initial weights are keyed by
+    # the training seed, and every search trial trains with the study seed; pilot runs and finalists use
+    # other seeds, so their spread is the seed noise a comparison has to beat.
+    prepared = prepare(config, data=data, spec=request.spec)
     total = train_cfg.steps_for(len(prepared.splits["train"]))
     rungs = [] if request.final else [max(1, math.ceil(f * total)) for f in fidelity.rungs]
     state = {"model": None}
@@ -150,20 +183,42 @@ def _mola_trial(study: StudyConfig, fidelity: Fidelity, request: TrialRequest, r
         if event.step not in rungs:
             return False
         i = rungs.index(event.step) + 1
-        score = evaluate(state["model"], prepared, "validation")["accuracy"]
+        result = evaluate(state["model"], prepared, "validation")
+        score, examples = metric_of(result, study.metric)
         score = _nan_fault(request.number, score)
         outcome.scores.append(score)
+        outcome.example_scores.append(examples)
+        outcome.metrics = summary_of(result)
         if not math.isfinite(score):
-            raise FloatingPointError(f"validation accuracy is {score} at rung {i}")
-        if report(i, score, i == len(rungs)):
+            raise FloatingPointError(f"validation {study.metric} is {score} at rung {i}")
+        if report(i, score, i == len(rungs), examples):
             raise TrialPruned
         return False
 
     result = execute(prepared, callbacks=[at_step], progress=False, save=request.final,
                      on_model=lambda m: state.__setitem__("model", m))
     if request.final:
-        outcome.scores.append(result.metrics["validation"]["accuracy"])
-        outcome.test_score = result.metrics["test"]["accuracy"]
+        score, examples = metric_of(result.metrics["validation"], study.metric)
+        outcome.scores.append(score)
+        outcome.example_scores.append(examples)
+        outcome.test_score = metric_of(result.metrics["test"], study.metric)[0]
+        outcome.metrics = json_safe(result.metrics)  # everything metrics.json holds travels back with the run
+
+
+def metric_of(result: dict[str, Any], metric: str) -> tuple[float, list[float] | None]:
+    """The study metric's value on one split, and its per-example values where it has them."""
+    value = result.get(metric)
+    if value is None:
+        raise ValueError(f"metric '{metric}' was not computed for this task/eval mode "
+                         f"(available: {', '.join(k for k, v in result.items() if isinstance(v, float))})")
+    per = result.get("per_example") or {}
+    examples = per.get("correct" if metric == "accuracy" else metric)
+    return float(value), [float(v) for v in examples] if examples is not None else None
+
+
+def summary_of(result: dict[str, Any]) -> dict[str, Any]:
+    """A split's scores without the per-example arrays (what travels in Optuna user attrs)."""
+    return {k: v for k, v in result.items() if k != "per_example"}
 
 
 @lru_cache(maxsize=4)

@@ -1,0 +1,173 @@
+"""The noise floor and the honesty of a study's answer, end to end on the synthetic objective (seconds).
+
+The synthetic objective's score of (allocation, training seed) is a fixed function of both, as a
+fixed-seed fine-tune is: a finalist run that reproduced a search run would reproduce its score
+exactly, which is what the seed-disjointness test looks for.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from mola_search.search.config import FINALIST_SEED_BASE, PILOT_SHAPES, StudyConfig
+from mola_search.search.noise import read_noise, read_rounds
+from mola_search.search.outputs import Finalist, choose_best
+from mola_search.allocation import AllocationSpec
+from test_search import MODEL, MOLA_SEARCH, load_study, read_trials, search
+
+PILOT = ["--task", "mrpc", "--model", MODEL, "--objective", "synthetic:upper", "--executor", "local",
+         "--budget", "40"]
+
+
+def finalist_rows(folder: Path) -> list[dict[str, str]]:
+    with (folder / "finalists.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def piloted(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("pilot") / "study"
+    assert search([*PILOT, "--trials", "14", "--finalists", "2", "--finalist-seeds", "3", "--out", str(folder)]) == 0
+    return folder
+
+
+def test_pilot_runs_first_writes_noise_json_and_counts_as_trials(piloted: Path, capsys) -> None:
+    study = load_study(piloted)
+    pilot = [t for t in study.trials if t.user_attrs.get("pilot")]
+    assert len(pilot) == len(PILOT_SHAPES) * 3
+    assert [t.number for t in pilot] == list(range(len(pilot)))  # before any other trial
+    cells = {(t.user_attrs["origin"], t.user_attrs["train_seed"]) for t in pilot}
+    assert cells == {(f"seed:{s}", k) for s in PILOT_SHAPES for k in (0, 1, 2)}
+    # the pilot's seed-0 runs are the seed trials: the seeds it covered are not trained again
+    origins = [t.user_attrs["origin"] for t in study.trials if not t.user_attrs.get("pilot")]
+    assert not set(origins) & {f"seed:{s}" for s in PILOT_SHAPES}
+    assert len([r for r in read_trials(piloted) if r["duplicate_of"] == ""]) == 14
+    floor = read_noise(piloted)
+    assert floor is not None and sorted(floor.allocations) == sorted(PILOT_SHAPES) and floor.seeds == (0, 1, 2)
+    for t in pilot:  # noise.json holds exactly the scores the pilot trials recorded
+        assert floor.scores[t.user_attrs["origin"][5:]][t.user_attrs["train_seed"]] == pytest.approx(t.value)
+    summary = (piloted / "summary.md").read_text()
+    assert "## Noise floor" in summary and floor.line() in summary
+
+
+def test_no_finalist_run_reproduces_a_search_trial(piloted: Path) -> None:
+    study = load_study(piloted)
+    trial_seeds = {int(t.user_attrs["train_seed"]) for t in study.trials if "train_seed" in t.user_attrs}
+    trial_values = {round(t.value, 12) for t in study.trials if t.value is not None}
+    runs = sorted(piloted.glob("finalists/*/seed*/metrics.json"))
+    assert len(runs) == 3 * len(finalist_rows(piloted))
+    for path in runs:
+        m = json.loads(path.read_text())
+        seed = int(path.parent.name[4:])
+        assert m["train_seed"] == seed and seed >= FINALIST_SEED_BASE and seed not in trial_seeds
+        assert round(m["validation"]["gold_logprob"], 12) not in trial_values, path
+
+
+def test_best_is_chosen_on_validation_and_says_so(piloted: Path) -> None:
+    rows = finalist_rows(piloted)
+    by_val = max(rows, key=lambda r: float(r["validation_mean"]))
+    best = json.loads((piloted / "best_allocation.json").read_text())
+    assert best["experts"] == [int(c) for c in by_val["allocation"].split(",")]
+    assert "validation" in best["chosen_by"] and "test" not in best["chosen_by"].split(";")[0]
+    assert best["finalist_seeds"] == [FINALIST_SEED_BASE, FINALIST_SEED_BASE + 1, FINALIST_SEED_BASE + 2]
+
+
+def test_choose_best_ignores_test_scores() -> None:
+    spec = AllocationSpec((1, 1), (1, 1), (4, 4), "x")
+    val_best = Finalist("a", 1, "tpe", spec, validation=[0.9, 0.8], test=[0.1, 0.2], seeds=[1000, 1001])
+    test_best = Finalist("b", 2, "seed:rectangle", spec, validation=[0.5, 0.6], test=[0.99, 0.98], seeds=[1000, 1001])
+    assert choose_best([test_best, val_best]).label == "a"
+    with pytest.raises(ValueError):
+        choose_best([Finalist("c", 3, "tpe", spec, [], [])])
+
+
+def test_too_few_trials_for_the_pilot_is_one_line(tmp_path: Path, capsys) -> None:
+    assert search([*PILOT, "--trials", "5", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "fewer than the pilot's 9 runs" in err and "--no-pilot" in err and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_auto_fidelity_doubles_until_the_allocations_separate(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Noise that halves in variance per doubling of training examples (the synthetic model): the pilot
+    starts where the allocations are drowned and doubles until their share clears the threshold."""
+    monkeypatch.setenv("MOLA_SYNTHETIC_NOISE", "noise=0.3,seed_sd=0.3,example_sd=0.05")
+    folder = tmp_path / "auto"
+    assert search([*PILOT, "--trials", "10", "--finalist-seeds", "0", "--auto-fidelity", "--noise-threshold", "0.8",
+                   "--max-train-examples", "16", "--out", str(folder)]) == 0
+    rounds = read_rounds(folder)
+    assert len(rounds) >= 2
+    assert all(r.allocation_share < 0.8 for r in rounds[:-1]) and rounds[-1].allocation_share >= 0.8
+    sizes = [r.fidelity["max_train_examples"] for r in rounds]
+    assert sizes == [16 * 2 ** i for i in range(len(rounds))]
+    chosen = load_study(folder).user_attrs["fidelity"]
+    assert chosen["max_train_examples"] == sizes[-1]
+    assert read_noise(folder).fidelity == rounds[-1].fidelity
+    out = capsys.readouterr().out
+    assert out.count("auto-fidelity: allocation share below") == len(rounds) - 1
+
+
+def test_auto_fidelity_stops_at_the_time_budget(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("MOLA_SYNTHETIC_NOISE", "noise=0.03,seed_sd=0.05,example_sd=0.05")
+    monkeypatch.setenv("MOLA_SYNTHETIC_DELAY", "0.05")  # 9 pilot runs take ~1 s: the next round would not fit
+    folder = tmp_path / "budget"
+    assert search([*PILOT, "--trials", "10", "--finalist-seeds", "0", "--auto-fidelity", "--noise-threshold", "0.99",
+                   "--max-train-examples", "16", "--time-budget", "0.01", "--out", str(folder)]) == 0
+    assert len(read_rounds(folder)) == 1
+    assert "past --time-budget" in capsys.readouterr().out
+
+
+def test_wilcoxon_pruner_prunes_on_paired_examples(tmp_path: Path) -> None:
+    folder = tmp_path / "wilcoxon"
+    assert search([*PILOT, "--trials", "24", "--no-pilot", "--finalist-seeds", "0", "--pruner", "wilcoxon",
+                   "--max-eval-examples", "60", "--sampler", "random", "--out", str(folder)]) == 0
+    study = load_study(folder)
+    states = [t.state.name for t in study.trials]
+    assert "PRUNED" in states and "COMPLETE" in states
+    done = next(t for t in study.trials if t.state.name == "COMPLETE")
+    assert len(done.intermediate_values) == 60 * len(StudyConfig.load(folder).fidelity.get("rungs", [0.5, 1.0]))
+    for row in read_trials(folder):  # trials.csv keeps the per-rung means, not 120 per-example values
+        if row["state"] == "COMPLETE":
+            assert len(row["rung_scores"].split(";")) == 2
+
+
+def test_kill_9_mid_pilot_then_resume_reruns_no_pilot_run(tmp_path: Path) -> None:
+    folder = tmp_path / "killed"
+    env = {**os.environ, "MOLA_SYNTHETIC_DELAY": "0.4"}
+    env.pop("MOLA_SEARCH_FAULTS", None)
+    log = (tmp_path / "log.txt").open("w")
+    proc = subprocess.Popen([*MOLA_SEARCH, *PILOT, "--trials", "11", "--finalist-seeds", "0", "--out", str(folder)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    kept: dict[str, float] = {}
+    try:
+        deadline = time.time() + 120
+        while len(kept) < 4:
+            assert proc.poll() is None, (tmp_path / "log.txt").read_text()[-2000:]
+            assert time.time() < deadline
+            time.sleep(0.1)
+            kept = {p.name: p.stat().st_mtime_ns for p in folder.glob("pilot/round0/*.json")}
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    kept = {p.name: p.stat().st_mtime_ns for p in folder.glob("pilot/round0/*.json")}
+    assert 4 <= len(kept) < 9
+    assert search(["--resume", str(folder)]) == 0
+    after = {p.name: p.stat().st_mtime_ns for p in folder.glob("pilot/round0/*.json")}
+    assert len(after) == 9 and all(after[name] == mtime for name, mtime in kept.items())
+    study = load_study(folder)
+    pilot = [(t.user_attrs["origin"], t.user_attrs["train_seed"]) for t in study.trials if t.user_attrs.get("pilot")]
+    assert len(pilot) == len(set(pilot)) == 9
+    assert len([r for r in read_trials(folder) if r["duplicate_of"] == ""]) == 11
