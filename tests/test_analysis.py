@@ -247,27 +247,72 @@ def test_no_runtime_warnings_from_degenerate_inputs() -> None:
         layer_effects([[1, 2], [2, 1], [1, 2], [2, 1], [1, 2]], [0.1, 0.2, 0.1, 0.2, 0.1], n_boot=50)
 
 
-def test_result_table_warns_when_no_finalist_beats_the_majority_class() -> None:
-    from types import SimpleNamespace
+def test_result_table_warns_when_no_finalist_beats_the_majority_class(tmp_path: Path) -> None:
+    from mola_search.analysis.results import result_table
+    from mola_search.analysis.studydata import load_study
+    from test_results import finalist, make_study, old_metrics, random_allocations, trial
 
-    from mola_search.analysis.results import _from_finalists
-    from mola_search.analysis.studydata import FinalistRecord
+    allocs = random_allocations(2, 0)
 
-    def fin(number: int, origin: str, accs: list[float]) -> FinalistRecord:
-        rec = FinalistRecord(f"t{number}", number, origin, (2, 2), Path("."))
-        for seed, acc in enumerate(accs):
-            rec.test[seed] = acc
-            rec.metrics[seed] = {"test": {"accuracy": acc, "majority_baseline": 0.66}}
-        return rec
+    def table(name: str, rect: list[float], tpe: list[float]):
+        trials = [trial("seed:rectangle", allocs[0], 0.6, train_seed=None),
+                  trial("tpe", allocs[1], 0.6, train_seed=None)]
+        fins = [finalist(i, t["origin"], t["allocation"], {k: old_metrics(0.6 + i / 100, acc, 0.66)
+                                                           for k, acc in enumerate(accs)})
+                for i, (t, accs) in enumerate(zip(trials, (rect, tpe)))]
+        return result_table(load_study(make_study(tmp_path / name, trials, fins, old=True)), n_boot=200)
 
-    def table(*finalists: FinalistRecord):
-        data = SimpleNamespace(best_finalist=lambda: max(finalists, key=lambda f: sum(f.test.values())))
-        return _from_finalists(data, list(finalists))
-
-    low = table(fin(0, "seed:rectangle", [0.5, 0.6, 0.55]), fin(1, "tpe", [0.6, 0.66, 0.62]))
-    assert low.majority == 0.66
-    assert any("every finalist's mean is at or below the majority-class baseline (0.6600" in n for n in low.notes)
-    mixed = table(fin(0, "seed:rectangle", [0.5, 0.6, 0.55]), fin(1, "tpe", [0.7, 0.72, 0.75]))
+    low = table("low", [0.5, 0.6, 0.55], [0.6, 0.66, 0.62])
+    assert low.majority == 0.66 and low.nothing_learned
+    assert any("every finalist's mean test accuracy is at or below the majority-class baseline (0.6600" in n
+               for n in low.notes)
+    mixed = table("mixed", [0.5, 0.6, 0.55], [0.7, 0.72, 0.75])
     assert any(n.startswith("1 of 2 finalists") and "rectangle" in n for n in mixed.notes), mixed.notes
-    fine = table(fin(0, "seed:rectangle", [0.7, 0.71, 0.7]), fin(1, "tpe", [0.7, 0.72, 0.75]))
+    fine = table("fine", [0.7, 0.71, 0.7], [0.7, 0.72, 0.75])
     assert not any("majority" in n for n in fine.notes)
+
+
+# ------------------------------------------------------------------------------------------ seed blocking, headline
+
+
+def test_layer_effects_block_on_the_training_seed() -> None:
+    """Seed luck (sd 1) swamps a 0.01-per-expert effect of the top quarter unless runs are compared within a seed."""
+    from test_results import random_allocations
+
+    rng = np.random.default_rng(4)
+    allocs = random_allocations(40, 7)
+    seeds = np.repeat(np.arange(10), 4)
+    offset = rng.normal(0, 1.0, 10)
+    y = [0.01 * sum(a[6:]) + offset[s] + rng.normal(0, 0.003) for a, s in zip(allocs, seeds)]
+    groups, labels = block_groups(8)
+    blocked = layer_effects(allocs, y, groups, labels, blocks=seeds, n_boot=300)
+    plain = layer_effects(allocs, y, groups, labels, n_boot=300)
+    assert blocked.blocks == 10 and blocked.n == 40
+    top = blocked.effects[-1]
+    assert top.lo > 0 and max(e.hi for e in blocked.effects[:-1]) < top.lo
+    assert plain.effects[-1].lo < 0 < plain.effects[-1].hi
+    # a seed with a single run carries no within-seed information and is dropped
+    one = layer_effects(allocs[:6] + allocs[6:7], y[:6] + [y[6]], blocks=[0] * 6 + [1], min_trials=2, n_boot=50)
+    assert one.n == 6 and one.blocks == 1
+
+
+def test_headline_says_deserves_more_only_when_an_interval_excludes_0(tmp_path: Path) -> None:
+    from mola_search.analysis.report import analyse_layers
+    from mola_search.analysis.studydata import load_study
+    from test_results import effect_study
+
+    top = load_study(effect_study(tmp_path / "top", lambda a, r: 0.03 * sum(a[6:]) + r.normal(0, 0.01)))
+    flat = load_study(effect_study(tmp_path / "flat", lambda a, r: r.normal(0, 0.02)))
+    f_top = analyse_layers(top, n_boot=300, importance=False)
+    f_flat = analyse_layers(flat, n_boot=300, importance=False)
+    # trials (searched + pilot replicates) and finalist runs, in 3 trial seeds + 3 finalist seeds
+    assert f_top.trials == 5 + 30 + 6 and f_top.finalist_runs == 5 * 3 and f_top.per_block.blocks == 6
+    # +0.03 per expert in the top quarter, paid for evenly by all 8 layers: +0.03 * 6/8 relative to the average
+    assert f_top.per_block.effects[-1].coef == pytest.approx(0.0225, abs=0.002)
+    assert f_top.headline.startswith("The top quarter (layers 6-7) deserves more experts: +0.02"), f_top.headline
+    assert "deserve fewer (95% intervals below 0" in f_top.headline
+    assert "No block differs" not in f_top.headline and top.noise.line()[1:] in f_top.headline
+    assert f_flat.headline.startswith("No block differs at this fidelity: every block's 95% interval includes 0")
+    assert "deserve" in f_flat.headline and "deserves more" not in f_flat.headline
+    assert flat.noise.line()[1:] in f_flat.headline   # the noise floor is quoted next to the answer
+    assert not flat.noise.can_separate and "cannot separate" in f_flat.headline

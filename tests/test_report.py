@@ -1,8 +1,9 @@
-"""`mola-search report / analyze / compare` end to end on small synthetic studies (seconds)."""
+"""`mola-search report / analyze / compare` end to end on studies built in code (test_results.make_study)."""
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import struct
@@ -14,26 +15,25 @@ import torch
 
 from mola_search.cli.common import run_main
 from mola_search.cli.search import main
+from test_results import effect_study, make_study, random_allocations, trial
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _study(folder: Path, **overrides) -> Path:
-    from mola_search.search.config import StudyConfig
-    from mola_search.search.runner import run_study
-
-    raw = {"task": "mrpc", "model": "tiny-llama-L8", "objective": "synthetic:sparse", "space": "per_layer",
-           "sampler": "random", "scheduler": "none", "executor": "local", "trials": 40, "finalist_top_n": 1,
-           "finalist_seeds": 2, "out": str(folder), "study_name": folder.name,
-           "fidelity": {"rungs": [1.0]}, **overrides}
-    run_study(StudyConfig.from_dict(raw), folder)
-    return folder
+def _sparse_score(allocation, rng) -> float:
+    """Only the top quarter (layers 6-7) matters, with a concave gain; plus run noise."""
+    return 0.05 * sum(math.log1p(c) for c in allocation[6:]) + rng.normal(0, 0.005)
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> Path:
-    """A 40-trial synthetic:sparse study (per-layer encoding) with finalists, plus trained-looking adapters."""
-    folder = _study(tmp_path_factory.mktemp("studies") / "sparse")
+    """A built study (no training): 5 shape seeds + 30 random trials + pilot replicates, 5 finalists x 3
+    seeds (1000..1002) with per-example test scores, noise.json with two --auto-fidelity rounds, and
+    trained-looking adapters for the best finalist and the rectangle seed."""
+    early = {s: {k: -0.6 + 0.001 * i + 0.01 * ((i * 7 + k * 3) % 5) for k in range(3)}
+             for i, s in enumerate(("triangle", "inverted_triangle", "rectangle"))}
+    folder = effect_study(tmp_path_factory.mktemp("studies") / "sparse", _sparse_score,
+                          noise_rounds=[(early, {"max_train_examples": 64})])
     _add_adapters(folder)
     return folder
 
@@ -101,13 +101,26 @@ def test_report_html_embeds_valid_pngs_and_the_right_numbers(study: Path, capsys
 
     md = (page.parent / "summary.md").read_text()
     data = load_study(study)
-    # result table: the best finalist's mean test score over its seeds
+    # the noise floor comes first: its line, the allocation x seed table, the auto-fidelity rounds
+    assert md.index("## 1. Noise floor") < md.index("## 2. Results")
+    assert data.noise.line()[1:] in md
+    tri = data.noise.scores["triangle"]
+    assert f"| triangle | {tri[0]:.4f} | {tri[1]:.4f} | {tri[2]:.4f} |" in md
+    assert "--auto-fidelity: 2 rounds" in md and "| 1 | max_train_examples=64 |" in md
+    # result table: the finalist chosen on validation, its mean test score over its seeds (1000..1002)
     best = data.best_finalist()
+    assert sorted(best.test) == [1000, 1001, 1002]
+    assert best.val_mean == max(f.val_mean for f in data.finalists)
     mean = sum(best.test.values()) / len(best.test)
-    assert f"{mean:.4f} ± " in md
-    # which layers matter: the informative top quarter (layers 6-7) is found, with a CI
+    assert re.search(rf"\| \*\*best[^|]*\*\* \| {re.escape(best.name)} \|[^\n]*\| {mean:.4f} ± ", md)
+    assert "chosen by mean validation `gold_logprob`" in md and "3 seeds x 60 examples" in md
+    assert "| rectangle | " in md.split("against every seeded shape")[1]
+    # which layers deserve more experts: the headline from the intervals, the informative top quarter, a CI
+    assert "The top quarter (layers 6-7) deserves more experts: +" in md
     assert "Supported: top quarter (layers 6-7): +" in md
-    assert re.search(r"\| top quarter \(layers 6-7\) \| \+0\.\d+ \| \[\+0\.\d+, \+0\.\d+\] \| yes \|", md)
+    assert re.search(r"\| top quarter \(layers 6-7\) \| \+0\.\d+ \| \[\+0\.\d+, \+0\.\d+\] \| yes", md)
+    assert "with the training seed as a blocking factor (6 seed blocks" in md
+    assert "importance of the encoding parameters over 35 completed trials" in md  # no pilot replicates
     # redundancy table: the best allocation's layer-0 weight-update distance, recomputed from its adapter
     analysis = analyze_adapter(best.adapters()[0])
     assert f"| 0 | {best.allocation[0]} | " in md
@@ -118,19 +131,32 @@ def test_report_html_embeds_valid_pngs_and_the_right_numbers(study: Path, capsys
     assert "still running" not in md
 
 
+def test_study_summary_is_the_report_s_first_sections_without_figures(study: Path, tmp_path: Path) -> None:
+    from mola_search.analysis.report import study_summary
+    from mola_search.analysis.studydata import load_study
+
+    copy = tmp_path / "sparse"
+    shutil.copytree(study, copy, ignore=shutil.ignore_patterns("report"))
+    md = study_summary(copy, n_boot=200)
+    titles = re.findall(r"^## (.+)$", md, flags=re.M)
+    assert titles == ["1. Noise floor", "2. Results", "Which layers deserve more experts"]
+    assert load_study(copy).noise.line()[1:] in md and "The top quarter (layers 6-7) deserves more experts" in md
+    assert not list(copy.rglob("*.png"))
+
+
 def test_report_on_an_interrupted_study_says_so(study: Path, tmp_path: Path, capsys) -> None:
     import optuna
 
     copy = tmp_path / "sparse"
     shutil.copytree(study, copy, ignore=shutil.ignore_patterns("report"))
     (copy / "summary.md").unlink()
-    shutil.rmtree(next((copy / "finalists").iterdir()) / "seed1")  # one finalist run never finished
+    shutil.rmtree(next((copy / "finalists").iterdir()) / "seed1002")  # one finalist run never finished
     s = optuna.load_study(study_name="sparse", storage=f"sqlite:///{copy / 'study.db'}")
     s.ask()  # a trial left RUNNING, as a killed study leaves it
     page = _report(copy, capsys)
     text = page.read_text()
     assert "still running or was interrupted" in text
-    assert "1 trial(s)" in text and "fewer than 2 finished seeds" in text
+    assert "1 trial(s)" in text and "fewer than 3 finished seeds" in text
 
 
 def test_analyze_cli_prints_per_layer_table(study: Path, capsys, tmp_path: Path) -> None:
@@ -175,8 +201,60 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path: Path, capsys)
 
 
 def test_report_refuses_a_study_with_one_completed_trial(tmp_path: Path, capsys) -> None:
-    folder = _study(tmp_path / "one", trials=1, seed_names=["rectangle"], finalist_seeds=0)
+    folder = make_study(tmp_path / "one", [trial("seed:rectangle", (5,) * 8, -0.6)])
     rc = run_main("mola-search", main, ["report", str(folder)])
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1
     assert "has 1 completed trial;" in err and "at least 2" in err and "at least 10" in err
+
+
+def test_effects_figure_draws_an_estimate_outside_its_interval(tmp_path: Path) -> None:
+    """matplotlib's yerr refuses an interval that does not contain its point; the figure draws it as it is."""
+    from mola_search.analysis import figures
+    from mola_search.analysis.importance import Effect, EffectEstimate
+
+    layers = EffectEstimate([Effect("layer 0", (0, 0), 0.5, 0.1, 0.4), Effect("layer 1", (1, 1), -0.2, -0.3, 0.1)],
+                            12, 1.0, 0.5)
+    blocks = EffectEstimate([Effect("bottom", (0, 0), -0.1, 0.0, 0.2), Effect("top", (1, 1), 0.1, -0.2, 0.05)],
+                            12, 1.0, 0.5)
+    assert [e.outside for e in layers.effects] == [True, False] and all(e.outside for e in blocks.effects)
+    path = figures.effects_over_depth(tmp_path / "effects.png", layers, blocks, 2)
+    assert _png_size(path)[0] > 300
+
+
+def test_report_on_a_study_whose_ridge_estimate_lies_outside_its_interval(tmp_path: Path, capsys) -> None:
+    """Six noiseless trials: every bootstrap resample holds fewer distinct allocations, so the (minimum-norm)
+    ridge fits shrink and layer 6's estimate on all trials lies above its own percentile interval."""
+    from mola_search.analysis.report import analyse_layers
+    from mola_search.analysis.studydata import load_study
+
+    allocs = random_allocations(6, 31)
+    folder = make_study(tmp_path / "outside", [trial("random", a, 0.01 * sum(a[6:])) for a in allocs])
+    findings = analyse_layers(load_study(folder), n_boot=300, importance=False)
+    outside = findings.per_layer.outside()
+    assert [e.label for e in outside] == ["layer 6"] and outside[0].coef > outside[0].hi  # the case, as built
+    page = _report(folder, capsys)
+    md = (page.parent / "summary.md").read_text()
+    _png_size(page.parent / "layer_effects.png")
+    assert "Point estimates outside their own interval: layer 6 +0." in md
+    assert "the point estimate of layer 6 lies outside its own 95% bootstrap interval" in md
+    assert "No noise floor: no noise floor was measured" in md
+    assert "From 6 runs. No noise floor was measured (the study has no noise.json)" in md  # quoted by the headline
+
+
+def test_report_on_an_old_format_study(tmp_path: Path, capsys) -> None:
+    """Seeds 0..2, accuracy only, no per-example scores, no noise.json, best chosen on test: still reported."""
+    from test_results import finalist, old_metrics
+
+    trials = [trial("tpe" if i else "seed:rectangle", a, 0.6 + 0.01 * i, train_seed=None)
+              for i, a in enumerate(random_allocations(12, 9))]
+    fins = [finalist(n, trials[n]["origin"], trials[n]["allocation"],
+                     {k: old_metrics(0.6 + n / 100, 0.7 - n / 100 + k / 100) for k in range(3)}) for n in (0, 11)]
+    folder = make_study(tmp_path / "old", trials, fins, old=True,
+                        best={"experts": list(trials[0]["allocation"]), "trial": 0,
+                              "chosen_by": "mean test accuracy over 3 seeds"})
+    md = (_report(folder, capsys).parent / "summary.md").read_text()
+    assert "validation `accuracy`" in md and "this study recorded accuracy only" in md
+    assert "pair per-seed means only" in md and "3 seeds (per-seed)" in md
+    assert "best_allocation.json was chosen on the test split" in md
+    assert "picks trial 11 (tpe), not the exported rectangle" in md

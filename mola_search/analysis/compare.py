@@ -60,7 +60,10 @@ def compare_studies(folders: Sequence[str | Path], out: str | Path | None = None
         [f"{d.count('COMPLETE')} / {d.count('PRUNED')} / {d.count('FAIL')}" for d in studies])
     bests = [t.row("best") for t in tables]
     row("best allocation", [f"`{run_length(b.allocation)}` ({b.name})" if b and b.allocation else "–" for b in bests])
-    row("best score", [f"{_fmt(b.mean)} ± {_fmt(b.std)} (n={len(b.scores)})" if b else "–" for b in bests])
+    row("metric", [f"`{d.metric}`" for d in studies])
+    row("noise floor", [d.noise_line() for d in studies])
+    row("best score (chosen on validation)",
+        [f"{_fmt(b.mean)} ± {_fmt(b.std)} (n={len(b.scores)})" if b else "–" for b in bests])
     refs = [next((r for r in t.rows if r.name == t.best_seed), None) for t in tables]
     row("best seed", [f"{r.name}: {_fmt(r.mean)} ± {_fmt(r.std)}" if r else "–" for r in refs])
     searched = [t.row("best searched") for t in tables]
@@ -100,7 +103,7 @@ def compare_studies(folders: Sequence[str | Path], out: str | Path | None = None
     if block_rows:
         layers.add(Table(["study", "block", "score per expert", "95% CI", "CI excludes 0"], block_rows))
     for n, f in zip(names, findings):
-        layers.add(Para(f"{n}:"), Bullets(f.sentences))
+        layers.add(Para(f"{n}: {f.headline}"), Bullets(f.sentences))
     agreement = _agreement(names, findings)
     if agreement:
         layers.add(Para(agreement))

@@ -99,7 +99,17 @@ def _span_bars(ax: Any, spans: Sequence[tuple[float, float]], values: Sequence[f
         left = a - 0.4 + slot * w
         ax.bar(left, v, width=w * 0.95, align="edge", color=color, label=label if i == 0 else None)
         if err is not None:
-            ax.errorbar(left + w / 2, v, yerr=[[v - err[0][i]], [err[1][i] - v]], color="black", lw=1, capsize=2)
+            _interval(ax, [left + w / 2], [err[0][i]], [err[1][i]], color="black", cap=w * 0.15)
+
+
+def _interval(ax: Any, x: Sequence[float], lo: Sequence[float], hi: Sequence[float], *, color: str,
+              cap: float = 0.12, label: str | None = None) -> None:
+    """Vertical lines from lo to hi, drawn as they are: an estimate need not lie inside its own
+    bootstrap interval (matplotlib's yerr refuses that case), so the point is never assumed to."""
+    x, lo, hi = np.asarray(x, float), np.asarray(lo, float), np.asarray(hi, float)
+    ax.vlines(x, lo, hi, colors=color, lw=1, label=label)
+    ax.hlines(np.concatenate([lo, hi]), np.concatenate([x, x]) - cap, np.concatenate([x, x]) + cap, colors=color,
+              lw=1)
 
 
 def _grouped_bars(ax: Any, categories: Sequence[str], series: Mapping[str, Sequence[float]]) -> None:
@@ -186,7 +196,8 @@ def _span_label(span: tuple[float, float]) -> str:
 
 
 def effects_over_depth(path: str | Path, per_layer: Any, per_block: Any, num_layers: int) -> Path:
-    """Ridge estimate of score per expert: per layer (points, CI bars) and per block (bars, CI)."""
+    """Ridge estimate of score per expert: per layer (points) and per block (bars), each with its interval
+    drawn as it is (a point outside its own interval is drawn hollow red, never clipped into it)."""
     fig, axes = _figure(1, 1, width=9.0, row_height=3.4)
     ax = axes[0]
     if per_block is not None and per_block.usable:
@@ -195,15 +206,19 @@ def effects_over_depth(path: str | Path, per_layer: Any, per_block: Any, num_lay
                    err=([x.lo for x in e], [x.hi for x in e]))
     if per_layer is not None and per_layer.usable:
         e = per_layer.effects
-        x = [v.layers[0] for v in e]
+        x = np.array([v.layers[0] for v in e], float)
         y = np.array([v.coef for v in e])
-        ax.errorbar(x, y, yerr=[y - [v.lo for v in e], [v.hi for v in e] - y], fmt="o", color=NEUTRAL,
-                    ms=4, capsize=2, lw=1, label=f"per layer ({int(per_layer.level * 100)}% bootstrap CI)")
+        out = np.array([v.outside for v in e], bool)
+        _interval(ax, x, [v.lo for v in e], [v.hi for v in e], color=NEUTRAL,
+                  label=f"per layer ({int(per_layer.level * 100)}% bootstrap CI)")
+        ax.plot(x[~out], y[~out], "o", ms=4, color=NEUTRAL)
+        if out.any():
+            ax.plot(x[out], y[out], "o", ms=5, mfc="none", color=BEST, label="estimate outside its interval")
     _zero_line(ax)
     _depth_axis(ax, num_layers)
     ax.set_ylabel("score per expert moved here")
     _legend(ax, loc="best")
-    return _save(fig, path, "Where an extra expert pays (ridge regression over completed trials)")
+    return _save(fig, path, "Where an extra expert pays (ridge regression, runs compared within their training seed)")
 
 
 def optimisation_history(path: str | Path, trials: Sequence[Any]) -> Path:

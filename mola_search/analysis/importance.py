@@ -1,19 +1,24 @@
 """Which layers matter: Optuna's importance evaluators plus a direct per-layer estimate.
 
-Two views of the same question, answered from the study's completed trials:
+Two views of the same question, answered from the study's runs:
 
 * `optuna_importances`: PED-ANOVA and fANOVA (`optuna.importance`) on the encoding
   parameters (w_block*, w_layer*, w_knot*, top_k, rank). They say how much of the
   score's variation a parameter explains, not in which direction.
 * `layer_effects`: a ridge regression of the score on the trained expert counts (one
   column per layer, or per block of layers), with bootstrap confidence intervals.
-  The budget is fixed, so the counts sum to the same total in every trial: only
-  *moves* of experts between layers are identifiable. The minimum-norm (ridge)
-  solution has coefficients that sum to ~0, so a coefficient reads as "score change
-  per expert added to this layer, paid for evenly by the other layers".
+  The training seed is a blocking factor: runs are compared only with runs of the
+  same seed (per-seed intercepts, fitted by centring within the seed), so seed luck
+  and the finalists' different fidelity cancel. The budget is fixed, so the counts
+  sum to the same total in every run: only *moves* of experts between layers are
+  identifiable. The minimum-norm (ridge) solution has coefficients that sum to ~0,
+  so a coefficient reads as "score change per expert added to this layer, paid for
+  evenly by the other layers".
 
+`headline` answers "which layers deserve more experts" from the intervals alone (a
+block deserves more only when its interval lies above 0) next to the noise floor;
 `verdicts` turns the estimates into sentences that say what the data supports, and
-when it supports nothing (too few trials, all scores equal, CIs crossing 0).
+when it supports nothing (too few runs, all scores equal, CIs crossing 0).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,14 +87,23 @@ class Importances:
         return sorted(self.values.get(evaluator, {}).items(), key=lambda kv: -kv[1])
 
 
-def optuna_importances(study: Any, *, min_trials: int = MIN_IMPORTANCE_TRIALS, seed: int = 0) -> Importances:
-    """PED-ANOVA and fANOVA importances (normalised to sum 1) over the study's completed trials."""
+def optuna_importances(study: Any, *, min_trials: int = MIN_IMPORTANCE_TRIALS, seed: int = 0,
+                       numbers: Collection[int] | None = None) -> Importances:
+    """PED-ANOVA and fANOVA importances (normalised to sum 1) over the study's completed trials.
+
+    `numbers`: only these trials (e.g. those trained with the search's seed, so that
+    noise-floor replicates at other seeds do not pass seed luck off as importance).
+    """
     import optuna
     from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator, get_param_importances
     from optuna.trial import TrialState
 
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.value is not None and math.isfinite(t.value)]
+            if t.value is not None and math.isfinite(t.value) and (numbers is None or t.number in numbers)]
+    if numbers is not None:  # the evaluators read a whole study: give them one holding just these trials
+        subset = optuna.create_study(directions=study.directions)
+        subset.add_trials(done)
+        study = subset
     out = Importances(trials=len(done))
     if len(done) < min_trials:
         out.notes.append(f"Optuna importance skipped: {len(done)} completed trials, the evaluators need at least "
@@ -143,45 +157,64 @@ class Effect:
     def supported(self) -> bool:
         return self.lo > 0 or self.hi < 0
 
+    @property
+    def outside(self) -> bool:
+        """The point estimate lies outside its own percentile interval (a skewed, biased bootstrap)."""
+        return self.coef < self.lo or self.coef > self.hi
+
 
 @dataclass
 class EffectEstimate:
     effects: list[Effect]
-    n: int                        # trials used
+    n: int                        # observations used (trials + finalist runs)
     alpha: float                  # ridge penalty (GCV choice)
-    r2: float                     # in-sample fit
+    r2: float                     # in-sample fit (within training seed when blocked)
     level: float = 0.95
     notes: list[str] = field(default_factory=list)
+    blocks: int = 1               # training seeds (blocks) the scores were compared within
 
     @property
     def usable(self) -> bool:
         return bool(self.effects)
 
+    def outside(self) -> list[Effect]:
+        return [e for e in self.effects if e.outside]
+
 
 def _ridge(x: np.ndarray, y: np.ndarray, alpha: float) -> np.ndarray:
-    xc = x - x.mean(0)
-    yc = y - y.mean()
+    """Ridge coefficients of already-centred x, y."""
     p = x.shape[1]
-    return np.linalg.solve(xc.T @ xc + alpha * np.eye(p), xc.T @ yc)
+    return np.linalg.solve(x.T @ x + alpha * np.eye(p), x.T @ y)
 
 
-def _gcv_alpha(x: np.ndarray, y: np.ndarray) -> float:
-    """Ridge penalty minimising generalised cross-validation, on a grid scaled to the data."""
-    xc = x - x.mean(0)
-    yc = y - y.mean()
-    n = len(y)
+def _centre(x: np.ndarray, y: np.ndarray, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Subtract each block's means: the same fit as unpenalised per-block intercepts (fixed effects)."""
+    xc, yc = x.astype(float).copy(), y.astype(float).copy()
+    for b in np.unique(block):
+        m = block == b
+        xc[m] -= xc[m].mean(0)
+        yc[m] -= yc[m].mean()
+    return xc, yc
+
+
+def _gcv_alpha(xc: np.ndarray, yc: np.ndarray, lost: int = 1) -> float:
+    """Ridge penalty minimising generalised cross-validation on centred data, on a grid scaled to the data.
+
+    `lost`: degrees of freedom the centring used up (1, or one per block).
+    """
+    n = len(yc)
     u, s, _ = np.linalg.svd(xc, full_matrices=False)
     uy = u.T @ yc
-    scale = float((s ** 2).sum()) / max(1, x.shape[1]) or 1.0
+    scale = float((s ** 2).sum()) / max(1, xc.shape[1]) or 1.0
     best, best_score = scale, math.inf
     for a in scale * np.logspace(-4, 2, 31):
         shrink = s ** 2 / (s ** 2 + a)
         fitted = u @ (shrink * uy)
         rss = float(((yc - fitted) ** 2).sum())
         dof = float(shrink.sum())
-        if n - 1 - dof <= 0.5:
+        if n - lost - dof <= 0.5:
             continue
-        score = n * rss / (n - 1 - dof) ** 2
+        score = n * rss / (n - lost - dof) ** 2
         if score < best_score:
             best, best_score = float(a), score
     return best
@@ -194,45 +227,58 @@ def group_matrix(allocations: np.ndarray, groups: Sequence[tuple[int, int]]) -> 
 
 def layer_effects(allocations: Sequence[Sequence[int]], scores: Sequence[float],
                   groups: Sequence[tuple[int, int]] | None = None, labels: Sequence[str] | None = None, *,
-                  n_boot: int = 1000, level: float = 0.95, seed: int = 0,
+                  blocks: Sequence[Any] | None = None, n_boot: int = 1000, level: float = 0.95, seed: int = 0,
                   min_trials: int = MIN_EFFECT_TRIALS) -> EffectEstimate:
     """Ridge regression of score on expert counts per layer (or per group of layers) + bootstrap CIs.
 
-    The penalty is chosen once by GCV on all trials, then every bootstrap resample of
-    the trials is refitted with it; the CI is the percentile interval.
+    `blocks` (e.g. each observation's training seed) is a blocking factor: scores are
+    compared only within a block (per-block intercepts, unpenalised, fitted by
+    centring within the block), so a seed that is luckier for every allocation, or
+    a finalist fidelity that scores higher throughout, shifts nothing. A block with
+    one observation carries no information and is dropped. The penalty is chosen
+    once by GCV, then every bootstrap resample (observations resampled within their
+    block) is refitted with it; the CI is the percentile interval.
     """
     x = np.asarray(allocations, dtype=float)
     y = np.asarray(scores, dtype=float)
-    n = len(y)
+    block = np.zeros(len(y), dtype=int) if blocks is None else np.unique(np.asarray(blocks), return_inverse=True)[1]
     num_layers = x.shape[1] if x.ndim == 2 else 0
     if groups is None:
         groups = [(j, j) for j in range(num_layers)]
     if labels is None:
         labels = [f"layer {a}" if a == b else f"layers {a}-{b}" for a, b in groups]
-    est = EffectEstimate([], n, math.nan, math.nan, level)
-    if n < min_trials:
-        est.notes.append(f"too few completed trials for a per-layer estimate: {n}, need at least {min_trials}")
+    if len(y):
+        sizes = np.bincount(block)
+        keep = sizes[block] > 1
+        x, y, block = x[keep], y[keep], np.unique(block[keep], return_inverse=True)[1]
+    n = len(y)
+    nb = int(block.max()) + 1 if n else 0
+    est = EffectEstimate([], n, math.nan, math.nan, level, blocks=max(1, nb))
+    if n - nb + 1 < min_trials:
+        what = "completed trials" if nb <= 1 else f"observations beyond one per training seed ({nb} seeds)"
+        est.notes.append(f"too few {what} for a per-layer estimate: {n - nb + 1}, need at least {min_trials}")
         return est
     if np.ptp(y) == 0:
         est.notes.append(f"all {n} completed trials scored {y[0]:.4g}: the data say nothing about where experts matter")
         return est
     g = group_matrix(x, groups)
-    if np.ptp(g, axis=0).max() == 0:
+    gc, yc = _centre(g, y, block)
+    if np.abs(gc).max() == 0:
         est.notes.append("every completed trial trained the same allocation: nothing to compare")
         return est
-    alpha = _gcv_alpha(g, y)
-    coef = _ridge(g, y, alpha)
-    fitted = (g - g.mean(0)) @ coef + y.mean()
-    r2 = 1.0 - float(((y - fitted) ** 2).sum()) / float(((y - y.mean()) ** 2).sum())
+    if not np.any(yc):
+        est.notes.append("within each training seed every run scored the same: nothing to compare")
+        return est
+    alpha = _gcv_alpha(gc, yc, nb)
+    coef = _ridge(gc, yc, alpha)
+    r2 = 1.0 - float(((yc - gc @ coef) ** 2).sum()) / float((yc ** 2).sum())
     rng = np.random.default_rng(seed)
+    members = [np.flatnonzero(block == b) for b in range(nb)]
     boots = []
     for _ in range(n_boot):
-        idx = rng.integers(0, n, n)
-        gb, yb = g[idx], y[idx]
-        if np.ptp(yb) == 0:
-            boots.append(np.zeros(len(groups)))
-            continue
-        boots.append(_ridge(gb, yb, alpha))
+        idx = np.concatenate([m[rng.integers(0, len(m), len(m))] for m in members])
+        gb, yb = _centre(g[idx], y[idx], block[idx])
+        boots.append(_ridge(gb, yb, alpha) if np.any(yb) else np.zeros(len(groups)))
     b = np.asarray(boots)
     tail = 100 * (1 - level) / 2
     lo, hi = np.percentile(b, tail, axis=0), np.percentile(b, 100 - tail, axis=0)
@@ -244,9 +290,14 @@ def layer_effects(allocations: Sequence[Sequence[int]], scores: Sequence[float],
         est.notes.append("these columns had equal counts in every trial, so their coefficients are one shared "
                          "estimate split evenly and cannot be told apart: "
                          + ", ".join("+".join(labels[i].replace("layer ", "") for i in t) for t in tied))
-    if n < 2 * len(groups):
-        est.notes.append(f"{n} trials for {len(groups)} coefficients: the estimates lean on the ridge penalty "
+    if n - nb + 1 < 2 * len(groups):
+        est.notes.append(f"{n} observations for {len(groups)} coefficients: the estimates lean on the ridge penalty "
                          "and their intervals are wide")
+    outside = est.outside()
+    if outside:
+        est.notes.append(f"the point estimate of {', '.join(e.label for e in outside)} lies outside its own "
+                         f"{int(round(level * 100))}% bootstrap interval (the ridge estimate is shrunk and the "
+                         "resamples are skewed): read the interval, not the point")
     return est
 
 
@@ -290,6 +341,55 @@ def _fmt(v: float) -> str:
     return f"{v:+.3g}"
 
 
+def _sentence(text: str) -> str:
+    text = text.strip()
+    if not text:
+        return ""
+    text = text[0].upper() + text[1:]
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
+def _names(effects: Sequence[Effect]) -> str:
+    names = [f"the {e.label}" for e in effects]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def headline(blocks: EffectEstimate, noise_line: str = "", unit: str = "score") -> str:
+    """The answer to "which layers deserve more experts", generated from the intervals alone.
+
+    A block deserves more experts only when its interval lies above 0, fewer only when
+    it lies below; otherwise no block differs at this fidelity. The noise-floor
+    line is quoted either way, so the ranking is never read without it.
+    """
+    noise = _sentence(noise_line)
+    if not blocks.usable:
+        why = blocks.notes[0] if blocks.notes else "no estimate"
+        return " ".join(filter(None, [f"No block can be said to deserve more experts: {why}.", noise]))
+    pct = int(round(blocks.level * 100))
+    more = sorted((e for e in blocks.effects if e.lo > 0), key=lambda e: -e.lo)
+    fewer = sorted((e for e in blocks.effects if e.hi < 0), key=lambda e: e.hi)
+    where = (f"{blocks.n} runs compared within {blocks.blocks} training seeds" if blocks.blocks > 1
+             else f"{blocks.n} runs")
+    if not more and not fewer:
+        return " ".join(filter(None, [
+            f"No block differs at this fidelity: every block's {pct}% interval includes 0 ({where}), so the data "
+            "do not say which layers deserve more experts.", noise]))
+    parts = []
+    if more:
+        verb = "deserves" if len(more) == 1 else "deserve"
+        parts.append(_sentence(f"{_names(more)} {verb} more experts: " + "; ".join(
+            f"{_fmt(e.coef)} {unit} per expert moved to the {e.label} ({pct}% CI {_fmt(e.lo)} to {_fmt(e.hi)})"
+            for e in more)))
+    else:
+        parts.append("No block is shown to deserve more experts (no interval lies above 0).")
+    if fewer:
+        verb = "deserves" if len(fewer) == 1 else "deserve"
+        parts.append(_sentence(f"{_names(fewer)} {verb} fewer ({pct}% interval{'s' if len(fewer) > 1 else ''} "
+                               "below 0: " + "; ".join(f"{_fmt(e.lo)} to {_fmt(e.hi)}" for e in fewer) + ")"))
+    parts.append(_sentence(f"From {where}"))
+    return " ".join(filter(None, [*parts, noise]))
+
+
 def verdicts(blocks: EffectEstimate, layers: EffectEstimate | None = None,
              importances: Importances | None = None, unit: str = "score") -> list[str]:
     """Sentences stating what the estimates support, and where they support nothing."""
@@ -311,7 +411,7 @@ def verdicts(blocks: EffectEstimate, layers: EffectEstimate | None = None,
         out.append("Not supported (CI crosses 0): " + "; ".join(
             f"{e.label} {_fmt(e.coef)} [{_fmt(e.lo)}, {_fmt(e.hi)}]" for e in unclear) + ".")
     if not helps and not hurts:
-        out.insert(0, f"The {blocks.n} completed trials support no conclusion about which block needs more experts: "
+        out.insert(0, f"The {blocks.n} runs support no conclusion about which block needs more experts: "
                       "every block's interval crosses 0.")
     out.extend(f"Caveat: {n}." for n in blocks.notes)
     if layers is not None and layers.usable:
@@ -320,7 +420,7 @@ def verdicts(blocks: EffectEstimate, layers: EffectEstimate | None = None,
             out.append("Per layer, intervals above 0: " + ", ".join(
                 f"{e.label.replace('layer ', '')} ({_fmt(e.coef)})" for e in strong) + ".")
         else:
-            out.append(f"Per layer ({len(layers.effects)} coefficients from {layers.n} trials), no interval lies "
+            out.append(f"Per layer ({len(layers.effects)} coefficients from {layers.n} runs), no interval lies "
                        "above 0: the per-layer data are too thin for layer-level claims.")
         out.extend(f"Per-layer caveat: {n}." for n in layers.notes)
     elif layers is not None:

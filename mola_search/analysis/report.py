@@ -1,10 +1,14 @@
 """`mola-search report`: one study folder -> report/index.html (+ PNGs) and report/summary.md.
 
-Sections: 1 results on the test split against the best seed, 2 allocation pictures,
-3 which layers matter (Optuna importance + ridge regression, in words), 4
-optimisation history, 5 expert redundancy (trained adapters only), 6 routing, 7
-provenance. Works on a study that is still running or was interrupted (it uses
-what has finished and says so at the top).
+Sections: 1 the noise floor (can this fidelity separate allocations at all?), 2
+results (finalists chosen on validation, scored on the test split once, paired
+with every seeded shape), 3 allocation pictures, 4 which layers deserve more
+experts (a headline generated from the intervals, Optuna importance, ridge
+regression with the training seed as a blocking factor), 5 optimisation history,
+6 expert redundancy (trained adapters only), 7 routing, 8 provenance. Works on a
+study that is still running or was interrupted (it uses what has finished and
+says so at the top). `study_summary` renders sections 1, 2 and the layer headline
+as Markdown without drawing anything (for the search's own summary.md).
 """
 
 from __future__ import annotations
@@ -16,14 +20,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from mola_search.analysis import figures
-from mola_search.analysis.document import Bullets, Figure, Para, Section, Table, write
-from mola_search.analysis.importance import (EffectEstimate, Importances, block_groups, layer_effects,
+from mola_search.analysis.document import Bullets, Figure, Para, Section, Table, to_markdown, write
+from mola_search.analysis.importance import (EffectEstimate, Importances, block_groups, headline, layer_effects,
                                              optuna_importances, param_depths, verdicts)
-from mola_search.analysis.redundancy import QUANTITIES, QUANTITY_LABELS
-from mola_search.analysis.results import ResultTable, result_table
+from mola_search.analysis.results import EXAMPLES_X_SEEDS, Paired, ResultTable, result_table
 from mola_search.analysis.studydata import FinalistRecord, StudyData, load_study, require_completed
 from mola_search.allocation import run_length
 
@@ -36,25 +37,56 @@ class LayerFindings:
     per_layer: EffectEstimate
     per_block: EffectEstimate
     sentences: list[str]
+    headline: str = ""            # "which layers deserve more experts", from the block intervals
+    trials: int = 0               # search / pilot trials among the observations
+    finalist_runs: int = 0        # finalist runs (validation scores) among them
+
+
+def layer_observations(data: StudyData) -> tuple[list[tuple[int, ...]], list[float], list[str], int, int]:
+    """What the layer regression sees: (allocations, scores, blocks, #trials, #finalist runs).
+
+    Every completed trial (duplicates once, pilot replicates included) with its
+    validation score of the study metric, plus every finalist run's validation score
+    of the same metric. The block is the training seed, kept apart for trials and
+    finalists (they train at different fidelities), so scores are only compared
+    between runs that shared a seed: its training subset, order and initialisation.
+    """
+    allocs, scores, blocks = [], [], []
+    trials = data.completed(unique=True, replicates=True)
+    for t in trials:
+        allocs.append(t.allocation)
+        scores.append(float(t.value))
+        blocks.append(f"trial:{data.trial_seed(t)}")
+    runs = 0
+    for f in data.finalists:
+        if f.allocation is None or f.metric != data.metric:
+            continue
+        for seed, v in sorted(f.validation.items()):
+            allocs.append(f.allocation)
+            scores.append(v)
+            blocks.append(f"finalist:{seed}")
+            runs += 1
+    return allocs, scores, blocks, len(trials), runs
 
 
 def analyse_layers(data: StudyData, *, n_boot: int = 1000, importance: bool = True) -> LayerFindings:
-    """Optuna importance + per-layer and per-block ridge effects + verdicts, over completed unique trials."""
-    done = data.completed(unique=True)
-    allocations = [t.allocation for t in done]
-    scores = [t.value for t in done]
+    """Optuna importance + per-layer and per-block ridge effects (seed-blocked) + the headline and verdicts."""
+    allocations, scores, seeds, n_trials, n_runs = layer_observations(data)
     L = data.num_layers
     blocks = data.space.blocks if data.space is not None and data.space.encoding == "blocks" else 4
     groups, labels = block_groups(L, blocks)
-    per_block = layer_effects(allocations, scores, groups, labels, n_boot=n_boot)
-    per_layer = layer_effects(allocations, scores, n_boot=n_boot)
-    imp = optuna_importances(data.study) if importance else Importances()
-    sentences = verdicts(per_block, per_layer, imp)
+    per_block = layer_effects(allocations, scores, groups, labels, blocks=seeds, n_boot=n_boot)
+    per_layer = layer_effects(allocations, scores, blocks=seeds, n_boot=n_boot)
+    search = {t.number for t in data.completed(unique=False)}   # the search's seed: no pilot replicates
+    imp = optuna_importances(data.study, numbers=search) if importance else Importances()
+    unit = f"`{data.metric}`"
+    sentences = verdicts(per_block, per_layer, imp, unit=unit)
     pruned = data.count("PRUNED")
     if pruned and per_block.usable:
-        sentences.append(f"The regression uses the {per_block.n} completed trials; {pruned} pruned trials (stopped "
+        sentences.append(f"The regression uses completed trials and finalist runs; {pruned} pruned trials (stopped "
                          "at a lower rung) are left out, so it sees mostly allocations that survived pruning.")
-    return LayerFindings(imp, per_layer, per_block, sentences)
+    return LayerFindings(imp, per_layer, per_block, sentences, headline(per_block, data.noise_line(), unit),
+                         n_trials, n_runs)
 
 
 def build_report(folder: str | Path, out: str | Path | None = None, *, n_boot: int = 1000) -> Path:
@@ -66,13 +98,11 @@ def build_report(folder: str | Path, out: str | Path | None = None, *, n_boot: i
     for old in out.glob("*.png"):  # figures of an earlier report that this one may not redraw
         old.unlink()
     started = time.time()
-    table = result_table(data)
+    table = result_table(data, n_boot=max(1000, n_boot))
     findings = analyse_layers(data, n_boot=n_boot)
-    if table.nothing_learned:
-        findings.sentences.insert(0, "Caution: no finalist beat the majority class (section 1), so the trial scores "
-                                     "these estimates come from are mostly seed noise: read any 'supported' line "
-                                     "below as a hypothesis for a longer study, not as a finding.")
+    _caution(table, findings)
     sections = [
+        _noise_section(data),
         _results_section(data, table),
         _allocation_section(data, table, out),
         _importance_section(data, findings, out),
@@ -86,10 +116,37 @@ def build_report(folder: str | Path, out: str | Path | None = None, *, n_boot: i
         sections[0].blocks.insert(0, Para(
             f"This study is still running or was interrupted: the report uses the {done} completed trials and "
             f"{runs} finished finalist runs available now. " + "; ".join(data.notes) + ".", "warning"))
-    subtitle = (f"task `{data.config.task}`, model `{data.config.model}`, objective `{data.config.objective}`, "
-                f"{data.num_layers} layers, budget {data.budget}; report written {time.strftime('%Y-%m-%d %H:%M')}")
-    page, _ = write(out, f"mola-search study {data.name}", subtitle, sections)
+    page, _ = write(out, f"mola-search study {data.name}", _subtitle(data), sections)
     return page
+
+
+def study_summary(study: str | Path | StudyData, *, n_boot: int = 1000, importance: bool = False) -> str:
+    """Markdown of the noise floor, the honest result table and the layer headline; draws no figure.
+
+    For the search's own summary.md: `study` is a study folder (or loaded StudyData).
+    """
+    data = study if isinstance(study, StudyData) else load_study(study)
+    table = result_table(data, n_boot=max(1000, n_boot))
+    sections = [_noise_section(data), _results_section(data, table)]
+    if len(data.completed()) >= 2:
+        findings = analyse_layers(data, n_boot=n_boot, importance=importance)
+        _caution(table, findings)
+        sections.append(Section("Which layers deserve more experts", anchor="layers")
+                        .add(Para(findings.headline), Bullets(findings.sentences)))
+    return to_markdown(f"mola-search study {data.name}", _subtitle(data), sections)
+
+
+def _subtitle(data: StudyData) -> str:
+    return (f"task `{data.config.task}`, model `{data.config.model}`, objective `{data.config.objective}`, "
+            f"metric `{data.metric}`, {data.num_layers} layers, budget {data.budget}; written "
+            f"{time.strftime('%Y-%m-%d %H:%M')}")
+
+
+def _caution(table: ResultTable, findings: LayerFindings) -> None:
+    if table.nothing_learned:
+        findings.sentences.insert(0, "Caution: no finalist beat the majority class (section 2), so the trial scores "
+                                     "these estimates come from are mostly seed noise: read any 'supported' line "
+                                     "below as a hypothesis for a longer study, not as a finding.")
 
 
 # ------------------------------------------------------------------------------------------ sections
@@ -103,51 +160,134 @@ def _fmt_p(p: float) -> str:
     return "–" if p != p else ("< 0.001" if p < 0.001 else f"{p:.3f}")
 
 
+def _noise_section(data: StudyData) -> Section:
+    s = Section("1. Noise floor", anchor="noise")
+    noise = data.noise
+    if noise is None:
+        s.add(Para(f"No noise floor: {data.noise_note}.", "warning"))
+        return s
+    s.add(Para(_cap(noise.line()) + "."))
+    sd = math.sqrt(noise.residual_var) if noise.residual_var == noise.residual_var else None
+    s.add(Para(f"Pilot: the same allocations trained with several training seeds at the search's fidelity. A "
+               f"search trial is compared with another trained on the same seed, so only the allocation x seed "
+               f"residual (sd {_fmt(sd)} `{noise.metric}`) blurs a comparison; two trials closer than "
+               f"{_fmt(noise.min_detectable_difference, 4)} cannot be told apart.", "muted"))
+    seeds = list(noise.seeds)
+    rows = []
+    for name in noise.allocations:
+        row = noise.scores.get(name, {})
+        values = [row.get(k) for k in seeds]
+        finite = [v for v in values if v is not None]
+        rows.append([name, *[_fmt(v) for v in values], _fmt(sum(finite) / len(finite) if finite else None)])
+    if rows:
+        s.add(Table(["allocation", *[f"seed {k}" for k in seeds], "mean"], rows))
+    if noise.notes:
+        s.add(Bullets([f"Note: {n}." for n in noise.notes]))
+    if len(data.noise_rounds) > 1:
+        s.add(Para(f"--auto-fidelity: {len(data.noise_rounds)} rounds, the fidelity doubled until allocations "
+                   "separated (or the budget ran out); the last round is the one the search used."))
+        rows = []
+        for i, r in enumerate(data.noise_rounds):
+            fid = ", ".join(f"{k}={v}" for k, v in (r.fidelity or {}).items()) or "–"
+            lo, hi = r.share_ci
+            rows.append([str(i + 1), fid, _pct(r.allocation_share), f"[{_pct(lo)}, {_pct(hi)}]",
+                         _fmt(r.min_detectable_difference), "yes" if r.can_separate else "no"])
+        s.add(Table(["round", "fidelity", "allocation share", f"{int(round(noise.level * 100))}% CI",
+                     "min. detectable difference", "separates"], rows, {len(rows) - 1}))
+    return s
+
+
+def _pct(v: float) -> str:
+    return "–" if v != v else f"{100 * v:.0f}%"
+
+
+def _cap(text: str) -> str:
+    text = text.strip().rstrip(".")
+    return text[:1].upper() + text[1:]
+
+
+def _mean_std(values: dict[int, float]) -> str:
+    if not values:
+        return "–"
+    mean = sum(values.values()) / len(values)
+    if len(values) == 1:
+        return _fmt(mean)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values.values()) / (len(values) - 1))
+    return f"{_fmt(mean)} ± {_fmt(std)}"
+
+
+def _delta(p: Paired | None) -> str:
+    return "–" if p is None else p.text()
+
+
 def _results_section(data: StudyData, table: ResultTable) -> Section:
-    s = Section("1. Results", anchor="results")
-    paired = any(len(r.scores) > 1 for r in table.rows)
-    s.add(Para(f"Scores: {table.metric}. The best seeded baseline is {table.best_seed or '–'}; Δ is "
-               + ("the mean per-seed difference to it (paired by training seed), with a 95% bootstrap CI and a "
-                  "paired t-test." if paired else "the difference to it (single runs: no CI, no test).")))
+    s = Section("2. Results", anchor="results")
+    m = f"`{table.metric_name}`"
+    if table.on_test:
+        on = "validation" if table.selected_on == "validation" else "TEST (no validation scores)"
+        seeds = sorted({k for r in table.rows for k in r.scores})
+        reused = sorted(set(seeds) & {data.trial_seed(t) for t in data.trials})
+        s.add(Para(f"Finalists are retrained with training seeds {', '.join(map(str, seeds))} ("
+                   + (f"seed {', '.join(map(str, reused))} also trained search trials, so a finalist can repeat the "
+                      "run that selected it" if reused else "none used by the search")
+                   + f"). The best is chosen by mean {on} {m} over those seeds; test scores are reported once"
+                   f"{' and chose nothing' if table.selected_on == 'validation' else ''}. Δ is the mean test "
+                   f"difference to the best seeded baseline ({table.best_seed or '–'}), paired on the same test "
+                   "examples and seeds, with a 95% bootstrap CI and p-value."))
+    else:
+        s.add(Para(f"Scores: {table.metric}. The best seeded baseline is {table.best_seed or '–'}; Δ is the "
+                   "difference to it (single runs: no CI, no test)."))
+    extras = table.extras
     rows, emphasis = [], set()
     for i, r in enumerate(table.rows):
         p = r.vs_best_seed
-        diff = "reference" if r.name == table.best_seed else (
-            "–" if p is None else f"{p.mean_diff:+.4f}" + (f" [{_fmt(p.lo)}, {_fmt(p.hi)}]" if p.lo == p.lo else ""))
-        score = f"{_fmt(r.mean)} ± {_fmt(r.std)}" if len(r.scores) > 1 else _fmt(r.mean)
-        rows.append([r.role, r.name, f"`{run_length(r.allocation)}`" if r.allocation else "–",
-                     score, str(len(r.scores)), diff,
-                     "–" if p is None else _fmt_p(p.p_value), _fmt(r.validation),
-                     f"{r.trainable_params:,}" if r.trainable_params else "–"])
+        diff = "reference" if r.name == table.best_seed else _delta(p)
+        cells = [r.role, r.name, f"`{run_length(r.allocation)}`" if r.allocation else "–", _mean_std(r.validation)]
+        if table.on_test:
+            cells += [_mean_std(r.scores), _mean_std(r.accuracy), *[_mean_std(r.extra.get(k, {})) for k in extras]]
+        cells += [str(len(r.scores)), diff, "–" if p is None else _fmt_p(p.p_value),
+                  f"{r.trainable_params:,}" if r.trainable_params else "–"]
+        rows.append(cells)
         if "best" in r.role.split(", "):
             emphasis.add(i)
+    head = ["", "allocation", "experts per layer", f"validation {m}"]
+    if table.on_test:
+        head += [f"test {m}", "test accuracy", *[f"test {k}" for k in extras]]
+    head += ["seeds", f"Δ test {m} vs best seed [95% CI]" if table.on_test else "Δ vs best seed", "p",
+             "trainable params"]
     if table.majority is not None:  # the score a model gets without learning anything
-        rows.append(["reference", "majority class", "–", _fmt(table.majority), "–", "–", "–", "–", "0"])
-    s.add(Table(["", "allocation", "experts per layer", "score (mean ± std)" if paired else "score", "n", "Δ vs best seed [95% CI]",
-                 "paired p", "validation", "trainable params"], rows, emphasis))
-    best, searched, ref = table.row("best"), table.row("best searched"), None
-    if table.best_seed:
-        ref = next(r for r in table.rows if r.name == table.best_seed)
-    if searched is not None and ref is not None and searched.vs_best_seed is not None and paired:
-        p = searched.vs_best_seed
-        if p.lo == p.hi:
-            verdict = ("identical scores on every seed: no difference" if p.mean_diff == 0 else
-                       "the same difference on every seed (no spread to test against)")
-        else:
-            verdict = "the CI excludes 0" if (p.lo > 0 or p.hi < 0) else "the CI includes 0: no evidence of a difference"
-        s.add(Para(f"Best searched allocation ({searched.name}) vs the best seed ({ref.name}): {p.mean_diff:+.4f} "
-                   f"over {p.n} paired seed(s), 95% CI [{_fmt(p.lo)}, {_fmt(p.hi)}]"
-                   + (f", paired t-test p = {_fmt_p(p.p_value)}" if p.p_value == p.p_value else "") + f"; {verdict}."))
-    if best is not None:
-        s.add(Para(f"Exported best allocation: {best.name} `{','.join(map(str, best.allocation or ()))}`"
-                   + (f" ({data.best.get('chosen_by')})." if data.best else ".")))
+        rows.append(["reference", "majority class", "–", "–", "–", _fmt(table.majority),
+                     *["–"] * (len(head) - 6)])
+    s.add(Table(head, rows, emphasis))
+    best = table.row("best")
+    if table.vs_seeds and best is not None:
+        s.add(Para(f"The chosen best ({best.name}) against every seeded shape, on the test split (best − seed):"))
+        vs_rows = []
+        for c in table.vs_seeds:
+            p = c.metric
+            verdict = "–" if p is None else (
+                "no spread: identical on every example" if p.lo == p.hi else
+                "better" if p.lo > 0 else "worse" if p.hi < 0 else "no difference shown (CI includes 0)")
+            vs_rows.append([c.seed, _delta(p), "–" if p is None else _fmt_p(p.p_value), _delta(c.accuracy),
+                            "–" if c.accuracy is None else _fmt_p(c.accuracy.p_value), verdict,
+                            "–" if p is None else (f"{p.n} seeds x {p.n_examples} examples"
+                                                   if p.method == EXAMPLES_X_SEEDS else f"{p.n} seeds (per-seed)")])
+        s.add(Table(["seed shape", f"Δ test {m} [95% CI]", "p", "Δ test accuracy [95% CI]", "p", "verdict",
+                     "paired on"], vs_rows))
+    if data.best:
+        exported = data.exported_finalist()
+        s.add(Para(f"Exported best_allocation.json: "
+                   + (f"{exported.name} " if exported is not None else "")
+                   + f"`{','.join(map(str, data.best.get('experts') or ()))}` ({data.best.get('chosen_by')})."))
     if table.notes:
-        s.add(Bullets([f"Note: {n}." for n in table.notes]))
+        s.add(Bullets([f"Note: {n.rstrip('.')}." for n in table.notes]))
     return s
 
 
 def _allocation_section(data: StudyData, table: ResultTable, out: Path) -> Section:
-    s = Section("2. Allocations", anchor="allocations")
+    from mola_search.analysis import figures  # matplotlib: loaded only when a figure is drawn
+
+    s = Section("3. Allocations", anchor="allocations")
     seeds = data.seed_trials()
     best = table.row("best")
     shown: list[tuple[str, Sequence[int]]] = []
@@ -176,19 +316,32 @@ def _allocation_section(data: StudyData, table: ResultTable, out: Path) -> Secti
 
 
 def _importance_section(data: StudyData, f: LayerFindings, out: Path) -> Section:
-    s = Section("3. Which layers matter", anchor="layers")
-    s.add(Para("What the data supports:"), Bullets(f.sentences))
+    from mola_search.analysis import figures  # matplotlib: loaded only when a figure is drawn
+
+    s = Section("4. Which layers deserve more experts", anchor="layers")
+    s.add(Para(f.headline), Para("What the data supports:"), Bullets(f.sentences))
     if f.per_block.usable:
         rows = [[e.label, f"{e.coef:+.4f}", f"[{e.lo:+.4f}, {e.hi:+.4f}]",
-                 "yes" if e.supported else "no (CI crosses 0)"] for e in f.per_block.effects]
-        s.add(Table(["block", "score per expert", "95% bootstrap CI", "CI excludes 0"], rows),
-              Para(f"Ridge regression over {f.per_block.n} completed trials (penalty {f.per_block.alpha:.3g} chosen by "
-                   f"generalised cross-validation; in-sample R² {f.per_block.r2:.2f} per block, "
-                   f"{f.per_layer.r2:.2f} per layer).", "muted"))
+                 ("yes" if e.supported else "no (CI crosses 0)")
+                 + (" (estimate outside its interval)" if e.outside else "")] for e in f.per_block.effects]
+        seeds = f.per_block.blocks
+        s.add(Table(["block", f"`{data.metric}` per expert", "95% bootstrap CI", "CI excludes 0"], rows),
+              Para(f"Ridge regression of the validation `{data.metric}` on the expert counts over {f.per_block.n} "
+                   f"runs ({f.trials} completed trials and {f.finalist_runs} finalist runs), with the training seed "
+                   f"as a blocking factor ({seeds} seed block{'s' if seeds != 1 else ''}: runs are compared only "
+                   f"with runs of the same seed); penalty {f.per_block.alpha:.3g} chosen by generalised "
+                   f"cross-validation; within-seed R² {f.per_block.r2:.2f} per block, "
+                   f"{f.per_layer.r2:.2f} per layer. Intervals resample runs within their seed.", "muted"))
+        outside = f.per_block.outside() + f.per_layer.outside()
+        if outside:
+            s.add(Para("Point estimates outside their own interval: " + ", ".join(
+                f"{e.label} {e.coef:+.4f} vs [{e.lo:+.4f}, {e.hi:+.4f}]" for e in outside)
+                + ". The ridge estimate on all runs is shrunk differently from the resampled fits; the interval, "
+                  "not the point, is what the headline reads.", "muted"))
     spans = param_depths(sorted({p for v in f.importances.values.values() for p in v}), data.num_layers)
     if f.importances.values:
         figures.importance_over_depth(out / "importance.png", f.importances.values, spans, data.num_layers)
-        dups = f.importances.trials - len(data.completed(unique=True))
+        dups = sum(1 for t in data.trials if t.state == "COMPLETE" and t.duplicate_of is not None)
         s.add(Figure("importance.png", f"PED-ANOVA and fANOVA importance of the encoding parameters over "
                                        f"{f.importances.trials} completed trials"
                                        + (f" ({dups} of them duplicate proposals: other points of the space that "
@@ -203,7 +356,9 @@ def _importance_section(data: StudyData, f: LayerFindings, out: Path) -> Section
     if f.per_layer.usable or f.per_block.usable:
         figures.effects_over_depth(out / "layer_effects.png", f.per_layer, f.per_block, data.num_layers)
         s.add(Figure("layer_effects.png", "Score change per expert added to a layer (points) or block (bars), "
-                                          "paid for by the other layers; error bars are 95% bootstrap CIs."))
+                                          "paid for by the other layers; vertical lines span the 95% bootstrap "
+                                          "intervals as they are (hollow red points lie outside their own "
+                                          "interval)."))
     return s
 
 
@@ -217,7 +372,9 @@ def _span_text(span: tuple[float, float] | None) -> str:
 
 
 def _history_section(data: StudyData, out: Path) -> Section:
-    s = Section("4. Optimisation history", anchor="history")
+    from mola_search.analysis import figures  # matplotlib: loaded only when a figure is drawn
+
+    s = Section("5. Optimisation history", anchor="history")
     figures.optimisation_history(out / "history.png", data.trials)
     dups = sum(1 for t in data.trials if t.duplicate_of is not None)
     s.add(Figure("history.png", "Validation score per trial; the red line is the best so far. Seeds are stars, "
@@ -233,10 +390,12 @@ def _history_section(data: StudyData, out: Path) -> Section:
 
 def _adapter_sections(data: StudyData, out: Path) -> list[Section]:
     """5 redundancy and 6 routing, from the trained adapters of the best finalist and the rectangle seed."""
+    from mola_search.analysis import figures
     from mola_search.analysis.adapter import analyze_adapter
+    from mola_search.analysis.redundancy import QUANTITIES, QUANTITY_LABELS
 
-    red = Section("5. Expert redundancy", anchor="redundancy")
-    rout = Section("6. Routing", anchor="routing")
+    red = Section("6. Expert redundancy", anchor="redundancy")
+    rout = Section("7. Routing", anchor="routing")
     best = data.best_finalist()
     rect = data.finalist_for_seed("rectangle")
     chosen: list[tuple[str, FinalistRecord]] = []
@@ -282,7 +441,7 @@ def _adapter_sections(data: StudyData, out: Path) -> list[Section]:
         return [red, rout]
     first_name, first_runs = next(iter(routed.items()))
     figures.routing_heatmaps(out / "routing.png", first_runs[0].routing,
-                             f"Routing of {first_name}, seed 0, on the validation split")
+                             f"Routing of {first_name}, first training seed, on the validation split")
     exact = all(r.routing.exact_balance for runs in routed.values() for r in runs)
     balances = {n: _mean_runs([r.routing.balance for r in runs]) for n, runs in routed.items()}
     figures.balance_over_depth(out / "balance.png", balances, exact)
@@ -321,7 +480,7 @@ def _provenance_section(data: StudyData, started: float) -> Section:
     from mola_search.search.outputs import provenance
 
     c = data.config
-    s = Section("7. Provenance", anchor="provenance")
+    s = Section("8. Provenance", anchor="provenance")
     sp = data.space
     space = (f"`{c.space}`" + (f": {sp.encoding}" + (f", {sp.blocks} blocks" if sp.encoding == "blocks" else "")
                                + (f", {sp.knots} knots" if sp.encoding == "profile" else "")

@@ -1,36 +1,61 @@
-"""The result table: every finalist on the held-out test split, against the best seeded baseline.
+"""The result table: finalists chosen on validation, reported on the held-out test split once.
 
-Finalists are retrained with training seeds 0..k-1, so two finalists' runs pair by
-seed: the comparison with the best seed uses the per-seed differences (a paired
-t-test, `scipy.stats.ttest_rel`, and a percentile bootstrap CI of the mean
-difference). With the usual k = 3 both are weak: the t-test has 2 degrees of
-freedom and the bootstrap only 10 distinct resamples; the table says so.
+Selection is honest: the roles "best", "best searched" and "best seed" go to the
+finalists with the highest mean VALIDATION score of the study's metric over their
+training seeds (ties: validation accuracy). The table then reports each
+finalist's test scores (the metric, accuracy, and f1 / mcc where the task has
+them); nothing is chosen by looking at them.
+
+Comparisons pair the same test examples and the same training seeds: every
+finalist is retrained with the same seeds and scored on the same test examples,
+so the difference of two finalists is a seeds x examples matrix, and its mean is
+bootstrapped by resampling seeds and examples (both with replacement). A study
+written before per-example scores were recorded falls back to pairing per-seed
+means (a paired t-test on a handful of seeds), and the table says so. The chosen
+best is compared with every seeded paper shape, not only the best one, and the
+table carries the study's noise-floor line.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from mola_search.analysis.studydata import FinalistRecord, StudyData
+from mola_search.analysis.studydata import (EXTRA_METRICS, PAPER_SHAPES, FinalistRecord, StudyData,
+                                            per_example_key)
+
+EXAMPLES_X_SEEDS = "bootstrap over test examples x training seeds"
+PER_SEED = "per-seed paired t-test (no per-example scores)"
 
 
 @dataclass
 class Paired:
-    n: int
+    """mean(a - b) over paired observations, a percentile bootstrap CI and a two-sided p-value."""
+
+    n: int                        # common training seeds
     mean_diff: float
     lo: float
     hi: float
     p_value: float
+    n_examples: int = 0           # common test examples (0: per-seed means only)
+    method: str = PER_SEED
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.lo > 0 or self.hi < 0
+
+    def text(self, digits: int = 4) -> str:
+        ci = f" [{self.lo:+.{digits}f}, {self.hi:+.{digits}f}]" if self.lo == self.lo else ""
+        return f"{self.mean_diff:+.{digits}f}{ci}"
 
 
-def paired_comparison(a: dict[int, float], b: dict[int, float], *, n_boot: int = 5000, level: float = 0.95,
+def paired_comparison(a: Mapping[int, float], b: Mapping[int, float], *, n_boot: int = 5000, level: float = 0.95,
                       seed: int = 0) -> Paired | None:
-    """Compare `a` with `b` on the seeds both have: mean(a - b), bootstrap CI, paired t-test p-value."""
+    """Compare per-seed scores `a` with `b` on the seeds both have: mean(a - b), bootstrap CI, paired t-test."""
     from scipy import stats
 
     common = sorted(set(a) & set(b))
@@ -49,70 +74,223 @@ def paired_comparison(a: dict[int, float], b: dict[int, float], *, n_boot: int =
     return Paired(len(d), mean, float(np.percentile(boots, tail)), float(np.percentile(boots, 100 - tail)), p)
 
 
+def paired_examples(a: Mapping[int, Mapping[str, float]], b: Mapping[int, Mapping[str, float]], *,
+                    n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> Paired | None:
+    """Compare per-example scores (train seed -> example id -> value) of `a` and `b`.
+
+    Pairs on the seeds both have and the example ids every one of those runs has. The
+    statistic is the mean of the seeds x examples difference matrix; each bootstrap
+    resample draws seeds and examples independently, with replacement (a two-way
+    bootstrap: seed-to-seed and example-to-example variation both count). p-value:
+    two-sided, from how often the resampled mean falls on the other side of 0.
+    """
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    ids = set.intersection(*(set(a[s]) & set(b[s]) for s in seeds))
+    if not ids:
+        return None
+    order = sorted(ids)
+    d = np.array([[a[s][i] - b[s][i] for i in order] for s in seeds], dtype=float)
+    k, n = d.shape
+    mean = float(d.mean())
+    if np.ptp(d) == 0:
+        return Paired(k, mean, mean, mean, math.nan, n, EXAMPLES_X_SEEDS)
+    rng = np.random.default_rng(seed)
+    boots = np.empty(n_boot)
+    chunk = max(1, 2_000_000 // max(n, k))
+    for start in range(0, n_boot, chunk):
+        m = min(chunk, n_boot - start)
+        w = rng.multinomial(k, np.full(k, 1.0 / k), size=m)       # how often each seed is drawn
+        v = rng.multinomial(n, np.full(n, 1.0 / n), size=m)       # how often each example is drawn
+        boots[start:start + m] = np.einsum("bs,si,bi->b", w, d, v) / (k * n)
+    tail = 100 * (1 - level) / 2
+    below, above = int((boots <= 0).sum()), int((boots >= 0).sum())
+    p = min(1.0, 2 * (min(below, above) + 1) / (n_boot + 1))
+    return Paired(k, mean, float(np.percentile(boots, tail)), float(np.percentile(boots, 100 - tail)), p, n,
+                  EXAMPLES_X_SEEDS)
+
+
 @dataclass
 class ResultRow:
     name: str
     origin: str
     number: int
     allocation: tuple[int, ...] | None
-    scores: dict[int, float]            # seed -> test accuracy (or one validation score)
-    validation: float | None
+    scores: dict[int, float]            # train seed -> test <metric> (or one search-fidelity validation score)
+    validation: dict[int, float]        # train seed -> validation <metric>
     trainable_params: int | None
-    role: str = ""                      # "best", "best searched", "best seed", ""
+    accuracy: dict[int, float] = field(default_factory=dict)              # train seed -> test accuracy
+    extra: dict[str, dict[int, float]] = field(default_factory=dict)      # f1 / mcc -> train seed -> test value
+    examples: dict[int, dict[str, float]] = field(default_factory=dict)   # train seed -> id -> test <metric>
+    correct: dict[int, dict[str, float]] = field(default_factory=dict)    # train seed -> id -> 0/1
+    val_accuracy: dict[int, float] = field(default_factory=dict)
+    role: str = ""                      # "best", "best searched", "best seed" (comma-joined), or ""
     vs_best_seed: Paired | None = None
 
     @property
     def mean(self) -> float:
-        return statistics.fmean(self.scores.values()) if self.scores else math.nan
+        return _mean(self.scores)
 
     @property
     def std(self) -> float:
-        return statistics.stdev(self.scores.values()) if len(self.scores) > 1 else 0.0
+        return _std(self.scores)
+
+    @property
+    def val_mean(self) -> float:
+        return _mean(self.validation)
+
+    @property
+    def acc_mean(self) -> float:
+        return _mean(self.accuracy)
+
+    @property
+    def acc_std(self) -> float:
+        return _std(self.accuracy)
 
     @property
     def is_seed(self) -> bool:
         return self.origin.startswith("seed:")
 
+    @property
+    def seed_name(self) -> str:
+        return self.origin[5:] if self.is_seed else ""
+
+
+@dataclass
+class SeedComparison:
+    """The chosen best against one seeded shape, on the study metric and on accuracy."""
+
+    seed: str
+    metric: Paired | None
+    accuracy: Paired | None
+
 
 @dataclass
 class ResultTable:
     rows: list[ResultRow]
-    metric: str                         # what the scores are
+    metric: str                         # what the scores are, in words
     best_seed: str | None
     notes: list[str] = field(default_factory=list)
     majority: float | None = None       # always answering the most frequent train label, same test examples
+    metric_name: str = "accuracy"       # the study metric's name
+    selected_on: str = "validation"
+    vs_seeds: list[SeedComparison] = field(default_factory=list)   # the best vs every seeded shape
+    noise_line: str = ""
+    on_test: bool = True                # False: single search trials, no finalists
 
     def row(self, role: str) -> ResultRow | None:
         return next((r for r in self.rows if role in r.role.split(", ")), None)
 
     def below_majority(self) -> list[ResultRow]:
-        """Rows whose mean does not beat always answering the majority label (none when it is unknown)."""
-        return [] if self.majority is None else [r for r in self.rows if r.mean <= self.majority]
+        """Rows whose mean test accuracy does not beat always answering the majority label."""
+        return [] if self.majority is None else [r for r in self.rows if r.acc_mean <= self.majority]
 
     @property
     def nothing_learned(self) -> bool:
         return bool(self.rows) and len(self.below_majority()) == len(self.rows)
 
+    @property
+    def extras(self) -> list[str]:
+        return [k for k in EXTRA_METRICS if k != self.metric_name and any(k in r.extra for r in self.rows)]
 
-def result_table(data: StudyData) -> ResultTable:
+
+def result_table(data: StudyData, *, n_boot: int = 2000) -> ResultTable:
+    """The honest result table of a study: finalists if any finished, else single search trials."""
     finalists = [f for f in data.finalists if f.test]
-    if finalists:
-        return _from_finalists(data, finalists)
-    return _from_trials(data)
+    table = _from_finalists(data, finalists, n_boot=n_boot) if finalists else _from_trials(data)
+    table.noise_line = data.noise_line()
+    table.notes.insert(0, table.noise_line)
+    if data.metric != data.configured_metric:
+        table.notes.append(f"this study recorded accuracy only (it was written before the `{data.configured_metric}` "
+                           "score existed): selection, scores and comparisons use accuracy")
+    return table
 
 
-def _from_finalists(data: StudyData, finalists: Sequence[FinalistRecord]) -> ResultTable:
-    rows = [ResultRow(f.name, f.origin, f.number, f.allocation, dict(f.test),
-                      statistics.fmean(f.validation.values()) if f.validation else None, f.trainable_params)
-            for f in finalists]
-    table = ResultTable(rows, "test accuracy (held-out test split), mean ± std over training seeds", None,
-                        majority=_majority(finalists))
+def _row(f: FinalistRecord) -> ResultRow:
+    return ResultRow(f.name, f.origin, f.number, f.allocation, dict(f.test), dict(f.validation), f.trainable_params,
+                     dict(f.test_accuracy), {k: dict(v) for k, v in f.test_extra.items()}, f.per_example("test"),
+                     f.per_example("test", per_example_key("accuracy")), dict(f.val_accuracy))
+
+
+def _from_finalists(data: StudyData, finalists: Sequence[FinalistRecord], *, n_boot: int = 2000) -> ResultTable:
+    rows = [_row(f) for f in finalists]
+    on = data.selected_on()
+    table = ResultTable(rows, f"test `{data.metric}` on the held-out test split, mean ± std over training seeds; "
+                              f"rows ordered by mean validation `{data.metric}` (the selection)", None,
+                        majority=_majority(finalists), metric_name=data.metric, selected_on=on)
     best = data.best_finalist()
-    _mark(table, best.number if best else None)
+    searched = data.best_finalist(searched_only=True)
+    seed = data.best_finalist(seeds_only=True)
+    _mark(table, {"best": best, "best searched": searched, "best seed": seed})
+    table.best_seed = seed.name if seed is not None else None
+    _selection_notes(data, table, best)
     _check_against_majority(table)
-    if not _compare_to_best_seed(table):
-        table.notes.append("no seeded baseline has finished as a finalist: nothing to test against")
-    k = max(len(r.scores) for r in rows)
+    if seed is None:
+        table.notes.append("no seeded baseline has finished as a finalist: nothing to compare with")
+    else:
+        ref = next(r for r in rows if r.number == seed.number)
+        for r in rows:
+            if r is not ref:
+                r.vs_best_seed = compare(r, ref, n_boot=n_boot)
+        top = table.row("best")
+        seeds = sorted((r for r in rows if r.is_seed and r is not top),
+                       key=lambda r: (PAPER_SHAPES.index(r.seed_name) if r.seed_name in PAPER_SHAPES else 99, r.name))
+        table.vs_seeds = [SeedComparison(r.seed_name, compare(top, r, n_boot=n_boot),
+                                         compare(top, r, accuracy=True, n_boot=n_boot)) for r in seeds]
+        if len(table.vs_seeds) > 1:
+            table.notes.append(f"the best is compared with {len(table.vs_seeds)} seeded shapes: at 95% per interval, "
+                               "about one interval in 20 excludes 0 by chance alone")
+    _method_notes(table)
+    return table
+
+
+def compare(a: ResultRow, b: ResultRow, *, accuracy: bool = False, n_boot: int = 2000) -> Paired | None:
+    """a - b paired on the same test examples and seeds; per-seed means when per-example scores are missing."""
+    ea, eb = (a.correct, b.correct) if accuracy else (a.examples, b.examples)
+    if ea and eb:
+        res = paired_examples(ea, eb, n_boot=n_boot)
+        if res is not None:
+            return res
+    sa, sb = (a.accuracy, b.accuracy) if accuracy else (a.scores, b.scores)
+    return paired_comparison(sa, sb, n_boot=n_boot)
+
+
+def _selection_notes(data: StudyData, table: ResultTable, best: FinalistRecord | None) -> None:
+    """Say in words wherever something was chosen on the test split."""
+    if table.selected_on == "test":
+        table.notes.append("some finalists recorded no validation score, so the best was chosen on the test split: "
+                           "its test score is then optimistic (selected and measured on the same examples)")
+    chosen_by = str((data.best or {}).get("chosen_by") or "")
+    if data.best and "test" in chosen_by.lower() and "validation" not in chosen_by.lower():
+        exported = data.exported_finalist()
+        differs = exported is not None and best is not None and exported.number != best.number
+        table.notes.append(f"best_allocation.json was chosen on the test split ({chosen_by}): choosing on test "
+                           "makes that allocation's test score optimistic; this table chooses by mean validation "
+                           f"`{data.metric}` instead"
+                           + (f", which picks {best.name}, not the exported {exported.name}" if differs else
+                              ", which picks the same allocation" if exported is not None and best is not None
+                              else ""))
+
+
+def _method_notes(table: ResultTable) -> None:
+    comps = [r.vs_best_seed for r in table.rows if r.vs_best_seed is not None]
+    comps += [c.metric for c in table.vs_seeds if c.metric is not None]
+    if not comps:
+        return
+    per_seed = [c for c in comps if c.method == PER_SEED]
+    if not per_seed:
+        n_ex, k = min(c.n_examples for c in comps), min(c.n for c in comps)
+        table.notes.append(f"Δ pairs the same test examples (at least {n_ex}) and training seeds; CIs and p-values "
+                           "come from a bootstrap that resamples both examples and seeds"
+                           + (f"; with {k} seed{'s' if k > 1 else ''} the seed part has only "
+                              f"{math.comb(2 * k - 1, k)} distinct draws, so the intervals can understate "
+                              "seed-to-seed variation (more --finalist-seeds narrow them honestly)" if k <= 5 else ""))
+        return
+    table.notes.append(f"no per-example test scores of `{table.metric_name}` (f1 and mcc are not per-example "
+                       "scores, and studies written before this version did not record them): comparisons pair "
+                       "per-seed means only")
+    k = max(c.n for c in per_seed)
     if k < 2:
         table.notes.append("one training seed per finalist: no spread, no test; retrain with --finalist-seeds >= 3")
     elif k <= 5:
@@ -120,7 +298,6 @@ def _from_finalists(data: StudyData, finalists: Sequence[FinalistRecord]) -> Res
         table.notes.append(f"n = {k} paired seeds: the paired t-test has {k - 1} degree(s) of freedom and the "
                            f"bootstrap only {distinct} distinct resamples, so p-values and CIs are rough; "
                            "a difference smaller than the seed-to-seed spread is not evidence")
-    return table
 
 
 def _majority(finalists: Sequence[FinalistRecord]) -> float | None:
@@ -134,9 +311,10 @@ def _check_against_majority(table: ResultTable) -> None:
     ranking such runs ranks seed noise, and the reader must be told before reading the table."""
     below = table.below_majority()
     if table.nothing_learned:
-        table.notes.append(f"every finalist's mean is at or below the majority-class baseline ({table.majority:.4f} "
-                           "on the same test examples): at this fidelity the fine-tunes did not learn the task, so "
-                           "this table ranks seed noise; train trials on more data (--max-train-examples, --epochs)")
+        table.notes.append(f"every finalist's mean test accuracy is at or below the majority-class baseline "
+                           f"({table.majority:.4f} on the same test examples): at this fidelity the fine-tunes did "
+                           "not learn the task, so this table ranks seed noise; train trials on more data "
+                           "(--max-train-examples, --epochs)")
     elif below:
         table.notes.append(f"{len(below)} of {len(table.rows)} finalists are at or below the majority-class "
                            f"baseline ({table.majority:.4f}): {', '.join(r.name for r in below)}")
@@ -147,46 +325,49 @@ def _from_trials(data: StudyData) -> ResultTable:
     done = data.completed(unique=True)
     rows = []
     for t in done:
+        s = data.trial_seed(t)
         if t.is_seed:
-            rows.append(ResultRow(t.seed_name, t.origin, t.number, t.allocation, {0: t.value}, t.value, None))
+            rows.append(ResultRow(t.seed_name, t.origin, t.number, t.allocation, {s: t.value}, {s: t.value}, None))
     searched = [t for t in done if not t.is_seed]
     if searched:
         t = max(searched, key=lambda t: t.value)
-        rows.append(ResultRow(f"trial {t.number} ({t.origin})", t.origin, t.number, t.allocation, {0: t.value},
-                              t.value, None))
-    table = ResultTable(rows, "validation score of one search trial (no finalist retrained on the test split)",
-                        None, ["no finalists: these are single search-fidelity validation scores, with no seeds to "
-                               "pair and no test split; run finalists (--finalist-seeds 3) for the real comparison"])
-    best = max(rows, key=lambda r: r.mean) if rows else None
-    _mark(table, best.number if best else None)
-    _compare_to_best_seed(table)  # single runs: one pair, the plain difference
+        s = data.trial_seed(t)
+        rows.append(ResultRow(f"trial {t.number} ({t.origin})", t.origin, t.number, t.allocation, {s: t.value},
+                              {s: t.value}, None))
+    table = ResultTable(rows, f"validation `{data.metric}` of one search trial (no finalist retrained and scored "
+                              "on the test split)", None,
+                        ["no finalists: these are single search-fidelity validation scores, with no seeds to "
+                         "pair and no test split; run finalists (--finalist-seeds 3) for the real comparison"],
+                        metric_name=data.metric, on_test=False)
+    by_value = {r.number: r for r in rows}
+
+    def top(pool: list[ResultRow]) -> ResultRow | None:
+        return max(pool, key=lambda r: (r.mean, -r.number)) if pool else None
+
+    best, seed = top(rows), top([r for r in rows if r.is_seed])
+    _mark(table, {"best": best, "best searched": top([r for r in rows if not r.is_seed]), "best seed": seed})
+    if seed is not None:
+        table.best_seed = seed.name
+        for r in rows:
+            if r is not seed:
+                r.vs_best_seed = paired_comparison(r.scores, by_value[seed.number].scores)  # one pair: the difference
     return table
 
 
-def _compare_to_best_seed(table: ResultTable) -> bool:
-    """Pair every row with the best seeded baseline by training seed; False when no seed finished."""
-    seeds = [r for r in table.rows if r.is_seed]
-    if not seeds:
-        return False
-    ref = max(seeds, key=lambda r: r.mean)
-    table.best_seed = ref.name
-    for r in table.rows:
-        if r is not ref:
-            r.vs_best_seed = paired_comparison(r.scores, ref.scores)
-    return True
-
-
-def _mark(table: ResultTable, best_number: int | None) -> None:
-    rows = table.rows
-    searched = [r for r in rows if not r.is_seed]
-    seeds = [r for r in rows if r.is_seed]
+def _mark(table: ResultTable, chosen: Mapping[str, object]) -> None:
+    """Give the roles to the chosen rows (by trial number) and order the rows by mean validation score."""
     roles: dict[int, list[str]] = {}
-    if best_number is not None:
-        roles.setdefault(best_number, []).append("best")
-    if searched:
-        roles.setdefault(max(searched, key=lambda r: r.mean).number, []).append("best searched")
-    if seeds:
-        roles.setdefault(max(seeds, key=lambda r: r.mean).number, []).append("best seed")
-    for r in rows:
+    for role, item in chosen.items():
+        if item is not None:
+            roles.setdefault(item.number, []).append(role)
+    for r in table.rows:
         r.role = ", ".join(roles.get(r.number, []))
-    rows.sort(key=lambda r: -r.mean if r.mean == r.mean else math.inf)
+    table.rows.sort(key=lambda r: (-r.val_mean if r.val_mean == r.val_mean else math.inf, r.number))
+
+
+def _mean(values: Mapping[int, float]) -> float:
+    return statistics.fmean(values.values()) if values else math.nan
+
+
+def _std(values: Mapping[int, float]) -> float:
+    return statistics.stdev(values.values()) if len(values) > 1 else 0.0

@@ -1,9 +1,14 @@
-"""Read a study folder into plain records: config, Optuna trials, finalists' run folders.
+"""Read a study folder into plain records: config, Optuna trials, finalists' run folders, noise floor.
 
 Everything the report, `compare` and the importance analysis need comes from the
-Optuna storage (`study.db`) and the finalists' `metrics.json` files, so a study
-that is still running, or was interrupted, can be read at any time: only what is
-finished is used, and `StudyData.notes` says what is missing.
+Optuna storage (`study.db`), the finalists' `metrics.json` files and `noise.json`,
+so a study that is still running, or was interrupted, can be read at any time:
+only what is finished is used, and `StudyData.notes` says what is missing.
+
+Scores are those of the study's metric (`StudyConfig.metric`, default
+"gold_logprob": the mean log-probability of the gold choice, continuous). A study
+written before the metric existed recorded only accuracy: its trial values and
+finalist scores are accuracy, and `StudyData.metric` says "accuracy".
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -19,8 +25,17 @@ from typing import Any
 from mola_search.errors import UserError
 
 MIN_COMPLETED = 2  # below this there is nothing to compare, let alone estimate
+DEFAULT_METRIC = "gold_logprob"
+EXTRA_METRICS = ("f1", "mcc")  # reported where a task defines them (mrpc: f1, cola: mcc)
+PAPER_SHAPES = ("triangle", "inverted_triangle", "hourglass", "rectangle", "diamond", "alphalora")
 
 _LABEL = re.compile(r"^t(\d+)-(.*)$")
+_SEED_DIR = re.compile(r"^seed(-?\d+)$")
+
+
+def per_example_key(metric: str) -> str:
+    """The per_example array that averages to `metric` ("correct" for accuracy)."""
+    return "correct" if metric == "accuracy" else metric
 
 
 @dataclass
@@ -29,7 +44,7 @@ class TrialRecord:
 
     number: int
     state: str                              # COMPLETE | PRUNED | FAIL | RUNNING | WAITING
-    value: float | None                     # final validation score (COMPLETE only)
+    value: float | None                     # final validation score of the study metric (COMPLETE only)
     intermediate: dict[int, float]          # rung -> score
     origin: str
     allocation: tuple[int, ...] | None
@@ -42,6 +57,9 @@ class TrialRecord:
     node: str = ""
     start: datetime | None = None
     complete: datetime | None = None
+    train_seed: int | None = None           # None: a study written before trials recorded it (the study seed)
+    pilot: bool = False                     # a noise-floor run (seed shapes x several training seeds)
+    metrics: dict[str, float] = field(default_factory=dict)   # validation metrics of the last rung
 
     @property
     def is_seed(self) -> bool:
@@ -61,32 +79,84 @@ class TrialRecord:
 
 @dataclass
 class FinalistRecord:
-    """One allocation retrained with several seeds (`finalists/<label>/seed<k>/`)."""
+    """One allocation retrained with several training seeds (`finalists/<label>/seed<train_seed>/`).
+
+    `validation` / `test` hold the study metric (`metric`; "accuracy" for a study
+    written before the metric existed) per training seed; accuracy and the task's
+    extra metrics are kept beside it. Only runs with a test score count.
+    """
 
     label: str
     number: int
     origin: str
     allocation: tuple[int, ...] | None
     folder: Path
-    test: dict[int, float] = field(default_factory=dict)          # training seed -> test accuracy
-    validation: dict[int, float] = field(default_factory=dict)
+    metric: str = "accuracy"
+    validation: dict[int, float] = field(default_factory=dict)      # train seed -> validation <metric>
+    test: dict[int, float] = field(default_factory=dict)            # train seed -> test <metric>
+    val_accuracy: dict[int, float] = field(default_factory=dict)
+    test_accuracy: dict[int, float] = field(default_factory=dict)
+    test_extra: dict[str, dict[int, float]] = field(default_factory=dict)   # "f1" | "mcc" -> train seed -> value
     trainable_params: int | None = None
-    metrics: dict[int, dict[str, Any]] = field(default_factory=dict)
+    metrics: dict[int, dict[str, Any]] = field(default_factory=dict)        # train seed -> metrics.json
+    dirs: dict[int, Path] = field(default_factory=dict)                     # train seed -> run folder
 
     @property
     def is_seed(self) -> bool:
         return self.origin.startswith("seed:")
 
     @property
+    def seed_name(self) -> str:
+        return self.origin[5:] if self.is_seed else ""
+
+    @property
     def name(self) -> str:
         """Seed name ("rectangle") or "trial <n> (<sampler>)"."""
         return self.origin[5:] if self.is_seed else f"trial {self.number} ({self.origin})"
 
+    @property
+    def val_mean(self) -> float:
+        return statistics.fmean(self.validation.values()) if self.validation else math.nan
+
+    @property
+    def val_accuracy_mean(self) -> float:
+        return statistics.fmean(self.val_accuracy.values()) if self.val_accuracy else math.nan
+
+    @property
+    def test_mean(self) -> float:
+        return statistics.fmean(self.test.values()) if self.test else math.nan
+
+    def per_example(self, split: str = "test", key: str | None = None) -> dict[int, dict[str, float]]:
+        """Train seed -> example id -> per-example value (default: the array that averages to the metric).
+
+        Seeds whose metrics.json has no per_example data (or not that array) are left out,
+        so an old-format study gives {}.
+        """
+        key = key or per_example_key(self.metric)
+        out: dict[int, dict[str, float]] = {}
+        for seed, m in self.metrics.items():
+            pe = (m.get(split) or {}).get("per_example") or {}
+            ids, values = pe.get("ids"), pe.get(key)
+            if isinstance(ids, list) and isinstance(values, list) and ids and len(ids) == len(values):
+                out[seed] = {str(i): float(v) for i, v in zip(ids, values)}
+        return out
+
     def run_folders(self) -> list[Path]:
-        return [self.folder / f"seed{s}" for s in sorted(self.metrics)]
+        return [self.dirs[s] for s in sorted(self.dirs)]
 
     def adapters(self) -> list[Path]:
         return [p / "adapter" for p in self.run_folders() if (p / "adapter" / "adapter_config.json").is_file()]
+
+
+def selection_key(f: FinalistRecord, on: str = "validation") -> tuple[float, float]:
+    """How finalists are ranked: mean <metric> over seeds on `on`, then mean accuracy (NaN ranks last)."""
+    def clean(v: float) -> float:
+        return v if v == v else -math.inf
+
+    if on == "validation":
+        return clean(f.val_mean), clean(f.val_accuracy_mean)
+    acc = statistics.fmean(f.test_accuracy.values()) if f.test_accuracy else math.nan
+    return clean(f.test_mean), clean(acc)
 
 
 @dataclass
@@ -102,42 +172,81 @@ class StudyData:
     space: Any = None                        # SearchSpace, when its definition can still be read
     notes: list[str] = field(default_factory=list)
     finished: bool = True
+    metric: str = "accuracy"                 # what trial values and finalist scores are
+    noise: Any = None                        # mola_search.search.noise.NoiseFloor, when noise.json exists
+    noise_rounds: list[Any] = field(default_factory=list)   # --auto-fidelity history (last = chosen)
+    noise_note: str = ""                     # why there is no noise floor, when there is none
 
     @property
     def name(self) -> str:
         return self.config.study_name or self.folder.name
 
-    def completed(self, unique: bool = True) -> list[TrialRecord]:
-        """COMPLETE trials with a finite score; `unique` drops proposals answered from the duplicate cache."""
+    @property
+    def seed(self) -> int:
+        """The search's training seed (every search trial trains with it)."""
+        return int(getattr(self.config, "seed", 0) or 0)
+
+    @property
+    def configured_metric(self) -> str:
+        return str(getattr(self.config, "metric", DEFAULT_METRIC) or DEFAULT_METRIC)
+
+    def trial_seed(self, t: TrialRecord) -> int:
+        return self.seed if t.train_seed is None else t.train_seed
+
+    def completed(self, unique: bool = True, replicates: bool = False) -> list[TrialRecord]:
+        """COMPLETE trials with a finite score.
+
+        `unique` drops proposals answered from the duplicate cache; `replicates` keeps the
+        noise-floor pilot runs trained with another seed than the study's (left out by
+        default, so each allocation of the search appears once).
+        """
         return [t for t in self.trials if t.state == "COMPLETE" and t.value is not None and math.isfinite(t.value)
-                and t.allocation is not None and not (unique and t.duplicate_of is not None)]
+                and t.allocation is not None and not (unique and t.duplicate_of is not None)
+                and (replicates or self.trial_seed(t) == self.seed)]
 
     def count(self, state: str) -> int:
         return sum(1 for t in self.trials if t.state == state and t.duplicate_of is None)
 
     def seed_trials(self) -> dict[str, TrialRecord]:
+        """Seed name -> its search trial (trained with the study seed; a pilot replicate only if none is)."""
         out: dict[str, TrialRecord] = {}
-        for t in self.trials:
+        for t in sorted(self.trials, key=lambda t: (self.trial_seed(t) != self.seed, t.number)):
             if t.is_seed and t.allocation is not None and t.seed_name not in out:
                 out[t.seed_name] = t
         return out
 
-    def best_finalist(self) -> FinalistRecord | None:
-        """The finalist best_allocation.json names, else the one with the highest mean test score."""
+    def selected_on(self) -> str:
+        """"validation" when the finalists recorded validation scores (the honest choice), else "test"."""
         scored = [f for f in self.finalists if f.test]
+        return "validation" if scored and all(f.validation for f in scored) else "test"
+
+    def best_finalist(self, seeds_only: bool = False, searched_only: bool = False) -> FinalistRecord | None:
+        """The finalist with the highest mean validation score of the metric (ties: validation accuracy).
+
+        Test scores are never looked at, unless no finalist has a validation score
+        (`selected_on()` then says "test"). `seeds_only` / `searched_only` restrict the choice.
+        """
+        scored = [f for f in self.finalists if f.test and not (seeds_only and not f.is_seed)
+                  and not (searched_only and f.is_seed)]
         if not scored:
             return None
-        if self.best and self.best.get("trial") is not None:
-            for f in scored:
-                if f.number == self.best["trial"]:
-                    return f
-        return max(scored, key=lambda f: sum(f.test.values()) / len(f.test))
+        on = self.selected_on()
+        return max(scored, key=lambda f: (*selection_key(f, on), -f.number))
+
+    def exported_finalist(self) -> FinalistRecord | None:
+        """The finalist best_allocation.json names (None without one, or when it names no finalist)."""
+        number = (self.best or {}).get("trial")
+        return next((f for f in self.finalists if f.test and f.number == number), None) if number is not None else None
 
     def finalist_for_seed(self, seed_name: str) -> FinalistRecord | None:
         for f in self.finalists:
             if f.origin == f"seed:{seed_name}" and f.test:
                 return f
         return None
+
+    def noise_line(self) -> str:
+        """The noise-floor sentence (noise.json), or why there is none."""
+        return self.noise.line() if self.noise is not None else self.noise_note
 
 
 def load_study(folder: str | Path) -> StudyData:
@@ -171,7 +280,10 @@ def load_study(folder: str | Path) -> StudyData:
     space = _space(config)
     best = _read_json(folder / "best_allocation.json")
     data = StudyData(folder, config, study, int(num_layers), budget, trials, [], best, space)
-    data.finalists = _finalists(folder, {t.number: t for t in trials})
+    runs = _finalist_runs(folder)
+    data.metric = _metric(data, runs)
+    data.finalists = _finalists(runs, {t.number: t for t in trials}, data.metric)
+    data.noise, data.noise_rounds, data.noise_note = _noise(folder)
     _status(data)
     return data
 
@@ -193,47 +305,100 @@ def _trial_record(t: Any) -> TrialRecord:
         return tuple(int(x) for x in v) if isinstance(v, (list, tuple)) and v else None
 
     dup = a.get("duplicate_of")
+    metrics = a.get("metrics")
+    seed = a.get("train_seed")
     return TrialRecord(
         number=t.number, state=t.state.name, value=float(value) if value is not None else None,
         intermediate={int(k): float(v) for k, v in t.intermediate_values.items() if v == v},
         origin=str(a.get("origin", "")), allocation=ints("allocation"), top_k=ints("top_k"), rank=ints("rank"),
         params=dict(t.params), duplicate_of=int(dup) if dup is not None and dup != "" else None,
         failure=str(a.get("failure", "") or ""), wall_time_s=_float(a.get("wall_time_s")), node=str(a.get("node", "")),
-        start=t.datetime_start, complete=t.datetime_complete)
+        start=t.datetime_start, complete=t.datetime_complete,
+        train_seed=int(seed) if isinstance(seed, (int, float)) and not isinstance(seed, bool) else None,
+        pilot=bool(a.get("pilot", False)),
+        metrics={k: v for k, v in ((k, _float(v)) for k, v in metrics.items()) if v is not None}
+        if isinstance(metrics, dict) else {})
 
 
-def _finalists(folder: Path, by_number: dict[int, TrialRecord]) -> list[FinalistRecord]:
+def _finalist_runs(folder: Path) -> list[tuple[Path, list[tuple[int, Path, dict[str, Any]]]]]:
+    """finalists/<label>/seed<k>/metrics.json: (label folder, [(train seed, run folder, metrics)])."""
     root = folder / "finalists"
     if not root.is_dir():
         return []
     out = []
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and _LABEL.match(p.name)):
+        runs = []
+        for run in sub.iterdir():
+            m = _SEED_DIR.match(run.name)
+            metrics = _read_json(run / "metrics.json") if m and run.is_dir() else None
+            if metrics is None:
+                continue
+            seed = metrics.get("train_seed")
+            seed = int(seed) if isinstance(seed, int) and not isinstance(seed, bool) else int(m.group(1))
+            runs.append((seed, run, metrics))
+        out.append((sub, sorted(runs, key=lambda r: r[0])))
+    return out
+
+
+def _metric(data: StudyData, runs: list) -> str:
+    """The metric the study's scores carry: the configured one, or accuracy for an old-format study.
+
+    A study is new-format when its finalists recorded the configured metric, or its
+    trials recorded their metrics / training seed; an old one recorded accuracy only.
+    """
+    configured = data.configured_metric
+    finals = [m for _, rs in runs for _, _, m in rs if (m.get("test") or {}).get("accuracy") is not None
+              or (m.get("test") or {}).get(configured) is not None]
+    if finals:
+        return configured if any((m.get("test") or {}).get(configured) is not None for m in finals) else "accuracy"
+    new = any(t.metrics or t.train_seed is not None for t in data.trials)
+    old = any(t.state == "COMPLETE" for t in data.trials)
+    return configured if new or not old else "accuracy"
+
+
+def _finalists(runs: list, by_number: dict[int, TrialRecord], metric: str) -> list[FinalistRecord]:
+    out = []
+    for sub, seeds in runs:
         m = _LABEL.match(sub.name)
-        if not m:
-            continue
         number = int(m.group(1))
         trial = by_number.get(number)
         origin = trial.origin if trial and trial.origin else m.group(2).replace("seed_", "seed:", 1)
-        rec = FinalistRecord(sub.name, number, origin, trial.allocation if trial else None, sub)
-        for run in sorted(sub.glob("seed*")):
-            seed = run.name[4:]
-            metrics = _read_json(run / "metrics.json")
-            if not seed.isdigit() or not metrics:
-                continue
-            test = _float((metrics.get("test") or {}).get("accuracy"))
-            val = _float((metrics.get("validation") or {}).get("accuracy"))
-            if test is None:
-                continue
-            rec.metrics[int(seed)] = metrics
-            rec.test[int(seed)] = test
-            if val is not None:
-                rec.validation[int(seed)] = val
+        rec = FinalistRecord(sub.name, number, origin, trial.allocation if trial else None, sub, metric)
+        for seed, run, metrics in seeds:
+            test, val = metrics.get("test") or {}, metrics.get("validation") or {}
+            score = _float(test.get(metric))
+            if score is None:
+                continue  # unfinished, or a run that did not record the study's metric
+            rec.metrics[seed], rec.dirs[seed], rec.test[seed] = metrics, run, score
+            for target, split, key in ((rec.validation, val, metric), (rec.val_accuracy, val, "accuracy"),
+                                       (rec.test_accuracy, test, "accuracy")):
+                v = _float(split.get(key))
+                if v is not None:
+                    target[seed] = v
+            for key in EXTRA_METRICS:
+                v = _float(test.get(key))
+                if v is not None:
+                    rec.test_extra.setdefault(key, {})[seed] = v
             if rec.trainable_params is None and metrics.get("trainable_params") is not None:
                 rec.trainable_params = int(metrics["trainable_params"])
             if rec.allocation is None and metrics.get("allocation"):
                 rec.allocation = tuple(int(x) for x in metrics["allocation"])
         out.append(rec)
     return out
+
+
+def _noise(folder: Path) -> tuple[Any, list[Any], str]:
+    """noise.json via the search's reader: (chosen estimate, --auto-fidelity rounds, why there is none)."""
+    if not (folder / "noise.json").is_file():
+        return None, [], ("no noise floor was measured (the study has no noise.json): differences between "
+                          "allocations cannot be told apart from seed-to-seed variation")
+    from mola_search.search.noise import read_noise, read_rounds
+
+    try:
+        noise, rounds = read_noise(folder), read_rounds(folder)
+    except UserError as exc:
+        return None, [], f"no noise floor: {exc}"
+    return noise, rounds, ""
 
 
 def _status(data: StudyData) -> None:
