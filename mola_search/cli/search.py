@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         if extra:
             config = StudyConfig.from_dict({**config.to_dict(), **extra})
             config.save(folder)
-        run_study(config, folder, resume=True)
+        run_study(config, folder, resume=True, summarize=_summarize)
         return 0
     config = study_config_from_args(args)
     name = config.study_name or f"{_slug(config.task)}-b{config.budget or 'auto'}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -142,8 +142,15 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{folder} already holds a study; continue it with `mola-search --resume {folder}` "
                         "or choose another --out")
     config = StudyConfig.from_dict({**config.to_dict(), "out": str(folder), "study_name": name})
-    run_study(config, folder)
+    run_study(config, folder, summarize=_summarize)
     return 0
+
+
+def _summarize(folder: Path) -> str:
+    """summary.md: the report's text (noise floor, paired results, layer headline), without figures."""
+    from mola_search.analysis.report import study_summary
+
+    return study_summary(folder)
 
 
 def export_main(argv: list[str]) -> int:

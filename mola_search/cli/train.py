@@ -137,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as exc:
         raise UserError(f"training diverged: {exc}; lower --lr (now {config.train.lr:g}) or check the data") from None
     m = outcome.metrics
-    print(json.dumps({"out": config.out, "validation": m.get("validation"), "test": m.get("test"),
+    brief = {split: {k: v for k, v in m[split].items() if k != "per_example"} if m.get(split) else None
+             for split in ("validation", "test")}  # per-example scores stay in metrics.json
+    print(json.dumps({"out": config.out, "validation": brief["validation"], "test": brief["test"],
                       "trainable_params": m["trainable_params"], "tokens_per_second": round(m["tokens_per_second"], 1),
                       "wall_time_s": round(m["wall_time_s"], 1)}, indent=2))
     return 0

@@ -27,6 +27,11 @@ TRIAL_COLUMNS = ("number", "origin", "state", "score", "rung_scores", "train_see
                  "top_k", "rank", "wall_time_s", "failure", "duplicate_of", "node")
 
 
+FILES_NOTE = ("Files: `noise.json` (pilot), `trials.csv` (every trial), `finalists.csv`, `best_allocation.json` "
+              "(export with `mola-search export`), `study.db` (Optuna storage; `optuna-dashboard sqlite:///study.db`), "
+              "`report/` (`mola-search report`).")
+
+
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
     rows = []
     for t in study.get_trials(deepcopy=False):
@@ -171,7 +176,10 @@ def provenance() -> dict[str, Any]:
 
 
 def write_summary(folder: Path, config: dict[str, Any], study: optuna.Study, finalists: Sequence[Finalist],
-                  best: Finalist | None, wall_time_s: float | None, noise: Any = None) -> Path:
+                  best: Finalist | None, wall_time_s: float | None, noise: Any = None,
+                  analysis: str | None = None) -> Path:
+    """summary.md: the study's settings and trial counts, then `analysis` (Markdown from the report,
+    its own title dropped) or, without it, the noise floor and the finalists."""
     trials = trial_rows(study)
     metric = config.get("metric", "accuracy")
     counts = {s: sum(1 for r in trials if r["state"] == s and not r["duplicate_of"]) for s in ("COMPLETE", "PRUNED", "FAIL")}
@@ -185,6 +193,12 @@ def write_summary(folder: Path, config: dict[str, Any], study: optuna.Study, fin
              ]
     if wall_time_s is not None:
         lines.append(f"- wall time: {wall_time_s / 60:.1f} min")
+    if analysis is not None:
+        body = analysis.strip().splitlines()
+        if body and body[0].startswith("# "):
+            body = body[1:]
+        lines += ["", *body, "", FILES_NOTE]
+        return _write_lines(folder, lines)
     lines += ["", "## Noise floor", ""]
     if noise is not None:
         lines.append(noise.line() + ".")
@@ -204,7 +218,7 @@ def write_summary(folder: Path, config: dict[str, Any], study: optuna.Study, fin
                 lines.append(f"| | {f.origin} | `{run_length(f.spec.experts)}` | failed: {'; '.join(f.failures)} | | | 0 |")
                 continue
             lines.append(f"| {mark} | {f.origin} | `{run_length(f.spec.experts)}` | {f.val_mean:.4f} ± {f.val_std:.4f} "
-                         f"| {f.test_mean:.4f} ± {f.test_std:.4f} | {f.test_accuracy_mean:.4f} | {len(f.validation)} |")
+                         f"| {f.test_mean:.4f} ± {f.test_std:.4f} | {_num(f.test_accuracy_mean)} | {len(f.validation)} |")
         if best is not None:
             lines += ["", f"Best allocation (highest mean validation {metric}): "
                           f"`{','.join(map(str, best.spec.experts))}` ({best.origin}, trial {best.number})."]
@@ -220,8 +234,11 @@ def write_summary(folder: Path, config: dict[str, Any], study: optuna.Study, fin
             if noise is not None and noise.min_detectable_difference == noise.min_detectable_difference:
                 lines.append(f"- noise floor: a single seed-paired difference below "
                              f"{noise.min_detectable_difference:.4f} is within seed noise at trial fidelity")
-    lines += ["", "Files: `noise.json` (pilot), `trials.csv` (every trial), `finalists.csv`, `best_allocation.json` "
-              "(export with `mola-search export`), `study.db` (Optuna storage; `optuna-dashboard sqlite:///study.db`)."]
+    lines += ["", FILES_NOTE]
+    return _write_lines(folder, lines)
+
+
+def _write_lines(folder: Path, lines: list[str]) -> Path:
     path = folder / "summary.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -232,3 +249,7 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def _num(value: float) -> str:
+    return f"{value:.4f}" if value == value else "–"

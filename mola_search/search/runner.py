@@ -12,6 +12,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import replace
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +66,14 @@ def check_task_data(config: StudyConfig) -> None:
         task_data(config.task, config.data_dir)
 
 
-def run_study(config: StudyConfig, folder: Path, *, resume: bool = False) -> dict[str, Any]:
-    """pilot (noise floor, fidelity) -> seeds -> search -> finalists on fresh seeds -> best chosen on validation."""
+def run_study(config: StudyConfig, folder: Path, *, resume: bool = False,
+              summarize: Callable[[Path], str] | None = None) -> dict[str, Any]:
+    """pilot (noise floor, fidelity) -> seeds -> search -> finalists on fresh seeds -> best chosen on validation.
+
+    `summarize(folder)` may return the Markdown of summary.md (the CLI passes the report's
+    `study_summary`: paired CIs and the layer headline); without it, or if it fails, summary.md
+    holds the noise floor and the finalists.
+    """
     start = time.time()
     folder = folder.resolve()  # finalists write their run folders from Ray trials' own working directories
     config = pin_paths(config)
@@ -111,6 +118,13 @@ def run_study(config: StudyConfig, folder: Path, *, resume: bool = False) -> dic
     write_finalists_csv(finalists, folder)
     wall = time.time() - start
     write_summary(folder, config.to_dict(), driver.study, finalists, best, wall, noise=read_noise(folder))
+    if summarize is not None:
+        try:
+            analysis = summarize(folder)
+        except Exception as exc:  # noqa: BLE001 - the study is done; a failing analysis must not hide it
+            progress.message(f"summary.md keeps the plain summary: the analysis failed ({type(exc).__name__}: {exc})")
+        else:
+            write_summary(folder, config.to_dict(), driver.study, finalists, best, wall, analysis=analysis)
     progress.message(f"done in {wall / 60:.1f} min: {folder / 'summary.md'}"
                      + (f" | best {run_length(best.spec.experts)} ({best.origin}, chosen on validation)" if best else ""))
     return {"folder": str(folder), "best": best, "finalists": finalists}
