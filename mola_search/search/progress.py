@@ -23,6 +23,7 @@ class Progress:
     def resume_from(self, finished: Sequence) -> None:
         """Counts start from the trials already finished (a resumed study, or the pilot's runs)."""
         self.done_before = len(finished)
+        self.start = time.time()  # the ETA extrapolates from the trials run from here on
         self.counts = {"complete": 0, "pruned": 0, "failed": 0}
         for t in finished:
             self.counts[_label(t.state)] += 1

@@ -238,7 +238,8 @@ class StudyDriver:
                                  outcome.score, outcome.failure, self._best())
 
     def _best(self) -> tuple[int, float] | None:
-        done = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        done = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if int(t.user_attrs.get(TRAIN_SEED, self.config.seed)) == self.config.seed]  # compared under CRN
         if not done:
             return None
         best = max(done, key=lambda t: t.value)
