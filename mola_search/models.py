@@ -270,13 +270,26 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _parse_device(device: str | None) -> torch.device:
-    if device is None:
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:<index>"
+
+
+def parse_device(device: str | None) -> torch.device:
+    """`--device`: auto (CUDA when there is one) | cpu | cuda | cuda:N; a GPU that is not there is a UserError."""
+    if device is None or device == "auto":
         return default_device()
     try:
-        return torch.device(device)
-    except RuntimeError as error:
-        raise UserError(f"unknown device '{device}': use cpu, cuda or cuda:<index>") from error
+        target = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device '{device}': use {DEVICE_CHOICES}") from None
+    if target.type not in ("cpu", "cuda"):
+        raise UserError(f"unsupported device '{device}': use {DEVICE_CHOICES}")
+    if target.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"--device {device}: no CUDA GPU is visible here; use --device cpu or auto")
+        if target.index is not None and target.index >= count:
+            raise UserError(f"--device {device}: only {count} GPU(s) are visible (cuda:0..cuda:{count - 1})")
+    return target
 
 
 def cpu_supports_bf16() -> bool:
@@ -326,7 +339,7 @@ def load_base_model(name: str | None = None, dtype: str = "auto",
     tokenizer pads on the right with a pad token (eos if it had none), as the trainers expect.
     Returns ``(PreTrainedModel, PreTrainedTokenizerBase)``.
     """
-    target = _parse_device(device)
+    target = parse_device(device)
     torch_dtype = resolve_dtype(dtype, target)
     layers = tiny_layers(name)
     if layers is not None:

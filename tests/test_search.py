@@ -18,6 +18,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
 from mola_search.cli.common import run_main
@@ -297,11 +298,19 @@ def test_kill_9_mid_study_then_resume_loses_and_reruns_nothing(tmp_path: Path) -
     (["--objective", "synthetic:bogus"], "unknown objective 'synthetic:bogus'"),
     (["--objective", "bogus"], "unknown objective 'bogus'"),
     (["--space", "no-such-space.yaml"], "does not exist"),
+    (["--metric", "bleu"], "unknown metric 'bleu'"),
+    (["--pruner", "median"], "unknown pruner 'median'"),
+    (["--pruner", "wilcoxon", "--metric", "f1"], "f1 has none"),
+    (["--device", "tpu"], "device 'tpu'"),
+    *([] if torch.cuda.is_available() else [
+        (["--device", "cuda"], "no CUDA GPU is visible"),
+        (["--gpus-per-trial", "1"], "--gpus-per-trial 1 with --executor local: no CUDA GPU is visible"),
+    ]),
 ])
 def test_bad_flags_are_one_line_errors(argv: list[str], needle: str, tmp_path: Path, capsys) -> None:
     folder = tmp_path / "s"
     assert_one_line_error(capsys, search([*BASE, "--trials", "2", "--out", str(folder), *argv]), needle)
-    assert not (folder / "study.json").exists()
+    assert not folder.exists()
 
 
 @pytest.mark.parametrize("text, needle", [

@@ -168,3 +168,32 @@ def test_relative_data_dir_and_out_reach_ray_trials_and_finalists(cluster, tmp_p
     assert (folder / "best_allocation.json").is_file()
     out = capsys.readouterr().out  # each finalist run is announced as it ends, with an ETA
     assert "[finalist 1/2]" in out and "[finalist 2/2]" in out and "ETA" in out, out
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--gpus-per-trial", "1"], "--gpus-per-trial 1: the Ray cluster has 0 GPU(s) in all"),
+    (["--cpus-per-trial", "8"], "--cpus-per-trial 8: the Ray cluster has 2 CPU(s) in all"),
+])
+def test_infeasible_trial_resources_are_one_line_before_any_folder(cluster, tmp_path: Path, capsys, extra, needle):
+    """Tune would wait forever for a placement no node can give: refused up front instead."""
+    folder = tmp_path / "s"
+    try:
+        rc = search([*BASE, "--trials", "2", "--address", cluster.address, "--out", str(folder), *extra])
+    finally:
+        _disconnect()
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and needle in err and "\n" not in err, err
+    assert not folder.exists()
+
+
+def test_unreachable_cluster_is_one_line_before_any_folder(tmp_path: Path, capsys):
+    folder = tmp_path / "s"
+    started = time.time()
+    try:
+        rc = search([*BASE, "--trials", "2", "--address", "127.0.0.1:1", "--out", str(folder)])
+    finally:
+        _disconnect()
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "cannot connect to the Ray cluster at '127.0.0.1:1'" in err and "\n" not in err, err
+    assert "RAY_AUTH_MODE=token" in err and not folder.exists()
+    print(f"unreachable address refused after {time.time() - started:.1f} s")

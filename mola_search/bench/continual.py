@@ -163,7 +163,7 @@ def run_sequence(config: RunConfig, domains: list[Domain], *, progress: bool = F
     from mola_search.train.run import build_model, describe, json_safe, prepare
     from mola_search.train.trainer import train
 
-    base = load_base_model(config.model, dtype=config.dtype)
+    base = load_base_model(config.model, dtype=config.dtype, device=config.device)
     first = replace(config, task=domains[0].data.name)
     prepared = prepare(first, base=base, data=domains[0].data)
     prepared.splits = {"train": domains[0].train, "validation": [], "test": domains[0].eval}

@@ -128,7 +128,7 @@ def preflight(config: RunConfig, specs: list[MethodSpec]) -> None:
     from mola_search.models import decoder_layers, load_base_model
     from mola_search.train.run import resolve_spec
 
-    base, _ = load_base_model(config.model, dtype=config.dtype)
+    base, _ = load_base_model(config.model, dtype=config.dtype, device=config.device)
     layers = len(decoder_layers(base))
     model_type = getattr(getattr(base, "config", None), "model_type", None)
     for spec in specs:

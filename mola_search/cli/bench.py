@@ -34,6 +34,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and data (all cells)")
     g.add_argument("--model", help="embedded 'smollm2-135m-instruct' (default), tiny-llama, a HF id or a folder")
     g.add_argument("--dtype", choices=["auto", "bf16", "fp32", "fp16"])
+    g.add_argument("--device", help="auto (CUDA when present, default) | cpu | cuda | cuda:N")
     g.add_argument("--data-dir", dest="data_dir")
     g.add_argument("--max-train-examples", type=int, dest="max_train_examples")
     g.add_argument("--max-eval-examples", type=int, dest="max_eval_examples")

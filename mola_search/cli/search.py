@@ -25,6 +25,7 @@ SUBCOMMANDS = ("export", "report", "analyze", "compare")
 
 # flag dest -> StudyConfig field (flags absent from the command line leave preset/config values alone)
 _STUDY_FLAGS = ("task", "model", "budget", "out", "space", "objective", "trials", "sampler", "seed", "data_dir", "dtype",
+                "device",
                 "storage", "study_name", "executor", "address", "cpus_per_trial", "gpus_per_trial",
                 "max_concurrent", "scheduler", "finalist_top_n", "finalist_seeds", "finalist_train_examples",
                 "finalist_eval_examples", "metric", "pilot", "pilot_seeds", "auto_fidelity", "noise_threshold",
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--objective", help="mola (fine-tune and score) or synthetic[:upper|middle|sparse]")
     w.add_argument("--data-dir", dest="data_dir")
     w.add_argument("--dtype", choices=["auto", "bf16", "fp32", "fp16"])
+    w.add_argument("--device", help="auto (default) | cpu | cuda | cuda:N for --executor local; under Ray each "
+                                    "trial uses the GPU(s) Ray assigns (--gpus-per-trial)")
     s = p.add_argument_group("search")
     s.add_argument("--trials", type=int, help="trials to train (seeds included)")
     s.add_argument("--sampler", help="tpe | cmaes | gp | random")

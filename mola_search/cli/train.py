@@ -20,7 +20,7 @@ from mola_search.train.run import RunConfig, describe, build_model, execute, pre
 from mola_search.train.trainer import TrainConfig, TrainingDiverged
 
 # flag dest -> (RunConfig or TrainConfig field)
-_RUN_FLAGS = ("task", "model", "dtype", "data_dir", "method", "shape", "allocation", "budget", "top_k", "rank",
+_RUN_FLAGS = ("task", "model", "dtype", "device", "data_dir", "method", "shape", "allocation", "budget", "top_k", "rank",
               "min_experts", "max_experts", "lora_alpha", "lora_dropout", "aux_loss_coef", "max_train_examples",
               "max_eval_examples", "eval_batch_size", "eval_mode", "out", "threads", "lora_rank",
               "num_virtual_tokens")
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--task", help="mrpc | rte | cola | scienceqa | commonsenseqa | openbookqa | custom:task.yaml | instruct:<path>")
     g.add_argument("--model", help="embedded 'smollm2-135m-instruct' (default), a HF model id or a local folder")
     g.add_argument("--dtype", choices=["auto", "bf16", "fp32", "fp16"], help="base weight dtype (adapters stay fp32)")
+    g.add_argument("--device", help="auto (CUDA when present, default) | cpu | cuda | cuda:N")
     g.add_argument("--data-dir", help="folder with <task>/<split>.jsonl (default: $MOLA_DATA_DIR, else the Hub)")
     g.add_argument("--method", help="mola (default) or a baseline: lora, prompt-tuning, llama-adapter, full")
     g.add_argument("--init-from", help="adapter folder to start from (two-stage training)")

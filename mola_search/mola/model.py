@@ -47,6 +47,12 @@ class MoLAModel(nn.Module):
         finally:
             self.state.token_mask = None
 
+    @property
+    def device(self) -> torch.device:
+        """Where the base model (and so every adapter, created beside its linear) computes."""
+        base = getattr(self.base_model, "device", None)
+        return base if isinstance(base, torch.device) else next(self.base_model.parameters()).device
+
     def auxiliary_loss(self) -> torch.Tensor | None:
         """coef * mean of the per-linear balance losses of the last training forward."""
         if not self.state.aux_losses or self.config.aux_loss_coef == 0:

@@ -74,6 +74,7 @@ class StudyConfig:
     seed: int = 0
     data_dir: str | None = None
     dtype: str = "auto"
+    device: str = "auto"                      # local executor: auto | cpu | cuda | cuda:N (Ray: what Ray assigns)
     storage: str | None = None                # default: sqlite file in the study folder
     study_name: str | None = None
     out: str | None = None

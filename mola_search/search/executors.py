@@ -80,8 +80,128 @@ def init_ray(config: StudyConfig) -> None:
         ray.init(address="local", **kwargs)
 
 
-def _trainable(config: dict[str, Any], study: dict[str, Any], fidelity: dict[str, Any], num_layers: int) -> None:
-    """Runs inside a Ray worker: one trial, reported rung by rung."""
+def check_resources(config: StudyConfig) -> None:
+    """Fail before any study folder exists when trials could never be placed.
+
+    In-process: `--device` must exist here, and `--gpus-per-trial` > 0 needs a visible GPU. Under Ray:
+    the cluster must be reachable, and must have the CPUs and GPUs one trial asks for (otherwise Tune
+    would wait forever for an infeasible placement).
+    """
+    from mola_search.errors import UserError
+    from mola_search.models import parse_device
+
+    if config.executor == "local":
+        if config.gpus_per_trial > 0:
+            try:
+                parse_device("cuda")
+            except UserError:
+                raise UserError(f"--gpus-per-trial {config.gpus_per_trial:g} with --executor local: no CUDA GPU is "
+                                "visible here; drop the flag (trials run on the CPU) or run on a GPU machine") from None
+        parse_device(config.device)
+        return
+    import ray
+
+    where = f"the Ray cluster at '{config.address}'" if config.address else "a local Ray instance"
+    try:
+        _reachable(config.address)
+        init_ray(config)
+    except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError ... here
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot connect to {where} ({first[:200]}); start the head with `ray start --head "
+                        "--node-ip-address <ip>`, and on a cluster with token authentication (Ray's default) set "
+                        "RAY_AUTH_MODE=token and the head's token on this machine (README: Running on a cluster)"
+                        ) from None
+    resources = ray.cluster_resources()
+    for kind, need, flag in (("CPU", config.cpus_per_trial, "--cpus-per-trial"),
+                             ("GPU", config.gpus_per_trial, "--gpus-per-trial")):
+        have = float(resources.get(kind, 0.0))
+        if need > 0 and have < need:
+            ray.shutdown()
+            raise UserError(f"{flag} {need:g}: the Ray cluster has {have:g} {kind}(s) in all, so no trial could ever "
+                            f"start; lower {flag}" + (" or add GPU nodes (ray start ... --num-gpus N)" if kind == "GPU"
+                                                      else ""))
+
+
+SINK_NAMESPACE = "mola-search"  # Tune's trial actors look the sink up by name from their own job context
+
+
+class RunFolderSink:
+    """A Ray actor on the driver's node that writes finished runs' files into the study folder.
+
+    A finalist trains on whatever node Ray picks and writes its run folder there; it then sends
+    every file of that folder here, so the study folder on the driver holds every finalist's
+    metrics, router statistics and adapter with no shared filesystem. Paths are relative to the
+    study folder and may not leave it.
+    """
+
+    def __init__(self, root: str) -> None:
+        self.root = Path(root).resolve()
+
+    def write(self, relative: str, data: bytes) -> int:
+        path = (self.root / relative).resolve()
+        if self.root not in path.parents:
+            raise ValueError(f"{relative} is outside the study folder")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".part")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+        return len(data)
+
+
+def start_sink(folder: Path) -> tuple[str, Any]:
+    """Start the study folder's sink on this (the driver's) node; returns its name and handle. The actor
+    lives as long as the handle: keep it until the runs are done."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    name = f"sink-{uuid.uuid4().hex[:12]}"
+    here = ray.get_runtime_context().get_node_id()
+    sink = ray.remote(num_cpus=0)(RunFolderSink).options(
+        name=name, namespace=SINK_NAMESPACE, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)
+    ).remote(str(folder))
+    ray.get(sink.__ray_ready__.remote())  # up before any run may look for it
+    return name, sink
+
+
+def stop_sink(name: str) -> None:
+    import ray
+
+    try:
+        ray.kill(ray.get_actor(name, namespace=SINK_NAMESPACE))
+    except ValueError:  # already gone
+        pass
+
+
+def send_run_folder(sink_name: str, out: Path, study_folder: Path) -> int:
+    """Send every file under `out` to the driver's sink; returns the bytes sent."""
+    import ray
+
+    sink = ray.get_actor(sink_name, namespace=SINK_NAMESPACE)
+    sent = 0
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        sent += ray.get(sink.write.remote(str(path.relative_to(study_folder)), path.read_bytes()))
+    return sent
+
+
+def _reachable(address: str | None, timeout: float = 10.0) -> None:
+    """A host:port address must accept a TCP connection (Ray itself retries a dead address for minutes)."""
+    import socket
+
+    if not address or address in ("auto", "local") or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        raise ConnectionError(f"nothing answers at {address}: {exc}") from None
+
+
+def _trainable(config: dict[str, Any], study: dict[str, Any], fidelity: dict[str, Any], num_layers: int,
+               sink: str | None = None, study_folder: str | None = None) -> None:
+    """Runs inside a Ray worker: one trial, reported rung by rung; a finished finalist's run folder is
+    sent to the driver's sink."""
     from ray import tune
 
     study_cfg = StudyConfig.from_dict(study)
@@ -95,6 +215,11 @@ def _trainable(config: dict[str, Any], study: dict[str, Any], fidelity: dict[str
         return False
 
     outcome = run_trial(study_cfg, fid, request, report, num_layers)
+    if sink and request.out and outcome.failure is None and Path(request.out).is_dir():
+        try:
+            send_run_folder(sink, Path(request.out), Path(study_folder))
+        except Exception as exc:  # noqa: BLE001 - the run is lost to the study: say so, never drop it silently
+            outcome.failure = f"could not send the run folder to the driver: {type(exc).__name__}: {exc}"[:500]
     score = outcome.score if outcome.score is not None and outcome.score == outcome.score else -1e9
     tune.report({"rung": len(outcome.scores) or 1, "score": score, "final": True, "outcome": outcome_payload(outcome),
                  "node": outcome.node})
@@ -270,8 +395,10 @@ def run_ray_requests(config: StudyConfig, fidelity: Fidelity, requests: list[Tri
                 self.on_done(TrialRequest.from_payload(trial.config["request"]), outcome)
 
     init_ray(config)
+    sink, sink_handle = start_sink(folder) if any(r.out for r in requests) else (None, None)
     trainable = tune.with_resources(
-        tune.with_parameters(_trainable, study=config.to_dict(), fidelity=fidelity.to_dict(), num_layers=num_layers),
+        tune.with_parameters(_trainable, study=config.to_dict(), fidelity=fidelity.to_dict(), num_layers=num_layers,
+                             sink=sink, study_folder=str(folder.resolve())),
         _resources(config))
     tuner = tune.Tuner(
         trainable, param_space={"request": tune.grid_search([r.to_payload() for r in requests])},
@@ -279,4 +406,9 @@ def run_ray_requests(config: StudyConfig, fidelity: Fidelity, requests: list[Tri
         run_config=tune.RunConfig(name=name, storage_path=str((folder / "ray").resolve()), verbose=0,
                                   log_to_file=True, callbacks=[Finished(on_done)]),
     )
-    tuner.fit()
+    try:
+        tuner.fit()
+    finally:
+        if sink:
+            stop_sink(sink)
+        del sink_handle

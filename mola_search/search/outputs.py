@@ -195,7 +195,7 @@ def write_summary(folder: Path, config: dict[str, Any], study: optuna.Study, fin
         lines.append(f"- wall time: {wall_time_s / 60:.1f} min")
     if analysis is not None:
         body = analysis.strip().splitlines()
-        if body and body[0].startswith("# "):
+        while body and not body[0].startswith("## "):  # its own title and subtitle: the lines above say it
             body = body[1:]
         lines += ["", *body, "", FILES_NOTE]
         return _write_lines(folder, lines)

@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from mola_search.allocation import AllocationSpec, run_length
 from mola_search.errors import UserError
 from mola_search.search.config import PILOT_SHAPES, StudyConfig, pin_paths
-from mola_search.search.executors import run_local, run_local_requests, run_ray, run_ray_requests
+from mola_search.search.executors import check_resources, run_local, run_local_requests, run_ray, run_ray_requests
 from mola_search.search.noise import NoiseFloor, estimate_noise, read_noise, write_noise
 from mola_search.search.outputs import (Finalist, choose_best, read_json, read_outcome, write_best,
                                         write_finalists_csv, write_outcome, write_run_metrics, write_summary,
@@ -46,7 +46,8 @@ def inspect_model(config: StudyConfig, space: SearchSpace) -> tuple[int, int, li
     """Depth, budget and seeds; the model is loaded once here (also converting/caching it for the workers)."""
     from mola_search.models import cache_dir, decoder_layers, load_base_model
 
-    model, _ = load_base_model(config.model, dtype="fp32" if "alphalora" in config.seed_names else config.dtype)
+    model, _ = load_base_model(config.model, dtype="fp32" if "alphalora" in config.seed_names else config.dtype,
+                               device="cpu")  # the driver only reads depth and weight spectra: GPUs stay free
     num_layers = len(decoder_layers(model))
     budget = config.budget if config.budget is not None else 5 * num_layers
     space.check_budget(num_layers, budget)
@@ -79,8 +80,9 @@ def run_study(config: StudyConfig, folder: Path, *, resume: bool = False,
     config = pin_paths(config)
     space = resolve_space(config)
     check_task_data(config)
-    folder.mkdir(parents=True, exist_ok=True)
-    num_layers, budget, seeds = inspect_model(config, space)
+    check_resources(config)
+    num_layers, budget, seeds = inspect_model(config, space)  # an infeasible budget is refused here
+    folder.mkdir(parents=True, exist_ok=True)  # only once every check passed: bad input leaves no folder
     concurrency = config.max_concurrent or 1
     progress = Progress(config.trials, concurrency)
     driver = StudyDriver(config, folder, space, num_layers, budget, None, progress)

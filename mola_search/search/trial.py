@@ -164,7 +164,8 @@ def _mola_trial(study: StudyConfig, fidelity: Fidelity, request: TrialRequest, r
     train_cfg = TrainConfig(**{**study.train, "seed": request.train_seed,
                                **({"max_steps": fidelity.max_steps} if fidelity.max_steps else {}),
                                "epochs": fidelity.epochs})
-    config = RunConfig(task=study.task, model=study.model, dtype=study.dtype, data_dir=study.data_dir,
+    config = RunConfig(task=study.task, model=study.model, dtype=study.dtype, device=trial_device(study),
+                       data_dir=study.data_dir,
                        train=train_cfg,
                        max_train_examples=train_examples or fidelity.max_train_examples,
                        max_eval_examples=eval_examples or fidelity.max_eval_examples,
@@ -203,6 +204,24 @@ def _mola_trial(study: StudyConfig, fidelity: Fidelity, request: TrialRequest, r
         outcome.example_scores.append(examples)
         outcome.test_score = metric_of(result.metrics["test"], study.metric)[0]
         outcome.metrics = json_safe(result.metrics)  # everything metrics.json holds travels back with the run
+
+
+def trial_device(study: StudyConfig) -> str:
+    """The device one trial trains on.
+
+    In a Ray worker: the GPU(s) Ray assigned it, which Ray makes the only visible ones (so "cuda" is
+    cuda:0 of the assignment, never the machine's first GPU), or the CPU when the trial asked for no
+    GPU. In-process: `--device` (auto = CUDA when present).
+    """
+    try:
+        import ray
+
+        in_ray = ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+    except Exception:  # noqa: BLE001
+        in_ray = False
+    if in_ray:
+        return "cuda" if study.gpus_per_trial > 0 else "cpu"
+    return study.device
 
 
 def metric_of(result: dict[str, Any], metric: str) -> tuple[float, list[float] | None]:

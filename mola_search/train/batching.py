@@ -66,6 +66,26 @@ def collate(items: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a model computes: its `device` attribute (Hugging Face models and our wrappers have one),
+    else the device of its first parameter, else the CPU."""
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch on `device` (non-blocking from CPU; a no-op for tensors already there).
+
+    Every path that feeds a model (trainer, evaluators, answer NLL) builds its batch on the CPU
+    with `collate` and moves it here, once, to `model_device(model)`.
+    """
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def answer_span(batch: dict[str, torch.Tensor]) -> int:
     """How many trailing positions hold logits that predict answer tokens (+1 for the one before)."""
     labelled = (batch["labels"] != IGNORE).any(0).nonzero()

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mola_search.tasks import Example
-from mola_search.train.batching import Encoded, answer_span, collate, encode_answer, encode_prompt, tail_logits
+from mola_search.train.batching import (Encoded, answer_span, collate, encode_answer, encode_prompt, model_device,
+                                        tail_logits, to_device)
 
 
 # Scores a search may optimise ("--metric"); the first is the default objective.
@@ -104,7 +105,8 @@ def _score_single_token(model, tokenizer, examples, choice_ids, batch_size, cuto
     scores: list[list[float]] = [[] for _ in examples]
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        batch = collate([Encoded(prompts[i], prompts[i]) for i in idx], _pad_id(tokenizer))
+        batch = to_device(collate([Encoded(prompts[i], prompts[i]) for i in idx], _pad_id(tokenizer)),
+                          model_device(model))
         logp = F.log_softmax(tail_logits(model, batch, 1)[:, -1].float(), dim=-1)
         for row, i in enumerate(idx):
             scores[i] = logp[row, [ids[0] for ids in choice_ids[i]]].tolist()
@@ -121,7 +123,7 @@ def _score_sequences(model, tokenizer, examples, choice_ids, batch_size, cutoff_
     scores: list[list[float]] = [[] for _ in examples]
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        batch = collate([e for _, e in chunk], _pad_id(tokenizer))
+        batch = to_device(collate([e for _, e in chunk], _pad_id(tokenizer)), model_device(model))
         keep = answer_span(batch)
         logp = F.log_softmax(tail_logits(model, batch, keep)[:, :-1].float(), dim=-1)
         target = batch["labels"][:, -keep + 1:]
@@ -165,15 +167,16 @@ def evaluate_generation(model: nn.Module, tokenizer, examples: Sequence[Example]
     preds = []
     try:
         for ex in examples:
-            ids = torch.tensor([encode_prompt(tokenizer, ex.prompt)[-cutoff_len:]])
+            device = model_device(model)
+            ids = torch.tensor([encode_prompt(tokenizer, ex.prompt)[-cutoff_len:]]).to(device)
             generated = []
             for _ in range(max_new_tokens):  # plain greedy loop: works for wrapped adapters too
-                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
+                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids).to(device)).logits[0, -1]
                 nxt = int(logits.argmax())
                 if nxt == tokenizer.eos_token_id:
                     break
                 generated.append(nxt)
-                ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+                ids = torch.cat([ids, torch.tensor([[nxt]]).to(device)], dim=1).to(device)
             preds.append(parse_choice(tokenizer.decode(generated), ex.choices))
     finally:
         model.train(was_training)

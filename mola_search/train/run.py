@@ -24,6 +24,7 @@ from mola_search.errors import UserError
 from mola_search.mola import DEFAULT_TARGETS, MoLAConfig, MoLAModel
 from mola_search.models import DEFAULT_MODEL, decoder_layers, load_base_model
 from mola_search.tasks import Example, TaskData, load_task
+from mola_search.train.batching import model_device
 from mola_search.train.evaluate import evaluate_accuracy, evaluate_generation
 from mola_search.train.trainer import StepEvent, TrainConfig, train
 
@@ -35,6 +36,7 @@ class RunConfig:
     task: str = "mrpc"
     model: str = DEFAULT_MODEL
     dtype: str = "auto"
+    device: str = "auto"                # auto (CUDA when present) | cpu | cuda | cuda:N
     data_dir: str | None = None
     method: str = "mola"
     shape: str | None = None            # paper shape name, digit notation or comma list
@@ -118,7 +120,7 @@ def prepare(config: RunConfig, *, base: tuple[torch.nn.Module, Any] | None = Non
         if value is not None and value < least:
             raise UserError(f"{name} is {value}: use an integer >= {least} (or leave it unset for the whole split)")
     data = data or load_task(config.task, config.data_dir, val_seed=0)
-    base_model, tokenizer = base or load_base_model(config.model, dtype=config.dtype)
+    base_model, tokenizer = base or load_base_model(config.model, dtype=config.dtype, device=config.device)
     if spec is not None:
         check_depth(spec, len(decoder_layers(base_model)))
     elif config.method == "mola":
@@ -197,7 +199,8 @@ def answer_nll(model: torch.nn.Module, tokenizer, examples: Sequence[Example], *
     """Mean negative log-likelihood per target token (and perplexity) of free-form answers."""
     import torch.nn.functional as F
 
-    from mola_search.train.batching import IGNORE, answer_span, collate, encode_example, tail_logits
+    from mola_search.train.batching import (IGNORE, answer_span, collate, encode_example, model_device, tail_logits,
+                                            to_device)
 
     was_training = model.training
     model.eval()
@@ -206,7 +209,7 @@ def answer_nll(model: torch.nn.Module, tokenizer, examples: Sequence[Example], *
     try:
         encoded = [encode_example(tokenizer, ex, cutoff_len) for ex in examples]
         for start in range(0, len(encoded), batch_size):
-            batch = collate(encoded[start:start + batch_size], pad_id)
+            batch = to_device(collate(encoded[start:start + batch_size], pad_id), model_device(model))
             keep = answer_span(batch)
             logits = tail_logits(model, batch, keep)
             labels = batch["labels"][:, -keep:][:, 1:]
@@ -233,6 +236,10 @@ def execute(prepared: Prepared, *, callbacks: Sequence[Callable[[StepEvent], boo
     c = prepared.config
     torch.manual_seed(c.train.seed)
     random.seed(c.train.seed)
+    device = model_device(prepared.base_model)
+    if device.type == "cuda":  # TF32 matmuls for what autocast leaves in fp32; peak memory per run
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.cuda.reset_peak_memory_stats(device)
     model = build_model(prepared)
     if init_from:
         from mola_search.methods import load_adapter_into
@@ -256,6 +263,9 @@ def execute(prepared: Prepared, *, callbacks: Sequence[Callable[[StepEvent], boo
         else:
             metrics[split] = evaluate(model, prepared, split)
     metrics["wall_time_s"] = time.perf_counter() - t0
+    metrics["device"] = str(device)
+    if device.type == "cuda":
+        metrics["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     metrics["config"] = c.to_dict()
     metrics["environment"] = {"torch": torch.__version__, "python": platform.python_version(),
                               "threads": torch.get_num_threads(), "machine": platform.machine()}

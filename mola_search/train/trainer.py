@@ -7,6 +7,7 @@ load balancing) that term is added to the task loss.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import random
@@ -21,7 +22,8 @@ from tqdm.auto import tqdm
 
 from mola_search.errors import UserError
 from mola_search.tasks import Example
-from mola_search.train.batching import IGNORE, answer_span, batches, collate, encode_example, tail_logits
+from mola_search.train.batching import (IGNORE, answer_span, batches, collate, encode_example, model_device,
+                                        tail_logits, to_device)
 
 
 class TrainingDiverged(RuntimeError):
@@ -163,6 +165,8 @@ def train(model: nn.Module, tokenizer, examples: Sequence[Example], config: Trai
     generator = torch.Generator().manual_seed(config.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     aux_fn = getattr(model, "auxiliary_loss", None)
+    device = model_device(model)
+    autocast = _autocast(device)
 
     result = TrainResult(steps=0)
     model.train()
@@ -173,12 +177,13 @@ def train(model: nn.Module, tokenizer, examples: Sequence[Example], config: Trai
         while result.steps < total_steps:
             batch = next(step_iter)
             micro = [batch[i:i + config.micro_batch_size] for i in range(0, len(batch), config.micro_batch_size)]
-            collated = [collate(mb, pad_id) for mb in micro]
+            collated = [to_device(collate(mb, pad_id), device) for mb in micro]
             answer_tokens = sum(int((x["labels"][:, 1:] != IGNORE).sum()) for x in collated)
             step_loss = step_aux = 0.0
             for mb, inputs in zip(micro, collated):
                 keep = answer_span(inputs)
-                logits = tail_logits(model, inputs, keep)
+                with autocast:
+                    logits = tail_logits(model, inputs, keep)
                 # Summed, then divided by the whole batch's answer-token count: accumulation gives exactly
                 # the gradient of one big batch, and a micro-batch without answer tokens adds 0, not NaN.
                 loss = answer_loss(logits, inputs["labels"][:, -keep:], normalizer=max(1, answer_tokens))
@@ -215,6 +220,15 @@ def train(model: nn.Module, tokenizer, examples: Sequence[Example], config: Trai
         bar.close()
     result.wall_time = time.perf_counter() - start
     return result
+
+
+def _autocast(device: torch.device):
+    """On CUDA the forward runs under bf16 (fp16 without bf16) autocast: the frozen base is stored in that
+    dtype already, and the fp32 adapter weights stay fp32 masters. On the CPU nothing changes."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
 
 
 def _endless(encoded, batch_size, generator):

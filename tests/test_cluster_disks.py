@@ -1,0 +1,135 @@
+"""A two-node Ray cluster whose nodes do not share a disk: finalists' files reach the driver through Ray.
+
+The cluster is started exactly as README's cluster steps say (`ray start --head ...` on one node,
+`ray start --address ...` on the other, token authentication on as Ray ships it), on loopback.
+The head has no CPUs, so every trial and finalist runs on the worker node, which is started in a
+mount namespace of its own (`unshare -m`) with private tmpfs mounts over the study's parent folder
+and the model cache: the worker cannot see the driver's study folder, and what the worker writes
+there stays invisible to the driver. Every finalist's metrics, router statistics and adapter must
+still be in the driver's study folder afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_search import read_trials, search
+
+RAY = str(Path(sys.executable).with_name("ray"))
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                                reason="needs root and unshare(1) for a private mount namespace")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(argv, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _wait_for_nodes(address: str, env: dict[str, str], count: int, timeout: float = 120) -> None:
+    probe = ("import ray; ray.init(address=%r, logging_level='ERROR'); "
+             "print(sum(1 for n in ray.nodes() if n['Alive']))" % address)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+        if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(count)]:
+            return
+        time.sleep(2)
+    raise AssertionError(f"the cluster did not reach {count} nodes: {out.stdout[-500:]} {out.stderr[-1500:]}")
+
+
+def test_finalists_on_a_node_without_the_study_folder_reach_the_driver(tmp_path: Path, monkeypatch) -> None:
+    shared = Path(os.environ.get("MOLA_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    if not (shared / "mrpc" / "train.jsonl").is_file():
+        pytest.skip(f"no MRPC data at {shared}")
+    data = tmp_path / "data" / "mrpc"
+    data.mkdir(parents=True)
+    for split in ("train", "validation", "test"):  # a handful of real rows: the finalists really train
+        rows = (shared / "mrpc" / f"{split}.jsonl").read_text().splitlines()[:12]
+        (data / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    private = tmp_path / "driver"          # the study lives below here; the worker gets its own empty tmpfs here
+    cache = tmp_path / "cache"             # and its own model cache
+    private.mkdir()
+    cache.mkdir()
+    (private / "sentinel").write_text("only the driver's disk has this")
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+           "MOLA_CACHE_DIR": str(cache), "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("MOLA_SEARCH_FAULTS", None)
+    head = _start([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "0",
+                   "--include-dashboard", "false", "--block"], env, tmp_path / "head.log")
+    view = tmp_path / "worker-view.txt"
+    worker_script = (f"mount --make-rprivate / && mount -t tmpfs none {private} && mount -t tmpfs none {cache} && "
+                     f"(test -e {private}/sentinel && echo sees-driver-files || echo private) > {view} && "
+                     f"exec {RAY} start --address {address} --node-ip-address 127.0.0.1 --num-cpus 2 --block")
+    worker = None
+    try:
+        worker = _start(["unshare", "-m", "sh", "-c", worker_script], env, tmp_path / "worker.log")
+        _wait_for_nodes(address, env, 2)
+        assert view.read_text().strip() == "private", "the worker node must not see the driver's study folder"
+        for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "MOLA_CACHE_DIR"):
+            monkeypatch.setenv(key, env[key])
+        monkeypatch.setenv("MOLA_DATA_DIR", str(tmp_path / "data"))
+        settings = tmp_path / "two.yaml"
+        settings.write_text("seed_names: [triangle, rectangle]\nfidelity: {max_train_examples: 8, max_eval_examples: 6,"
+                            " rungs: [1.0]}\ntrain: {batch_size: 4, micro_batch_size: 4, cutoff_len: 64}\n")
+        folder = private / "study"
+        try:
+            rc = search(["--task", "mrpc", "--model", "tiny-llama-L4", "--executor", "ray", "--address", address,
+                         "--config", str(settings), "--trials", "2", "--budget", "12", "--max-concurrent", "2",
+                         "--no-pilot", "--finalists", "0", "--finalist-seeds", "2", "--out", str(folder)])
+        finally:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+        assert rc == 0
+        rows = read_trials(folder)
+        assert [r["state"] for r in rows] == ["COMPLETE", "COMPLETE"], [r["failure"] for r in rows]
+        runs = sorted(folder.glob("finalists/*/seed*"))
+        assert len(runs) == 4, runs   # 2 allocations x 2 finalist seeds, all trained on the worker node
+        for run in runs:
+            metrics = json.loads((run / "metrics.json").read_text())
+            assert metrics["test"]["n"] == 12 and metrics["train_seed"] == int(run.name[4:])  # the 12 test rows
+            assert (run / "router_stats.json").is_file() and (run / "allocation.json").is_file()
+            assert (run / "adapter" / "adapter_config.json").is_file()
+            assert (run / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+        finalists = (folder / "finalists.csv").read_text().splitlines()
+        assert len(finalists) == 3 and all(",COMPLETE," in line for line in finalists[1:]), finalists
+        nodes = {r["node"] for r in rows}
+        assert len(nodes) == 1  # one worker node trained everything (the head has no CPUs)
+        assert (folder / "best_allocation.json").is_file()
+    finally:
+        if worker is not None:
+            _stop(worker)
+        _stop(head)
