@@ -197,3 +197,40 @@ def test_unreachable_cluster_is_one_line_before_any_folder(tmp_path: Path, capsy
     assert rc == 2 and "cannot connect to the Ray cluster at '127.0.0.1:1'" in err and "\n" not in err, err
     assert "RAY_AUTH_MODE=token" in err and not folder.exists()
     print(f"unreachable address refused after {time.time() - started:.1f} s")
+
+
+def test_tune_giving_up_fails_the_runs_it_lost_and_resume_reruns_them(cluster, tmp_path: Path, monkeypatch, capsys):
+    """Ray's memory monitor can kill a run's actor while Tune starts it; Tune then raises out of fit()
+    ("Caught unexpected exception: ... killed due to the node running low on memory"). The study must
+    record the lost finalist runs as failed with that reason, finish, and rerun them on --resume."""
+    from ray import tune
+
+    real_fit = tune.Tuner.fit
+    calls = {"n": 0}
+
+    def flaky_fit(self):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first Tuner runs the search, the second the finalists
+            raise RuntimeError("Caught unexpected exception: 1 worker(s) were killed due to the node running low "
+                               "on memory.")
+        return real_fit(self)
+
+    monkeypatch.setattr(tune.Tuner, "fit", flaky_fit)
+    monkeypatch.delenv("MOLA_SEARCH_FAULTS", raising=False)
+    folder = tmp_path / "lost"
+    argv = [*BASE[:-3], "--no-pilot", "--trials", "3", "--finalists", "0", "--finalist-seeds", "2",
+            "--address", cluster.address, "--out", str(folder)]
+    try:
+        assert search(argv) == 0
+    finally:
+        _disconnect()
+    rows = (folder / "finalists.csv").read_text().splitlines()[1:]
+    assert rows and all(",FAIL," in r and "out of memory" in r and "resume" in r for r in rows), rows
+    assert not list(folder.glob("finalists/*/seed*/metrics.json"))
+    try:
+        assert search(["--resume", str(folder), "--address", cluster.address]) == 0
+    finally:
+        _disconnect()
+    rows = (folder / "finalists.csv").read_text().splitlines()[1:]
+    assert rows and all(",COMPLETE," in r for r in rows), rows
+    assert len(list(folder.glob("finalists/*/seed*/metrics.json"))) == 2 * len(rows)

@@ -248,8 +248,37 @@ def _resources(config: StudyConfig) -> dict[str, float]:
     return res
 
 
+MAX_TUNE_RESTARTS = 3
+
+
 def run_ray(driver: StudyDriver, fidelity: Fidelity, folder: Path) -> None:
-    """Trials as Ray Tune trials with ASHA; this process keeps the Optuna study (one storage)."""
+    """Trials as Ray Tune trials; if Tune itself gives up (e.g. Ray's memory monitor killed a trial's
+    actor while it started), the trials it had in flight are FAILED with the reason and Tune is
+    started again for the trials still to run."""
+    for attempt in range(MAX_TUNE_RESTARTS + 1):
+        if driver.remaining() == 0:
+            return
+        live: dict[str, Proposal] = {}
+        try:
+            _run_ray_once(driver, fidelity, folder, live)
+            return
+        except Exception as exc:  # noqa: BLE001 - Tune raised out of fit(): record it, keep the study going
+            reason = tune_failure(exc)
+            for proposal in list(live.values()):
+                driver.finish(proposal, TrialOutcome(failure=reason))
+            driver.progress.message(f"Ray Tune stopped ({reason}); "
+                                    + ("starting it again for the remaining trials" if attempt < MAX_TUNE_RESTARTS
+                                       else "giving up: continue later with mola-search --resume"))
+
+
+def tune_failure(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = text.removeprefix("Caught unexpected exception: ")
+    kind = "out of memory" if "memory" in text.lower() else type(exc).__name__
+    return f"{kind}: {text}"[:500]
+
+
+def _run_ray_once(driver: StudyDriver, fidelity: Fidelity, folder: Path, live: dict[str, Proposal]) -> None:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import Searcher
@@ -266,7 +295,7 @@ def run_ray(driver: StudyDriver, fidelity: Fidelity, folder: Path) -> None:
         def __init__(self, driver: StudyDriver) -> None:
             super().__init__(metric="score", mode="max")
             self.driver = driver  # an attribute, not a closure variable, so that __getstate__ can leave it out
-            self.live: dict[str, Proposal] = {}
+            self.live: dict[str, Proposal] = live
             self.exhausted = False
 
         def __getstate__(self) -> dict[str, Any]:
@@ -371,13 +400,13 @@ def run_ray_requests(config: StudyConfig, fidelity: Fidelity, requests: list[Tri
     class Finished(tune.Callback):
         """Tune calls back in this process as each run ends: the user sees progress, not silence."""
 
-        def __init__(self, on_done: RunDone | None) -> None:
-            # an argument and an attribute, not a closure variable: Tune pickles this callback (class
+        def __init__(self, on_done: RunDone | None, told: list[dict[str, Any]]) -> None:
+            # arguments and attributes, not closure variables: Tune pickles this callback (class
             # included) into tuner.pkl, and __getstate__ can leave out an attribute, not a closure cell
-            self.on_done = on_done
+            self.on_done, self.told = on_done, told
 
         def __getstate__(self) -> dict[str, Any]:
-            return {**self.__dict__, "on_done": None}
+            return {**self.__dict__, "on_done": None, "told": []}
 
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:
             result = trial.last_result or {}
@@ -391,9 +420,12 @@ def run_ray_requests(config: StudyConfig, fidelity: Fidelity, requests: list[Tri
                                                    "(killed, or out of memory)"))
 
         def _tell(self, trial, outcome: TrialOutcome) -> None:
+            request = TrialRequest.from_payload(trial.config["request"])
+            self.told.append(request.to_payload())
             if self.on_done:
-                self.on_done(TrialRequest.from_payload(trial.config["request"]), outcome)
+                self.on_done(request, outcome)
 
+    told: list[dict[str, Any]] = []  # requests whose outcome reached on_done
     init_ray(config)
     sink, sink_handle = start_sink(folder) if any(r.out for r in requests) else (None, None)
     trainable = tune.with_resources(
@@ -404,10 +436,15 @@ def run_ray_requests(config: StudyConfig, fidelity: Fidelity, requests: list[Tri
         trainable, param_space={"request": tune.grid_search([r.to_payload() for r in requests])},
         tune_config=tune.TuneConfig(max_concurrent_trials=config.max_concurrent, metric="score", mode="max"),
         run_config=tune.RunConfig(name=name, storage_path=str((folder / "ray").resolve()), verbose=0,
-                                  log_to_file=True, callbacks=[Finished(on_done)]),
+                                  log_to_file=True, callbacks=[Finished(on_done, told)]),
     )
     try:
         tuner.fit()
+    except Exception as exc:  # noqa: BLE001 - Tune gave up: the runs it never finished are failed, with why
+        reason = tune_failure(exc)
+        for r in requests:
+            if r.to_payload() not in told and on_done:
+                on_done(r, TrialOutcome(failure=f"{reason}; resume the study to run it again"))
     finally:
         if sink:
             stop_sink(sink)
