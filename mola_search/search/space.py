@@ -56,7 +56,7 @@ _REPO_SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
 
 _DEFAULT_FIDELITY: dict[str, Any] = {
     "max_train_examples": 256,
-    "max_eval_examples": 200,
+    "max_eval_examples": 1000,  # the whole validation split where it is small (scoring is forward-only)
     "epochs": 1.0,
     "max_steps": None,
     "rungs": [0.25, 0.5, 1.0],
@@ -87,7 +87,7 @@ class Fidelity:
     """
 
     max_train_examples: int | None = 256
-    max_eval_examples: int | None = 200
+    max_eval_examples: int | None = 1000
     epochs: float = 1.0
     max_steps: int | None = None
     rungs: tuple[float, ...] = (0.25, 0.5, 1.0)
