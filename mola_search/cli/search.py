@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 argument_default=argparse.SUPPRESS)
     p.add_argument("--config", help="YAML/JSON study settings; flags override them")
     p.add_argument("--resume", metavar="STUDY_DIR", help="continue the study in this folder")
-    p.add_argument("--preset", help="cpu-quick (default without a GPU; 30-min demonstration), cpu-standard "
-                                    "(learns the task on 2 CPU cores in about 2 h) or paper")
+    p.add_argument("--preset", help="cpu-quick (default without a GPU; 15-min demonstration), cpu-standard "
+                                    "(longer trials and finalists; see README for its measured limits) or paper")
     w = p.add_argument_group("what to search")
     w.add_argument("--task", help="mrpc | rte | cola | scienceqa | commonsenseqa | openbookqa | custom:task.yaml")
     w.add_argument("--model", help="embedded smollm2-135m-instruct (default), a HF id or a local folder")

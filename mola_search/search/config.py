@@ -38,9 +38,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "seed_names": ["triangle", "inverted_triangle", "hourglass", "rectangle", "diamond", "alphalora"],
         "finalist_shapes": ["triangle", "inverted_triangle", "rectangle"],
     },
-    # About 2 hours on 2 CPU cores (pilot, search, finalists; a longer study continues with --resume):
-    # trials of 16 steps ranked on the whole validation split, finalists trained 4x longer, which is what
-    # learns RTE at this scale (MRPC needs a full epoch, ~230 steps, to clear its majority class).
+    # Longer than cpu-quick: trials of 16 steps ranked on the whole validation split, finalists trained 4x
+    # longer. Measured on 2 cores / 24 GB (README): the pilot and search take ~30 min on RTE but 16 steps do not
+    # learn RTE, and two finalist processes (8-13 GB each) need --max-concurrent 1 to fit in memory.
     "cpu-standard": {
         "model": "smollm2-135m-instruct", "trials": 14, "max_concurrent": 2, "cpus_per_trial": 1,
         "finalist_top_n": 1, "finalist_seeds": 3, "finalist_train_examples": 1024,
