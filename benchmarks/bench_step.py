@@ -2,6 +2,8 @@
 
     python benchmarks/bench_step.py                 # SmolLM2-135M, batch 16x128, 2 threads
     python benchmarks/bench_step.py --model tiny-llama --repeats 2   # smoke run
+    python benchmarks/bench_step.py --device cuda --model llama2-7b-shape --shape 2468 --budget 160
+                                                    # random LLaMA-2-7B-shaped base, the paper's allocation
 
 Each variant trains the same frozen base (bf16 on CPUs with AVX512-BF16) with
 fp32 adapters on the same random batch; the loss is the answer-token loss the
@@ -13,6 +15,7 @@ issue asks for: MoLA/LoRA (goal <= 1.15) and loop/MoLA (goal >= 1.3).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -25,10 +28,17 @@ from peft import LoraConfig, get_peft_model
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from reference_mola import reference_forward  # noqa: E402  (the readable per-expert loop)
 
+from mola_search.allocation import resolve_allocation  # noqa: E402
 from mola_search.mola import DEFAULT_TARGETS, MoLAConfig, MoLALinear, MoLAModel  # noqa: E402
-from mola_search.models import decoder_layers, load_base_model  # noqa: E402
-from mola_search.train.batching import tail_logits  # noqa: E402
+from mola_search.models import (LLAMA2_7B_SHAPE, decoder_layers, load_base_model, parse_device,  # noqa: E402
+                                random_llama, resolve_dtype)
+from mola_search.train.batching import model_device, tail_logits, to_device  # noqa: E402
 from mola_search.train.trainer import answer_loss  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def time_steps(model: torch.nn.Module, batch: dict[str, torch.Tensor], repeats: int) -> list[float]:
@@ -36,15 +46,21 @@ def time_steps(model: torch.nn.Module, batch: dict[str, torch.Tensor], repeats: 
     opt = torch.optim.AdamW(params, lr=1e-4)
     aux_fn = getattr(model, "auxiliary_loss", None)
     model.train()
+    device = model_device(model)
+    batch = to_device(batch, device)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
     times = []
     for i in range(repeats + 1):
+        _sync(device)
         t0 = time.perf_counter()
-        logits = tail_logits(model, batch, 2)
+        with autocast:
+            logits = tail_logits(model, batch, 2)
         loss = answer_loss(logits, batch["labels"][:, -2:])
         aux = aux_fn() if aux_fn else None
         (loss + aux if aux is not None else loss).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        _sync(device)
         if i:  # first step warms up allocator and kernels
             times.append(time.perf_counter() - t0)
     return times
@@ -52,7 +68,11 @@ def time_steps(model: torch.nn.Module, batch: dict[str, torch.Tensor], repeats: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct; llama2-7b-shape = "
+                                                  "a random model with LLaMA-2-7B's shapes")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ap.add_argument("--shape", help="MoLA allocation (shape name or digits, e.g. 2468) instead of --experts per layer")
+    ap.add_argument("--budget", type=int, help="expert budget for --shape (default 5 x layers)")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
@@ -78,18 +98,32 @@ def main() -> None:
     def record(name: str, times: list[float], trainable: int) -> None:
         med = statistics.median(times)
         results[name] = {"step_s": med, "tokens_per_s": tokens / med, "trainable_params": trainable}
-        print(f"{name:<10} step {med:6.2f} s   {tokens / med:7.1f} tok/s   trainable {trainable:,}", flush=True)
+        if device.type == "cuda":  # peak since the previous variant, then reset for the next
+            results[name]["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            torch.cuda.reset_peak_memory_stats(device)
+        print(f"{name:<10} step {med:6.3f} s   {tokens / med:9.1f} tok/s   trainable {trainable:,}", flush=True)
 
-    base, _ = load_base_model(args.model, dtype=args.dtype)
+    device = parse_device(args.device)
+
+    def base_model() -> torch.nn.Module:
+        if args.model == "llama2-7b-shape":
+            return random_llama(LLAMA2_7B_SHAPE, device=device, dtype=resolve_dtype(args.dtype, device))
+        return load_base_model(args.model, dtype=args.dtype, device=str(device))[0]
+
+    base = base_model()
     layers = len(decoder_layers(base))
     lora = get_peft_model(base, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.05,
                                            target_modules=list(DEFAULT_TARGETS)))
     record("peft-lora", time_steps(lora, batch, args.repeats), sum(p.numel() for p in lora.parameters() if p.requires_grad))
     del lora, base
 
-    base, _ = load_base_model(args.model, dtype=args.dtype)
-    config = MoLAConfig(experts=(args.experts,) * layers, top_k=(args.top_k,) * layers, rank=(args.rank,) * layers,
-                        lora_alpha=2.0 * args.rank)
+    base = base_model()
+    if args.shape:
+        spec = resolve_allocation(args.shape, layers, args.budget or 5 * layers, top_k=args.top_k, rank=args.rank)
+        config = MoLAConfig.from_spec(spec, lora_alpha=2.0 * args.rank)
+    else:
+        config = MoLAConfig(experts=(args.experts,) * layers, top_k=(args.top_k,) * layers,
+                            rank=(args.rank,) * layers, lora_alpha=2.0 * args.rank)
     mola = MoLAModel(base, config)
     record("mola", time_steps(mola, batch, args.repeats), mola.num_trainable())
     if not args.skip_loop:
@@ -105,7 +139,9 @@ def main() -> None:
         ratios["loop_over_mola"] = results["mola-loop"]["step_s"] / results["mola"]["step_s"]
     print(" ".join(f"{k}={v:.2f}" for k, v in ratios.items()))
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "dtype": str(next(mola.parameters()).dtype),
+        Path(args.json).write_text(json.dumps({"args": vars(args), "device": str(device), "layers": layers,
+                                               "allocation": list(config.experts),
+                                               "dtype": str(next(mola.parameters()).dtype),
                                                "results": results, "ratios": ratios}, indent=2) + "\n")
 
 

@@ -420,6 +420,26 @@ def _contiguous_input(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, .
     return args
 
 
+# LLaMA-2-7B's shapes (the paper's model), for benchmarks that need its size without its weights.
+LLAMA2_7B_SHAPE: dict[str, int] = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+                                   "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32}
+
+
+def random_llama(shape: dict[str, int], *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 seed: int = 0) -> Any:
+    """A randomly initialised, frozen ``LlamaForCausalLM`` of the given `LlamaConfig` shape, built directly
+    on `device` in `dtype` (a 7B-shaped model never exists on the CPU first): step-time and memory benchmarks
+    of the paper's model size with no download."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**shape, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    with torch.random.fork_rng(devices=[]), torch.device(parse_device(str(device))):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM._from_config(config, dtype=dtype)
+    model.config.name_or_path = "random-llama-" + "x".join(str(shape[k]) for k in ("num_hidden_layers", "hidden_size"))
+    return _ready(model)
+
+
 def tiny_llama(num_layers: int = 4, hidden_size: int = 64, vocab_size: int | None = None,
                seed: int = 0) -> Any:
     """A small randomly initialised ``LlamaForCausalLM`` (fp32, frozen), for tests and smoke runs.
