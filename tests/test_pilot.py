@@ -12,11 +12,9 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import optuna
 import pytest
 
 from mola_search.search.config import FINALIST_SEED_BASE, PILOT_SHAPES, StudyConfig

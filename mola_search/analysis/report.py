@@ -276,7 +276,7 @@ def _results_section(data: StudyData, table: ResultTable) -> Section:
                      "paired on"], vs_rows))
     if data.best:
         exported = data.exported_finalist()
-        s.add(Para(f"Exported best_allocation.json: "
+        s.add(Para("Exported best_allocation.json: "
                    + (f"{exported.name} " if exported is not None else "")
                    + f"`{','.join(map(str, data.best.get('experts') or ()))}` ({data.best.get('chosen_by')})."))
     if table.notes:
