@@ -77,6 +77,8 @@ BAD_INPUTS = {
     "missing spec file": (["--allocation", "{tmp}/nope.json"], ["does not exist"]),
     "no matching targets": (["--targets", "c_attn"], ["c_attn", "q_proj"]),
     "top-k above experts": (["--shape", "1234", "--top-k", "3"], ["top_k 3", "1 expert"]),
+    "budget beside explicit counts": (["--shape", "2468", "--budget", "12"], ["--budget 12 does not apply", "2468",
+                                                                              "20 experts"]),
     "shape and allocation": (["--shape", "triangle", "--allocation", "2468"], ["not both"]),
     "malformed YAML config": (["--config", "{tmp}/bad.yaml"], ["not valid YAML"]),
     "malformed JSON config": (["--config", "{tmp}/bad.json"], ["not valid JSON"]),
@@ -215,6 +217,17 @@ def test_dry_run_with_budget_and_explicit_allocation(tmp_path, capsys):
     assert _field(out, "top_k") == "1,1,1,1" and _field(out, "rank") == "4,4,4,4"
     code, out, _ = run_cli(capsys, TINY + ["--allocation", "1,3,3,1", "--top-k", "1", "--dry-run", "--out", str(tmp_path / "r")])
     assert code == 0 and _field(out, "allocation").startswith("1,3,3,1  (budget 8)")
+
+
+@needs_data
+def test_default_top_k_is_capped_by_a_layers_expert_count(tmp_path, capsys):
+    """A shape at a small budget gives some layers 1 expert: the default top-k (2) is capped there, as in the
+    search, instead of failing on a value the user never set."""
+    code, out, err = run_cli(capsys, TINY + ["--shape", "inverted_triangle", "--budget", "6", "--dry-run",
+                                             "--out", str(tmp_path / "r")])
+    assert code == 0, err
+    experts = [int(x) for x in _field(out, "allocation").split()[0].split(",")]
+    assert 1 in experts and _field(out, "top_k") == ",".join(str(min(2, e)) for e in experts)
 
 
 # --- a full tiny run -----------------------------------------------------------------------------

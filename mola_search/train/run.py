@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from mola_search.allocation import AllocationSpec, check_depth, resolve_allocation
+from mola_search.allocation import SHAPES, AllocationSpec, check_depth, resolve_allocation
+from mola_search.allocation.shapes import normalize_shape
 from mola_search.errors import UserError
 from mola_search.mola import DEFAULT_TARGETS, MoLAConfig, MoLAModel
 from mola_search.models import DEFAULT_MODEL, decoder_layers, load_base_model
@@ -27,6 +28,9 @@ from mola_search.tasks import Example, TaskData, load_task
 from mola_search.train.batching import model_device
 from mola_search.train.evaluate import evaluate_accuracy, evaluate_generation
 from mola_search.train.trainer import StepEvent, TrainConfig, train
+
+
+DEFAULT_TOP_K = 2
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,7 @@ class RunConfig:
     shape: str | None = None            # paper shape name, digit notation or comma list
     allocation: str | None = None       # path to an allocation spec JSON
     budget: int | None = None           # default 5 x layers
-    top_k: int = 2
+    top_k: int | None = None            # None: 2, capped per layer by its expert count; a given value is strict
     rank: int = 8
     min_experts: int = 1
     max_experts: int | None = None
@@ -133,12 +137,26 @@ def prepare(config: RunConfig, *, base: tuple[torch.nn.Module, Any] | None = Non
 
 
 def resolve_spec(config: RunConfig, num_layers: int) -> AllocationSpec:
+    """The run's allocation. A shape is scaled to --budget; explicit counts (digits, a comma list) keep their
+    own total, so a --budget that disagrees with them is refused rather than ignored. A layer never routes to
+    more experts than it has: the default top-k (2) is capped per layer, as in the search; a --top-k the user
+    gives is used as given (a layer with fewer experts is an error), and a spec file keeps its own."""
     if config.shape and config.allocation:
         raise UserError("pass either --shape or --allocation, not both")
     budget = config.budget if config.budget is not None else 5 * num_layers
     value = config.allocation or config.shape or "inverted_triangle"
-    return resolve_allocation(value, num_layers, budget, top_k=config.top_k, rank=config.rank,
+    is_shape = normalize_shape(value.strip()) in SHAPES
+    is_file = not is_shape and (value.strip().endswith(".json") or Path(value).is_file())
+    spec = resolve_allocation(value, num_layers, budget, top_k=1, rank=config.rank,
                               min_count=config.min_experts, max_count=config.max_experts)
+    if not is_file:
+        top_k = [min(DEFAULT_TOP_K, e) for e in spec.experts] if config.top_k is None else config.top_k
+        spec = AllocationSpec.build(spec.experts, top_k, config.rank, source=spec.source)
+    if config.budget is not None and not is_shape and spec.budget != config.budget:
+        raise UserError(f"--budget {config.budget} does not apply to the explicit allocation '{value}' (it has "
+                        f"{spec.budget} experts over {num_layers} layers): drop --budget, or give a shape name "
+                        f"({', '.join(SHAPES)}) to scale to it")
+    return spec
 
 
 def build_model(prepared: Prepared) -> torch.nn.Module:
