@@ -143,11 +143,15 @@ def test_diverging_run_is_one_line_exit_2(tmp_path, capsys):
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
-def test_argparse_errors_exit_2(capsys):
-    with pytest.raises(SystemExit) as exc:
-        run_main("mola-train", cli.main, ["--budget", "many"])
-    assert exc.value.code == 2
-    assert "Traceback" not in capsys.readouterr().err
+@pytest.mark.parametrize("argv, needle", [
+    (["--budget", "many"], "argument --budget: invalid int value: 'many'"),
+    (["--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+])
+def test_argparse_errors_are_one_line_exit_2(capsys, argv, needle):
+    """Bad flags get one line naming the flag and pointing at --help, not a usage dump."""
+    code, _, err = run_cli(capsys, argv)
+    assert_one_line_error(code, err, needle, "mola-train --help")
 
 
 # --- config files and flags ---------------------------------------------------------------------

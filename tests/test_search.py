@@ -302,6 +302,9 @@ def test_kill_9_mid_study_then_resume_loses_and_reruns_nothing(tmp_path: Path) -
     (["--pruner", "median"], "unknown pruner 'median'"),
     (["--pruner", "wilcoxon", "--metric", "f1"], "f1 has none"),
     (["--device", "tpu"], "device 'tpu'"),
+    (["--storage", "bogus://x"], "--storage 'bogus://x' is not a usable database URL"),
+    (["--task", "foo"], "unknown task 'foo'"),
+    (["--trials", "many"], "argument --trials: invalid int value: 'many'"),
     *([] if torch.cuda.is_available() else [
         (["--device", "cuda"], "no CUDA GPU is visible"),
         (["--gpus-per-trial", "1"], "--gpus-per-trial 1 with --executor local: no CUDA GPU is visible"),

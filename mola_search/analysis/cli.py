@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
+from mola_search.cli.common import OneLineParser
+
 
 def report_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="mola-search report",
+    p = OneLineParser(prog="mola-search report",
                                 description="Write a study's report (index.html + PNG figures + summary.md).")
     p.add_argument("study", help="study folder, e.g. runs/<study>")
     p.add_argument("--out", help="report folder (default <study>/report)")
@@ -22,7 +23,7 @@ def report_main(argv: list[str]) -> int:
 
 
 def analyze_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="mola-search analyze",
+    p = OneLineParser(prog="mola-search analyze",
                                 description="Expert redundancy and routing of one trained MoLA adapter.")
     p.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--router-stats", help="router_stats.json (default: next to the adapter or in its run folder)")
@@ -58,7 +59,7 @@ def analyze_main(argv: list[str]) -> int:
 
 
 def compare_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="mola-search compare",
+    p = OneLineParser(prog="mola-search compare",
                                 description="Two (or more) studies side by side: index.html + PNGs + summary.md.")
     p.add_argument("studies", nargs="+", metavar="STUDY", help="study folders (at least two)")
     p.add_argument("--out", help="output folder (default: compare-<a>-vs-<b> beside the first study)")

@@ -15,7 +15,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from mola_search.cli.common import run_main
+from mola_search.cli.common import OneLineParser, run_main
 from mola_search.cli.train import config_from_args, lora_rank_arg
 from mola_search.errors import UserError
 from mola_search.train.run import RunConfig
@@ -67,7 +67,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mola-bench", description=__doc__.splitlines()[0],
+    p = OneLineParser(prog="mola-bench", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     tp = sub.add_parser("table", help="methods x tasks x seeds -> Table 1 (csv, md, html, png)",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections.abc import Callable
@@ -9,6 +10,17 @@ from pathlib import Path
 from typing import Any
 
 from mola_search.errors import UserError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (`prog: error: ...; see --help`, exit 2), not a usage dump.
+
+    argparse calls `error` for unknown flags, bad types and bad choices; raising a UserError lets
+    `run_main` print it like every other bad input.
+    """
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def run_main(prog: str, main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:

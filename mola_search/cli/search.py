@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mola_search.cli.common import load_config_file, run_main
+from mola_search.cli.common import OneLineParser, load_config_file, run_main
 from mola_search.errors import UserError
 
 SUBCOMMANDS = ("export", "report", "analyze", "compare")
@@ -36,7 +36,7 @@ _TRAIN_FLAGS = ("lr", "batch_size", "micro_batch_size", "cutoff_len")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mola-search", description=__doc__.splitlines()[0],
+    p = OneLineParser(prog="mola-search", description=__doc__.splitlines()[0],
                                 epilog="subcommands: export, report, analyze, compare (see `mola-search <subcommand> -h`)",
                                 argument_default=argparse.SUPPRESS)
     p.add_argument("--config", help="YAML/JSON study settings; flags override them")
@@ -157,7 +157,7 @@ def _summarize(folder: Path) -> str:
 
 
 def export_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="mola-search export", description="Print or write a study's best allocation.")
+    p = OneLineParser(prog="mola-search export", description="Print or write a study's best allocation.")
     p.add_argument("study", help="study folder")
     p.add_argument("--format", choices=["json", "mola-flags"], default="json")
     p.add_argument("--output", help="write here instead of stdout")

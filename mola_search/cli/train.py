@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from mola_search.cli.common import load_config_file, run_main
+from mola_search.cli.common import OneLineParser, load_config_file, run_main
 from mola_search.errors import UserError
 from mola_search.train.run import RunConfig, describe, build_model, execute, prepare
 from mola_search.train.trainer import TrainConfig, TrainingDiverged
@@ -29,7 +29,7 @@ _TRAIN_FLAGS = ("lr", "epochs", "max_steps", "batch_size", "micro_batch_size", "
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mola-train", description=__doc__.splitlines()[0],
+    p = OneLineParser(prog="mola-train", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 argument_default=argparse.SUPPRESS)
     p.add_argument("--config", help="YAML/JSON run config; flags override its keys")

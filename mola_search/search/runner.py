@@ -62,9 +62,31 @@ def inspect_model(config: StudyConfig, space: SearchSpace) -> tuple[int, int, li
 
 
 def check_task_data(config: StudyConfig) -> None:
-    """Load the task once in the driver: missing data is one error now, not a failure in every trial."""
+    """Load the task once in the driver: missing data is one error now, not a failure in every trial.
+    With a synthetic objective nothing is loaded, but the task must still be one that exists."""
     if not is_synthetic(config.objective):
         task_data(config.task, config.data_dir)
+    else:
+        from mola_search.tasks import TASKS
+
+        if config.task.lower() not in TASKS and not config.task.startswith(("custom:", "instruct:")):
+            raise UserError(f"unknown task {config.task!r}; valid: {', '.join(TASKS)}, custom:<task.yaml>, "
+                            "instruct:<path>")
+
+
+def check_storage(config: StudyConfig) -> None:
+    """An --storage URL SQLAlchemy cannot use is one line now, not a traceback after the folder exists."""
+    if not config.storage:
+        return
+    from sqlalchemy import create_engine
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        create_engine(config.storage).dispose()  # parses the URL and loads the dialect; connects to nothing
+    except (ArgumentError, NoSuchModuleError, ImportError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"--storage {config.storage!r} is not a usable database URL ({first}); use e.g. "
+                        "sqlite:////abs/path/study.db or postgresql://user@host/db") from None
 
 
 def run_study(config: StudyConfig, folder: Path, *, resume: bool = False,
@@ -80,6 +102,7 @@ def run_study(config: StudyConfig, folder: Path, *, resume: bool = False,
     config = pin_paths(config)
     space = resolve_space(config)
     check_task_data(config)
+    check_storage(config)
     check_resources(config)
     num_layers, budget, seeds = inspect_model(config, space)  # an infeasible budget is refused here
     folder.mkdir(parents=True, exist_ok=True)  # only once every check passed: bad input leaves no folder
