@@ -173,6 +173,11 @@ def test_cli_errors(tmp_path, capsys):
     task = write_task(tmp_path / "a", "ta")
     code, err = _cli(bench_main, "mola-bench", ["table", "--tasks", task, "--methods", "lora,qlora"], capsys)
     assert code == 2 and err.startswith("mola-bench: error: unknown method 'qlora'") and "\n" not in err
+    out = tmp_path / "never"
+    code, err = _cli(bench_main, "mola-bench", ["table", "--tasks", "foo", "--methods", "lora", "--model", "tiny-llama",
+                                                "--out", str(out)], capsys)
+    assert code == 2 and "unknown task 'foo'" in err and "\n" not in err
+    assert not out.exists()  # bad input leaves no output folder behind
     code, err = _cli(bench_main, "mola-bench", ["continual", "--task", task, "--split-field", "topic",
                                                 "--methods", "lora", "--model", "tiny-llama"], capsys)
     assert code == 2 and "has no field 'topic'" in err and "\n" not in err

@@ -327,6 +327,7 @@ def test_bad_yaml_spaces_are_one_line_errors(text: str, needle: str, tmp_path: P
     space.write_text(text)
     rc = search([*BASE, "--trials", "2", "--space", str(space), "--out", str(tmp_path / "s")])
     assert_one_line_error(capsys, rc, needle)
+    assert not (tmp_path / "s").exists()  # an infeasible space leaves no half-made study folder
 
 
 def test_resume_of_a_folder_that_is_not_a_study(tmp_path: Path, capsys) -> None:

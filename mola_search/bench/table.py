@@ -201,13 +201,14 @@ def run_table(config: RunConfig, tasks: list[str], specs: list[MethodSpec], seed
     from mola_search.tasks import load_task
 
     out = Path(out)
-    check_manifest(out, config)
     cells = [(t, s, seed) for t in tasks for s in specs for seed in seeds]
     todo = [c for c in cells if not _finished(cell_dir(out, *c), retry_failed)]
-    log(f"mola-bench table: {len(cells)} cells, {len(cells) - len(todo)} finished, {len(todo)} to run -> {out}")
+    # every task and method is checked before the output folder exists: bad input leaves no folder behind
+    data_cache: dict[str, Any] = {t: load_task(t, config.data_dir, val_seed=0) for t in dict.fromkeys(t for t, _, _ in todo)}
     if todo:
         preflight(config, sorted({s for _, s, _ in todo}, key=specs.index))
-    data_cache: dict[str, Any] = {}
+    check_manifest(out, config)
+    log(f"mola-bench table: {len(cells)} cells, {len(cells) - len(todo)} finished, {len(todo)} to run -> {out}")
     for n, (task, spec, seed) in enumerate(todo, 1):
         folder = cell_dir(out, task, spec, seed)
         if task not in data_cache:
