@@ -165,3 +165,19 @@ def test_experts_start_from_weights_keyed_by_seed_layer_module_and_index():
     reseeded = _adapter((2, 3), init_seed=7)
     assert not torch.equal(reseeded.mola_layers[next(iter(small.mola_layers))].lora_A,
                            small.mola_layers[next(iter(small.mola_layers))].lora_A)
+
+
+def test_fused_projections_are_adapted_by_default():
+    """A Phi-3-style model fuses q/k/v into qkv_proj and gate/up into gate_up_proj: the default targets adapt
+    every linear of every decoder layer, not only o_proj and down_proj."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    config = Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=4, max_position_embeddings=64, pad_token_id=0)
+    base = Phi3ForCausalLM(config)
+    model = MoLAModel(base, _config(2))
+    kinds = sorted({name.rsplit(".", 1)[-1] for name in model.mola_layers})
+    assert kinds == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
+    assert len(model.mola_layers) == 2 * 4
+    out = model(input_ids=torch.randint(0, 64, (2, 5)), attention_mask=torch.ones(2, 5, dtype=torch.long))
+    assert out.logits.shape == (2, 5, 64)

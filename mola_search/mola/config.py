@@ -19,6 +19,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 
 DEFAULT_TARGETS: tuple[str, ...] = (
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    "qkv_proj", "gate_up_proj",  # fused projections (Phi-3 and similar): adapted like the separate ones
 )
 
 
