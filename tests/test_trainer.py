@@ -334,3 +334,32 @@ def test_task_metrics_are_the_glue_ones():
     assert res.task_metrics("cola") == {"mcc": pytest.approx(matthews_corrcoef(labels, preds))}
     assert res.task_metrics("rte") == {}
     assert f1_score(labels, preds) == pytest.approx(4 / 7)
+
+
+LETTERS = (" A", " B", " C", " D", " E")
+YES_NO = (" no", " yes")
+
+
+@pytest.mark.parametrize("text, choices, expected", [
+    ("The answer is B", LETTERS, 1),
+    ("the answer is b.", LETTERS, 1),
+    ("Answer: C", LETTERS, 2),
+    ("Answer: (C)", LETTERS, 2),
+    ("B.", LETTERS, 1),
+    ("(D) because the others are wrong", LETTERS, 3),
+    ("E", LETTERS, 4),
+    ("I think option A is right", LETTERS, 0),
+    ("The correct one is C, since the passage says so", LETTERS, 2),
+    ("the best choice here", LETTERS, -1),           # no letter standing alone: not the "e" of "the"
+    ("Not equivalent", YES_NO, 0),
+    ("Equivalent", YES_NO, 1),
+    ("Yes, they mean the same", YES_NO, 1),
+    ("no", YES_NO, 0),
+    ("The answer is yes.", YES_NO, 1),
+    ("They are not paraphrases.", YES_NO, 0),
+    ("I cannot tell", YES_NO, -1),
+    (" yes", (" yes", " no"), 0),                    # RTE's order: yes first
+    ("Entailment", (" yes", " no"), 0),
+])
+def test_parse_choice_reads_what_models_say(text, choices, expected):
+    assert ev.parse_choice(text, choices) == expected

@@ -186,14 +186,58 @@ def evaluate_generation(model: nn.Module, tokenizer, examples: Sequence[Example]
                       ids=[example_id(ex) for ex in examples])
 
 
+# Words a model may answer a yes/no question with, beyond the verbalizers themselves. A negation
+# ("not equivalent", "no, ...") is read before the word it negates.
+_YES = {"yes", "true", "correct", "equivalent", "paraphrase", "paraphrases", "entailment", "entails", "acceptable",
+        "grammatical", "same"}
+_NO = {"no", "not", "false", "incorrect", "different", "unacceptable", "ungrammatical", "neither"}
+_LETTER_PATTERNS = (
+    r"\banswer\s*(?:is|:)?\s*(?:option\s*)?\(?([A-Za-z])\)?(?![A-Za-z])",   # "The answer is B", "Answer: (C)"
+    r"\b(?:option|choice)\s*\(?([A-Za-z])\)?(?![A-Za-z])",                 # "option D"
+    r"^\s*\(?([A-Z])\)?(?:[.):,\s]|$)",                                    # "B.", "(C) ...", "D"
+    r"(?<![A-Za-z])([A-Z])(?![A-Za-z])",                                      # a capital letter standing alone
+)
+
+
 def parse_choice(text: str, choices: Sequence[str]) -> int:
-    """Index of the choice whose text starts the output (else occurs earliest); -1 if none does."""
-    text = text.strip().lower()
-    stripped = [c.strip().lower() for c in choices]
-    for i, c in enumerate(stripped):
-        if text.startswith(c) and all(not text.startswith(o) or len(o) <= len(c) for o in stripped):
-            return i
-    found = [(text.find(c), i) for i, c in enumerate(stripped) if c and text.find(c) >= 0]
+    """Index of the choice a generated answer names; -1 when it names none.
+
+    Lettered choices (" A" ... " E"): an explicit "answer is X" / "Answer: (X)" / "option X" first, then a
+    letter at the start ("B.", "(C)"), then a capital letter standing alone, never a letter inside a word
+    (the "e" of "the"). Word choices (" yes"/" no"): the first word that is a choice, or a yes/no synonym
+    such as "equivalent" / "not" ("Not equivalent" -> no). Otherwise the choice whose text starts the
+    output, then the earliest whole-word occurrence of one.
+    """
+    import re
+
+    stripped = [c.strip() for c in choices]
+    letters = {c.upper(): i for i, c in enumerate(stripped) if len(c) == 1 and c.isalpha()}
+    if letters and len(letters) == len(stripped):
+        for pattern in _LETTER_PATTERNS:
+            for match in re.finditer(pattern, text.strip(), flags=re.IGNORECASE if "answer" in pattern or
+                                     "option" in pattern else 0):
+                letter = match.group(1).upper()
+                if letter in letters:
+                    return letters[letter]
+        return -1
+    words = [c.lower() for c in stripped]
+    tokens = re.findall(r"[a-z]+", text.lower())
+    yes = next((i for i, w in enumerate(words) if w == "yes"), None)
+    no = next((i for i, w in enumerate(words) if w == "no"), None)
+    for token in tokens:
+        if token in words:
+            return words.index(token)
+        if yes is not None and no is not None:
+            if token in _NO:
+                return no
+            if token in _YES:
+                return yes
+    lowered = text.strip().lower()
+    starts = [i for i, w in enumerate(words) if w and lowered.startswith(w)]
+    if starts:
+        return max(starts, key=lambda i: len(words[i]))
+    found = [(m.start(), i) for i, w in enumerate(words) if w
+             for m in [re.search(rf"(?<![a-z]){re.escape(w)}(?![a-z])", lowered)] if m]
     return min(found)[1] if found else -1
 
 
