@@ -415,7 +415,10 @@ def test_check_depth():
 
 def test_mola_flags():
     spec = AllocationSpec.build([2, 2, 4, 8], top_k=[1, 2, 2, 2], rank=8)
-    expected = "--number_experts 2,2,4,8 --top_k 1,2,2,2 --lora_r 8,8,8,8"
+    # --lora_target_modules is required in practice: without it the official script (fire 0.5.0) turns its
+    # default target string into single characters once --number_experts arrives as a tuple
+    expected = ("--number_experts 2,2,4,8 --top_k 1,2,2,2 --lora_r 8,8,8,8 "
+                "--lora_target_modules q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj")
     assert to_mola_flags(spec) == expected
     assert spec.to_mola_flags() == expected
     assert to_mola_flags(_spec()).startswith("--number_experts " + ",".join(["2"] * 8 + ["4"] * 8))

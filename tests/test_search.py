@@ -148,7 +148,8 @@ def test_export_json_and_mola_flags(study: Path, capsys, tmp_path: Path) -> None
     assert search(["export", str(study), "--format", "mola-flags"]) == 0
     flags = capsys.readouterr().out.strip()
     assert flags == ("--number_experts " + ",".join(map(str, best["experts"])) + " --top_k "
-                     + ",".join(map(str, best["top_k"])) + " --lora_r " + ",".join(map(str, best["rank"])))
+                     + ",".join(map(str, best["top_k"])) + " --lora_r " + ",".join(map(str, best["rank"]))
+                     + " --lora_target_modules q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj")
     out = tmp_path / "flags.txt"
     assert search(["export", str(study), "--format", "mola-flags", "--output", str(out)]) == 0
     assert out.read_text().strip() == flags

@@ -164,13 +164,24 @@ def check_depth(spec: AllocationSpec, num_layers: int) -> None:
                         f"or pass a spec for {num_layers} layers")
 
 
+# The official script's own default target list, in its order (GCYZSL/MoLA mola_training.py).
+OFFICIAL_TARGET_MODULES = "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj"
+
+
 def to_mola_flags(spec: AllocationSpec) -> str:
-    """Command-line flags of the official MoLA training script for this allocation."""
+    """Command-line flags of the official MoLA training script (GCYZSL/MoLA `mola_training.py`) for this allocation.
+
+    `--lora_target_modules` must be passed even though it is the script's default: with its pinned
+    fire==0.5.0, "2,2,..." arrives as a tuple, the script then takes the branch that converts every list
+    argument with `[str(x) for x in value]`, and the default *string* of target modules becomes a list of
+    single characters, which crashes model construction. Given explicitly, it arrives as a tuple too.
+    """
 
     def joined(values: tuple[int, ...]) -> str:
         return ",".join(str(v) for v in values)
 
-    return f"--number_experts {joined(spec.experts)} --top_k {joined(spec.top_k)} --lora_r {joined(spec.rank)}"
+    return (f"--number_experts {joined(spec.experts)} --top_k {joined(spec.top_k)} --lora_r {joined(spec.rank)} "
+            f"--lora_target_modules {OFFICIAL_TARGET_MODULES}")
 
 
 def resolve_allocation(value: str, num_layers: int, budget: int, top_k: int | Sequence[int] = 2,
