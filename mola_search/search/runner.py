@@ -142,14 +142,14 @@ def run_study(config: StudyConfig, folder: Path, *, resume: bool = False,
         write_best(best, folder, config.to_dict(), chosen_by=f"validation {config.metric} of one search trial")
     write_finalists_csv(finalists, folder)
     wall = time.time() - start
-    write_summary(folder, config.to_dict(), driver.study, finalists, best, wall, noise=read_noise(folder))
+    analysis = None
     if summarize is not None:
         try:
             analysis = summarize(folder)
         except Exception as exc:  # noqa: BLE001 - the study is done; a failing analysis must not hide it
             progress.message(f"summary.md keeps the plain summary: the analysis failed ({type(exc).__name__}: {exc})")
-        else:
-            write_summary(folder, config.to_dict(), driver.study, finalists, best, wall, analysis=analysis)
+    write_summary(folder, config.to_dict(), driver.study, finalists, best, wall, noise=read_noise(folder),
+                  analysis=analysis)
     progress.message(f"done in {wall / 60:.1f} min: {folder / 'summary.md'}"
                      + (f" | best {run_length(best.spec.experts)} ({best.origin}, chosen on validation)" if best else ""))
     return {"folder": str(folder), "best": best, "finalists": finalists}
