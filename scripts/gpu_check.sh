@@ -4,7 +4,7 @@
 #   2. the step benchmark on the device: MoLA vs PEFT LoRA vs the per-expert loop, on SmolLM2 and on a
 #      randomly initialised model with LLaMA-2-7B's shapes with the paper's allocation 2468 at budget 160,
 #   3. a two-trial Ray study with --gpus-per-trial 0.5 (two trials share one GPU) on SmolLM2, on a small
-#      generated classification task (the machine has no task data),
+#      generated classification task (the machine has no task data); no pruner, so both trials must finish,
 #   4. one summary table.
 # `--cpu` runs the same steps end to end with tiny models on the CPU; CI runs it that way so it cannot rot.
 # Results are written under $OUT (default: a new temporary folder).
@@ -51,7 +51,7 @@ for split, size in (("train", n), ("validation", 32), ("test", 32)):
     "template: \"Is {number} an even number?\\nAnswer:\"\nlabel_field: label\nlabel_words: [\" no\", \" yes\"]\n")
 PYTASK
 STUDY_ARGS=(--task "custom:$OUT/task/task.yaml" --model "$STUDY_MODEL" --executor ray --trials 2 --max-concurrent 2
-            --no-pilot --finalist-seeds 0 --max-train-examples "$TRAIN" --max-eval-examples 32 --batch-size 8
+            --no-pilot --pruner none --finalist-seeds 0 --max-train-examples "$TRAIN" --max-eval-examples 32 --batch-size 8
             --micro-batch-size 8 --cutoff-len 64 --out "$OUT/study")
 if [ "$MODE" = gpu ]; then
   STUDY_ARGS+=(--gpus-per-trial "$GPUS" --cpus-per-trial 1)
