@@ -89,7 +89,7 @@ BAD_INPUTS = {
     "wrongly typed config value": (["--config", "{tmp}/bad_types.yaml"], ["batch_size", "eight"]),
     "config train not a mapping": (["--config", "{tmp}/train_scalar.yaml"], ["train"]),
     "zero batch size": (["--batch-size", "0"], ["batch_size 0"]),
-    "zero max steps": (["--max-steps", "0"], ["max_steps 0"]),
+    "negative max steps": (["--max-steps", "-1"], ["max_steps -1", "0 only evaluates"]),
     "negative train subsample": (["--max-train-examples", "-1"], ["max_train_examples"]),
     "dropout out of range": (["--lora-dropout", "1.5"], ["lora_dropout"]),
 }
@@ -272,6 +272,22 @@ def test_full_tiny_run_writes_the_run_folder_and_the_adapter_reloads(tmp_path, c
         plain = tiny_llama(num_layers=4, vocab_size=len(tokenizer)).to(a.dtype)(input_ids=ids).logits
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     assert not torch.allclose(a, plain)  # the adapter changed something, so the comparison means something
+
+    # --init-from with --max-steps 0 only evaluates the saved adapter: the trained run's scores, example by
+    # example; without --init-from, --max-steps 0 scores the untouched base (B = 0), which differs.
+    scores = {}
+    for name, extra in (("reloaded", ["--init-from", str(out_dir / "adapter")]), ("base", [])):
+        code, _, err = run_cli(capsys, TINY + ["--max-train-examples", "16", "--max-eval-examples", "8",
+                                               "--max-steps", "0", "--out", str(tmp_path / name), "--no-progress",
+                                               "--threads", "1", *extra])
+        assert code == 0, err
+        evaluated = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert evaluated["train_steps"] == 0 and evaluated["train_loss_curve"] == []
+        scores[name] = evaluated["validation"]["per_example"]
+    trained_scores = metrics["validation"]["per_example"]
+    assert scores["reloaded"]["ids"] == trained_scores["ids"]
+    assert scores["reloaded"]["gold_logprob"] == pytest.approx(trained_scores["gold_logprob"], abs=1e-5)
+    assert scores["base"]["gold_logprob"] != pytest.approx(trained_scores["gold_logprob"], abs=1e-5)
 
 
 # --- the real model ------------------------------------------------------------------------------

@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("training")
     t.add_argument("--lr", type=float)
     t.add_argument("--epochs", type=float)
-    t.add_argument("--max-steps", type=int, dest="max_steps")
+    t.add_argument("--max-steps", type=int, dest="max_steps",
+                   help="optimizer steps (overrides --epochs); 0 only evaluates, e.g. an --init-from adapter")
     t.add_argument("--batch-size", type=int, dest="batch_size", help="effective batch size")
     t.add_argument("--micro-batch-size", type=int, dest="micro_batch_size")
     t.add_argument("--cutoff-len", type=int, dest="cutoff_len")

@@ -34,7 +34,7 @@ class TrainingDiverged(RuntimeError):
 class TrainConfig:
     lr: float = 3e-4
     epochs: float = 1.0
-    max_steps: int | None = None       # optimizer steps; overrides epochs when set
+    max_steps: int | None = None       # optimizer steps; overrides epochs when set; 0 = evaluate only
     batch_size: int = 16               # effective batch (examples per optimizer step)
     micro_batch_size: int = 8          # examples per forward; batch_size / micro = accumulation steps
     cutoff_len: int = 256
@@ -55,8 +55,8 @@ class TrainConfig:
         problems = []
         if not self.lr > 0:
             problems.append(f"lr {self.lr} (need > 0)")
-        if self.max_steps is not None and self.max_steps < 1:
-            problems.append(f"max_steps {self.max_steps} (need >= 1, or unset to use epochs)")
+        if self.max_steps is not None and self.max_steps < 0:
+            problems.append(f"max_steps {self.max_steps} (need >= 0: 0 only evaluates, unset uses epochs)")
         if self.max_steps is None and not self.epochs > 0:
             problems.append(f"epochs {self.epochs} (need > 0)")
         for name in ("batch_size", "micro_batch_size", "log_every"):
@@ -158,6 +158,8 @@ def train(model: nn.Module, tokenizer, examples: Sequence[Example], config: Trai
     if not encoded:
         raise UserError("no training examples: the train split is empty (check --max-train-examples and the data)")
     total_steps = config.steps_for(len(encoded))
+    if total_steps == 0:  # evaluate-only (e.g. a saved adapter via --init-from): no optimizer, no mode change
+        return TrainResult(steps=0)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     warmup = int(config.warmup_ratio * total_steps)
