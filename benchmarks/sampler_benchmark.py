@@ -54,7 +54,8 @@ from mola_search.search.executors import run_local
 from mola_search.search.progress import Progress
 from mola_search.search.seeds import Seed, all_seeds
 from mola_search.search.space import Fidelity, load_space
-from mola_search.search.study import ALLOCATION, StudyDriver
+from mola_search.search.folder import ALLOCATION
+from mola_search.search.study import StudyDriver
 from mola_search.search.synthetic import make_synthetic
 
 SAMPLERS = ("tpe", "cmaes", "random")

@@ -11,7 +11,9 @@ import pytest
 from optuna.trial import TrialState
 
 from mola_search.errors import UserError
-from mola_search.search.pruning import EXAMPLE_STRIDE, PRUNERS, example_step, make_pruner, report_rung
+from mola_search.search.folder import TRAIN_SEED
+from mola_search.search.pruning import (EXAMPLE_STRIDE, PRUNERS, SameSeedWilcoxonPruner, example_step, make_pruner,
+                                       report_rung)
 from mola_search.search.seeds import paper_seeds
 from mola_search.search.synthetic import SyntheticObjective
 
@@ -32,7 +34,7 @@ def test_make_pruner_builds_optunas_pruners() -> None:
     assert isinstance(asha, optuna.pruners.SuccessiveHalvingPruner) and asha._reduction_factor == 3
     assert asha._min_resource == 1
     wilcoxon = make_pruner("wilcoxon", p_threshold=0.05)
-    assert isinstance(wilcoxon, optuna.pruners.WilcoxonPruner) and wilcoxon._p_threshold == 0.05
+    assert isinstance(wilcoxon, SameSeedWilcoxonPruner) and wilcoxon._inner._p_threshold == 0.05
     assert isinstance(make_pruner("none"), optuna.pruners.NopPruner)
 
 
@@ -62,8 +64,11 @@ def _study(pruner: str) -> optuna.Study:
                                sampler=optuna.samplers.RandomSampler(seed=0))
 
 
-def _complete(study: optuna.Study, pruner: str, experts: list[int], rungs=(0.5, 1.0)) -> None:
+def _complete(study: optuna.Study, pruner: str, experts: list[int], rungs=(0.5, 1.0), train_seed: int | None = None
+              ) -> None:
     trial = study.ask()
+    if train_seed is not None:
+        trial.set_user_attr(TRAIN_SEED, train_seed)
     for k, f in enumerate(rungs, start=1):
         report_rung(trial, pruner, k, OBJECTIVE.observe(experts, seed=0, fidelity=f),
                     OBJECTIVE.observe_examples(experts, seed=0, fidelity=f, n=50))
@@ -72,8 +77,10 @@ def _complete(study: optuna.Study, pruner: str, experts: list[int], rungs=(0.5, 
     study.tell(trial, OBJECTIVE.observe(experts, seed=0, fidelity=rungs[-1]))
 
 
-def _first_rung_prunes(study: optuna.Study, pruner: str, experts: list[int]) -> bool:
+def _first_rung_prunes(study: optuna.Study, pruner: str, experts: list[int], train_seed: int | None = None) -> bool:
     trial = study.ask()
+    if train_seed is not None:
+        trial.set_user_attr(TRAIN_SEED, train_seed)
     report_rung(trial, pruner, 1, OBJECTIVE.observe(experts, seed=0, fidelity=0.5),
                 OBJECTIVE.observe_examples(experts, seed=0, fidelity=0.5, n=50))
     return trial.should_prune()
@@ -125,3 +132,31 @@ def test_benchmark_at_tiny_size() -> None:
     assert report["results"]["asha"]["rung_evals_saved"] > 0  # r = 2 stops about half at rung 1
     assert all(len(rows) == 2 for rows in report["studies"].values())
     assert "| none | 0.0% | 0.0% | 0.0% |" in bench.markdown(report)
+
+
+def test_wilcoxon_compares_with_the_best_trial_of_the_same_training_seed() -> None:
+    """A pilot run at another seed that scored best must not become the bar for study-seed trials.
+
+    Study seed 0: rectangle completed. A pilot run at seed 7 (the inverted triangle, better) completed too.
+    A new seed-0 trial that matches the seed-0 rectangle example for example is not pruned, although
+    Optuna's own WilcoxonPruner (reference: the best trial of any seed) prunes it; a clearly worse seed-0
+    trial (the triangle) is still pruned."""
+    def study(pruner: optuna.pruners.BasePruner) -> optuna.Study:
+        s = optuna.create_study(direction="maximize", pruner=pruner, sampler=optuna.samplers.RandomSampler(seed=0))
+        _complete(s, "wilcoxon", SHAPES["rectangle"], train_seed=0)
+        _complete(s, "wilcoxon", SHAPES["inverted_triangle"], train_seed=7)
+        assert s.best_trial.user_attrs[TRAIN_SEED] == 7
+        return s
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    ours = study(make_pruner("wilcoxon", reference_seed=0))
+    assert _first_rung_prunes(ours, "wilcoxon", SHAPES["rectangle"], train_seed=0) is False
+    ours.tell(ours.trials[-1].number, state=TrialState.PRUNED)
+    assert _first_rung_prunes(ours, "wilcoxon", SHAPES["triangle"], train_seed=0) is True
+    ours.tell(ours.trials[-1].number, state=TrialState.PRUNED)
+    assert _first_rung_prunes(ours, "wilcoxon", SHAPES["rectangle"]) is False  # no seed recorded: the study seed
+    stock = study(optuna.pruners.WilcoxonPruner(p_threshold=0.1))
+    assert _first_rung_prunes(stock, "wilcoxon", SHAPES["rectangle"], train_seed=0) is True
+    fresh = optuna.create_study(direction="maximize", pruner=make_pruner("wilcoxon"))
+    _complete(fresh, "wilcoxon", SHAPES["inverted_triangle"], train_seed=7)
+    assert _first_rung_prunes(fresh, "wilcoxon", SHAPES["triangle"], train_seed=0) is False  # no seed-0 reference yet

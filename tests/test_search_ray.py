@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -168,6 +169,27 @@ def test_relative_data_dir_and_out_reach_ray_trials_and_finalists(cluster, tmp_p
     assert (folder / "best_allocation.json").is_file()
     out = capsys.readouterr().out  # each finalist run is announced as it ends, with an ETA
     assert "[finalist 1/2]" in out and "[finalist 2/2]" in out and "ETA" in out, out
+
+
+def test_a_user_objective_from_a_module_workers_cannot_import_runs_on_ray(cluster, tmp_path: Path) -> None:
+    """run_study(config, objective=fn) with fn from this test folder, which Ray workers do not have on their
+    path: the function reaches them by value; trials, pilot runs and finalists get its scores."""
+    from test_objective import _config, _rows, _value, peak_in_the_middle
+
+    from mola_search.search.runner import run_study
+
+    config = replace(_config(tmp_path, trials=8, pilot_seeds=2, finalist_seeds=1), executor="ray",
+                     address=cluster.address, max_concurrent=2, cpus_per_trial=1)
+    try:
+        run_study(config, tmp_path / "s", objective=peak_in_the_middle)
+    finally:
+        _disconnect()
+    rows = _rows(tmp_path / "s" / "trials.csv")
+    assert [r["state"] for r in rows].count("COMPLETE") == 8, [r["failure"] for r in rows]
+    assert all(float(r["score"]) == pytest.approx(_value(r["allocation"], int(r["train_seed"]))) for r in rows)
+    assert len({r["node"] for r in rows}) == 2  # both nodes ran some
+    fin = _rows(tmp_path / "s" / "finalists.csv")
+    assert fin and all(r["state"] == "COMPLETE" for r in fin), fin
 
 
 @pytest.mark.parametrize("extra, needle", [

@@ -13,9 +13,7 @@ finalist scores are accuracy, and `StudyData.metric` says "accuracy".
 
 from __future__ import annotations
 
-import json
 import math
-import re
 import statistics
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -23,14 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from mola_search.errors import UserError
+from mola_search.search import folder as layout
 
 MIN_COMPLETED = 2  # below this there is nothing to compare, let alone estimate
 DEFAULT_METRIC = "gold_logprob"
 EXTRA_METRICS = ("f1", "mcc")  # reported where a task defines them (mrpc: f1, cola: mcc)
 PAPER_SHAPES = ("triangle", "inverted_triangle", "hourglass", "rectangle", "diamond", "alphalora")
 
-_LABEL = re.compile(r"^t(\d+)-(.*)$")
-_SEED_DIR = re.compile(r"^seed(-?\d+)$")
 
 
 def per_example_key(metric: str) -> str:
@@ -251,38 +248,23 @@ class StudyData:
 
 def load_study(folder: str | Path) -> StudyData:
     """Read a study folder; a folder that is not a study, or has no storage, is a UserError."""
-    import optuna
-
     from mola_search.search.config import StudyConfig
-    from mola_search.search.study import default_storage
 
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder: pass a study folder written by `mola-search`, e.g. runs/<study>")
     config = StudyConfig.load(folder)  # "not a mola-search study folder" when study.json is missing
-    storage = config.storage or default_storage(folder)
-    if config.storage is None and not (folder / "study.db").is_file():
-        raise UserError(f"{folder} has study.json but no study.db: the study never started "
-                        f"(start it with `mola-search --resume {folder}`)")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    name = config.study_name or folder.name
-    try:
-        study = optuna.load_study(study_name=name, storage=storage)
-    except KeyError:
-        raise UserError(f"{folder}: the storage has no Optuna study named '{name}'") from None
-    except Exception as exc:  # noqa: BLE001 - an unreadable storage is bad input, not a bug
-        raise UserError(f"{folder}: cannot open the Optuna storage {storage} ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    study = layout.open_study(folder, config)
     trials = [_trial_record(t) for t in study.get_trials(deepcopy=False)]
-    num_layers = study.user_attrs.get("num_layers") or next(
+    num_layers = study.user_attrs.get(layout.NUM_LAYERS) or next(
         (len(t.allocation) for t in trials if t.allocation), 0)
-    budget = study.user_attrs.get("budget") or next((sum(t.allocation) for t in trials if t.allocation), None)
+    budget = study.user_attrs.get(layout.BUDGET) or next((sum(t.allocation) for t in trials if t.allocation), None)
     space = _space(config)
-    best = _read_json(folder / "best_allocation.json")
+    best = layout.read_json(folder / layout.BEST_ALLOCATION)
     data = StudyData(folder, config, study, int(num_layers), budget, trials, [], best, space)
-    runs = _finalist_runs(folder)
+    runs = layout.finalist_runs(folder)
     data.metric = _metric(data, runs)
-    data.finalists = _finalists(runs, {t.number: t for t in trials}, data.metric)
+    data.finalists = _finalists(folder, runs, {t.number: t for t in trials}, data.metric)
     data.noise, data.noise_rounds, data.noise_note = _noise(folder)
     _status(data)
     return data
@@ -304,40 +286,22 @@ def _trial_record(t: Any) -> TrialRecord:
         v = a.get(key)
         return tuple(int(x) for x in v) if isinstance(v, (list, tuple)) and v else None
 
-    dup = a.get("duplicate_of")
-    metrics = a.get("metrics")
-    seed = a.get("train_seed")
+    dup = a.get(layout.DUPLICATE_OF)
+    metrics = a.get(layout.METRICS)
+    seed = a.get(layout.TRAIN_SEED)
     return TrialRecord(
         number=t.number, state=t.state.name, value=float(value) if value is not None else None,
         intermediate={int(k): float(v) for k, v in t.intermediate_values.items() if v == v},
-        origin=str(a.get("origin", "")), allocation=ints("allocation"), top_k=ints("top_k"), rank=ints("rank"),
+        origin=str(a.get(layout.ORIGIN, "")), allocation=ints(layout.ALLOCATION), top_k=ints(layout.TOP_K),
+        rank=ints(layout.RANK),
         params=dict(t.params), duplicate_of=int(dup) if dup is not None and dup != "" else None,
-        failure=str(a.get("failure", "") or ""), wall_time_s=_float(a.get("wall_time_s")), node=str(a.get("node", "")),
+        failure=str(a.get(layout.FAILURE, "") or ""), wall_time_s=_float(a.get(layout.WALL_TIME)),
+        node=str(a.get(layout.NODE, "")),
         start=t.datetime_start, complete=t.datetime_complete,
         train_seed=int(seed) if isinstance(seed, (int, float)) and not isinstance(seed, bool) else None,
-        pilot=bool(a.get("pilot", False)),
+        pilot=bool(a.get(layout.PILOT, False)),
         metrics={k: v for k, v in ((k, _float(v)) for k, v in metrics.items()) if v is not None}
         if isinstance(metrics, dict) else {})
-
-
-def _finalist_runs(folder: Path) -> list[tuple[Path, list[tuple[int, Path, dict[str, Any]]]]]:
-    """finalists/<label>/seed<k>/metrics.json: (label folder, [(train seed, run folder, metrics)])."""
-    root = folder / "finalists"
-    if not root.is_dir():
-        return []
-    out = []
-    for sub in sorted(p for p in root.iterdir() if p.is_dir() and _LABEL.match(p.name)):
-        runs = []
-        for run in sub.iterdir():
-            m = _SEED_DIR.match(run.name)
-            metrics = _read_json(run / "metrics.json") if m and run.is_dir() else None
-            if metrics is None:
-                continue
-            seed = metrics.get("train_seed")
-            seed = int(seed) if isinstance(seed, int) and not isinstance(seed, bool) else int(m.group(1))
-            runs.append((seed, run, metrics))
-        out.append((sub, sorted(runs, key=lambda r: r[0])))
-    return out
 
 
 def _metric(data: StudyData, runs: list) -> str:
@@ -356,14 +320,14 @@ def _metric(data: StudyData, runs: list) -> str:
     return configured if new or not old else "accuracy"
 
 
-def _finalists(runs: list, by_number: dict[int, TrialRecord], metric: str) -> list[FinalistRecord]:
+def _finalists(data_folder: Path, runs: list, by_number: dict[int, TrialRecord], metric: str) -> list[FinalistRecord]:
     out = []
-    for sub, seeds in runs:
-        m = _LABEL.match(sub.name)
-        number = int(m.group(1))
+    for label, seeds in runs:
+        number, origin = layout.parse_finalist_label(label)
         trial = by_number.get(number)
-        origin = trial.origin if trial and trial.origin else m.group(2).replace("seed_", "seed:", 1)
-        rec = FinalistRecord(sub.name, number, origin, trial.allocation if trial else None, sub, metric)
+        origin = trial.origin if trial and trial.origin else origin
+        rec = FinalistRecord(label, number, origin, trial.allocation if trial else None,
+                             data_folder / layout.FINALISTS_DIR / label, metric)
         for seed, run, metrics in seeds:
             test, val = metrics.get("test") or {}, metrics.get("validation") or {}
             score = _float(test.get(metric))
@@ -434,14 +398,6 @@ def _space(config: Any) -> Any:
         return load_space(config.space)
     except (UserError, OSError):
         return None
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def _float(value: Any) -> float | None:

@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--model", help="embedded smollm2-135m-instruct (default), a HF id or a local folder")
     w.add_argument("--budget", type=int, help="total experts over all layers (default 5 x layers)")
     w.add_argument("--space", help="search space: blocks | per_layer | profile or a YAML file")
-    w.add_argument("--objective", help="mola (fine-tune and score) or synthetic[:upper|middle|sparse]")
+    w.add_argument("--objective", help="mola (fine-tune and score), python:<module>:<function> (your own, see README) "
+                                       "or synthetic[:upper|middle|sparse]")
     w.add_argument("--data-dir", dest="data_dir")
     w.add_argument("--dtype", choices=["auto", "bf16", "fp32", "fp16"])
     w.add_argument("--device", help="auto (default) | cpu | cuda | cuda:N for --executor local; under Ray each "
@@ -184,35 +185,22 @@ def _analysis(name: str):
 
 
 def best_spec(folder: Path):
-    """The exported best: best_allocation.json when finalists ran, else the best completed trial."""
+    """The exported best: best_allocation.json when it exists, else the best completed study-seed trial."""
     from mola_search.allocation import load_spec_with_metadata
+    from mola_search.search import folder as layout
     from mola_search.search.config import StudyConfig
 
     config = StudyConfig.load(folder)  # raises "not a study folder"
-    path = folder / "best_allocation.json"
+    path = folder / layout.BEST_ALLOCATION
     if path.is_file():
         return load_spec_with_metadata(path)
-    import optuna
-    from optuna.trial import TrialState
-
-    from mola_search.allocation import AllocationSpec
-    from mola_search.search.study import default_storage
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        study = optuna.load_study(study_name=config.study_name or folder.name,
-                                  storage=config.storage or default_storage(folder))
-    except KeyError:
-        raise UserError(f"{folder} has no Optuna study '{config.study_name}' in its storage") from None
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not done:
-        raise UserError(f"study {folder} has no completed trial yet: nothing to export "
+    best = layout.best_search_trial(layout.open_study(folder, config), config.seed)
+    if best is None:
+        raise UserError(f"study {folder} has no completed trial with the study seed yet: nothing to export "
                         f"(run or resume it: mola-search --resume {folder})")
-    t = max(done, key=lambda t: t.value)
-    a = t.user_attrs
-    spec = AllocationSpec(tuple(a["allocation"]), tuple(a["top_k"]), tuple(a["rank"]), a.get("origin", "search"))
-    return spec, {"validation_score": t.value, "trial": t.number, "chosen_by": "validation score of one search trial",
-                  "model": config.model, "task": config.task}
+    return layout.trial_spec(best), {"validation_score": best.value, "trial": best.number,
+                                     "chosen_by": "validation score of one search trial (study seed)",
+                                     "model": config.model, "task": config.task}
 
 
 def _slug(text: str) -> str:

@@ -68,7 +68,7 @@ class StudyConfig:
     model: str = "smollm2-135m-instruct"
     budget: int | None = None                 # default 5 x layers
     space: str = "blocks"                     # builtin name or YAML path
-    objective: str = "mola"                   # "mola" or "synthetic[:name]"
+    objective: str = "mola"                   # "mola", "python:<module>:<function>" or "synthetic[:name]"
     trials: int = 20
     sampler: str = "tpe"
     seed: int = 0
@@ -105,10 +105,12 @@ class StudyConfig:
     def __post_init__(self) -> None:
         objective = str(self.objective).strip().lower()
         prefix, _, name = objective.partition(":")
-        if objective != "mola" and not (prefix == SYNTHETIC_PREFIX and (not name or name in SYNTHETIC_NAMES)):
+        python = prefix == "python" and all(name.partition(":")[::2])
+        if objective != "mola" and not python and not (prefix == SYNTHETIC_PREFIX
+                                                       and (not name or name in SYNTHETIC_NAMES)):
             # checked up front: an unknown name would otherwise train the real model, or fail every trial
-            raise UserError(f"unknown objective '{self.objective}': use mola, {SYNTHETIC_PREFIX} or "
-                            + ", ".join(f"{SYNTHETIC_PREFIX}:{n}" for n in SYNTHETIC_NAMES))
+            raise UserError(f"unknown objective '{self.objective}': use mola, python:<module>:<function>, "
+                            f"{SYNTHETIC_PREFIX} or " + ", ".join(f"{SYNTHETIC_PREFIX}:{n}" for n in SYNTHETIC_NAMES))
         if self.sampler not in SAMPLERS:
             raise UserError(f"unknown sampler '{self.sampler}': choose one of {', '.join(SAMPLERS)}")
         if self.executor not in ("ray", "local"):

@@ -36,7 +36,7 @@ def run_local(driver: StudyDriver, fidelity: Fidelity) -> None:
         outcome = run_trial(driver.config, fidelity, proposal.request,
                             lambda rung, score, last, examples: (driver.report(proposal, rung, score, examples)
                                                                  and prune and not last),
-                            driver.num_layers)
+                            driver.num_layers, driver.objective)
         driver.finish(proposal, outcome)
 
 
@@ -45,11 +45,12 @@ RunDone = Callable[[TrialRequest, TrialOutcome], None]
 
 
 def run_local_requests(config: StudyConfig, fidelity: Fidelity, requests: list[TrialRequest],
-                       num_layers: int, on_done: RunDone | None = None) -> list[TrialOutcome]:
+                       num_layers: int, on_done: RunDone | None = None,
+                       objective: Callable[..., Any] | None = None) -> list[TrialOutcome]:
     """Independent runs (pilot, finalists) one after another; never pruned."""
     outcomes = []
     for r in requests:
-        outcomes.append(run_trial(config, fidelity, r, lambda *_: False, num_layers))
+        outcomes.append(run_trial(config, fidelity, r, lambda *_: False, num_layers, objective))
         if on_done:
             on_done(r, outcomes[-1])
     return outcomes
@@ -199,7 +200,8 @@ def _reachable(address: str | None, timeout: float = 10.0) -> None:
 
 
 def _trainable(config: dict[str, Any], study: dict[str, Any], fidelity: dict[str, Any], num_layers: int,
-               sink: str | None = None, study_folder: str | None = None) -> None:
+               sink: str | None = None, study_folder: str | None = None,
+               objective: Callable[..., Any] | None = None) -> None:
     """Runs inside a Ray worker: one trial, reported rung by rung; a finished finalist's run folder is
     sent to the driver's sink."""
     from ray import tune
@@ -214,7 +216,7 @@ def _trainable(config: dict[str, Any], study: dict[str, Any], fidelity: dict[str
         tune.report({"rung": rung, "score": score, "examples": examples, "node": _node()})
         return False
 
-    outcome = run_trial(study_cfg, fid, request, report, num_layers)
+    outcome = run_trial(study_cfg, fid, request, report, num_layers, objective)
     if sink and request.out and outcome.failure is None and Path(request.out).is_dir():
         try:
             send_run_folder(sink, Path(request.out), Path(study_folder))
@@ -348,7 +350,7 @@ def _run_ray_once(driver: StudyDriver, fidelity: Fidelity, folder: Path, live: d
         scheduler = FIFOScheduler()
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, study=config.to_dict(), fidelity=fidelity.to_dict(),
-                             num_layers=driver.num_layers),
+                             num_layers=driver.num_layers, objective=driver.objective),
         _resources(config))
     tuner = tune.Tuner(
         trainable,
@@ -388,7 +390,8 @@ def _optuna_pruning_scheduler(bridge):
 
 
 def run_ray_requests(config: StudyConfig, fidelity: Fidelity, requests: list[TrialRequest], folder: Path,
-                     num_layers: int, on_done: RunDone | None = None, name: str = "runs") -> None:
+                     num_layers: int, on_done: RunDone | None = None, name: str = "runs",
+                     objective: Callable[..., Any] | None = None) -> None:
     """Independent runs (pilot, finalists) spread over the Ray cluster, never pruned.
 
     Each run's outcome (scores, per-example values, metrics) comes back in its last Tune
@@ -430,7 +433,7 @@ def run_ray_requests(config: StudyConfig, fidelity: Fidelity, requests: list[Tri
     sink, sink_handle = start_sink(folder) if any(r.out for r in requests) else (None, None)
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, study=config.to_dict(), fidelity=fidelity.to_dict(), num_layers=num_layers,
-                             sink=sink, study_folder=str(folder.resolve())),
+                             sink=sink, study_folder=str(folder.resolve()), objective=objective),
         _resources(config))
     tuner = tune.Tuner(
         trainable, param_space={"request": tune.grid_search([r.to_payload() for r in requests])},

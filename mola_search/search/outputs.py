@@ -20,8 +20,9 @@ import optuna
 from optuna.trial import TrialState
 
 from mola_search.allocation import AllocationSpec, run_length, save_spec
-from mola_search.search.study import (ALLOCATION, DUPLICATE_OF, FAILURE, METRICS, ORIGIN, PILOT, RANK, RUNG_SCORES,
-                                      TOP_K, TRAIN_SEED)
+from mola_search.search.folder import (ALLOCATION, BEST_ALLOCATION, DUPLICATE_OF, FAILURE, FINALISTS_CSV, METRICS,
+                                       NODE, ORIGIN, PILOT, RANK, RUNG_SCORES, SUMMARY_MD, TOP_K, TRAIN_SEED, TRIALS_CSV,
+                                       WALL_TIME, read_json)
 
 TRIAL_COLUMNS = ("number", "origin", "state", "score", "rung_scores", "train_seed", "pilot", "accuracy", "allocation",
                  "top_k", "rank", "wall_time_s", "failure", "duplicate_of", "node")
@@ -47,14 +48,14 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
             "accuracy": (a.get(METRICS) or {}).get("accuracy", ""),
             "allocation": ",".join(map(str, a.get(ALLOCATION, []))),
             "top_k": ",".join(map(str, a.get(TOP_K, []))), "rank": ",".join(map(str, a.get(RANK, []))),
-            "wall_time_s": a.get("wall_time_s", ""), "failure": a.get(FAILURE, ""),
-            "duplicate_of": a.get(DUPLICATE_OF, ""), "node": a.get("node", ""),
+            "wall_time_s": a.get(WALL_TIME, ""), "failure": a.get(FAILURE, ""),
+            "duplicate_of": a.get(DUPLICATE_OF, ""), "node": a.get(NODE, ""),
         })
     return rows
 
 
 def write_trials_csv(study: optuna.Study, folder: Path) -> Path:
-    path = folder / "trials.csv"
+    path = folder / TRIALS_CSV
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=TRIAL_COLUMNS)
         writer.writeheader()
@@ -100,7 +101,7 @@ class Finalist:
 
 def write_finalists_csv(finalists: Sequence[Finalist], folder: Path) -> Path:
     """One row per finalist allocation; a finalist with failed seeds says why (never silently absent)."""
-    path = folder / "finalists.csv"
+    path = folder / FINALISTS_CSV
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["label", "trial", "origin", "allocation", "state", "seeds", "validation_mean", "validation_std",
@@ -123,7 +124,7 @@ def choose_best(finalists: Sequence[Finalist]) -> Finalist:
 
 
 def write_best(best: Finalist, folder: Path, config: dict[str, Any], chosen_by: str) -> Path:
-    return save_spec(best.spec, folder / "best_allocation.json",
+    return save_spec(best.spec, folder / BEST_ALLOCATION,
                      origin=best.origin, trial=best.number, chosen_by=chosen_by, metric=config.get("metric"),
                      validation_mean=best.val_mean, validation_std=best.val_std,
                      test_mean=best.test_mean if best.test else None, test_std=best.test_std if best.test else None,
@@ -239,16 +240,10 @@ def write_summary(folder: Path, config: dict[str, Any], study: optuna.Study, fin
 
 
 def _write_lines(folder: Path, lines: list[str]) -> Path:
-    path = folder / "summary.md"
+    path = folder / SUMMARY_MD
     path.write_text("\n".join(lines) + "\n")
     return path
 
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def _num(value: float) -> str:

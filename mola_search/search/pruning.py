@@ -16,7 +16,10 @@ Three choices (`PRUNERS`):
   depend on the training seed). Semantics of the installed Optuna (``optuna/pruners/_wilcoxon.py``):
 
   - "best" is ``study.best_trial``: the COMPLETE trial with the highest final value
-    (study direction "maximize"), whose intermediate values are all its rungs' examples;
+    (study direction "maximize"), whose intermediate values are all its rungs' examples.
+    Here it is the best COMPLETE trial *trained with the same seed* as the trial being
+    judged (`SameSeedWilcoxonPruner`): the pilot's runs at other seeds are trials too, and
+    a lucky seed must not become the bar every search trial is held to;
   - the current trial is compared on the steps both have (so rung k with rung k);
     ``scipy.stats.wilcoxon(current - best, alternative="less", zero_method="zsplit")``;
   - it is pruned when p < p_threshold, *unless* the mean of its reported values is >= the
@@ -45,13 +48,17 @@ from collections.abc import Sequence
 import optuna
 
 from mola_search.errors import UserError
+from mola_search.search.folder import trial_seed
 
 PRUNERS: tuple[str, ...] = ("asha", "wilcoxon", "none")
 EXAMPLE_STRIDE = 1_000_000  # steps reserved per rung for per-example reports (validation sets are smaller)
 
 
-def make_pruner(name: str, *, reduction_factor: int = 2, p_threshold: float = 0.1) -> optuna.pruners.BasePruner:
-    """The Optuna pruner called `name` (one of PRUNERS), set up as the module docstring says."""
+def make_pruner(name: str, *, reduction_factor: int = 2, p_threshold: float = 0.1,
+                reference_seed: int = 0) -> optuna.pruners.BasePruner:
+    """The Optuna pruner called `name` (one of PRUNERS), set up as the module docstring says.
+
+    `reference_seed` is the training seed of trials that recorded none (the study seed)."""
     if name not in PRUNERS:
         raise UserError(f"unknown pruner {name!r}: use one of {', '.join(PRUNERS)}")
     if name == "asha":
@@ -65,8 +72,41 @@ def make_pruner(name: str, *, reduction_factor: int = 2, p_threshold: float = 0.
             raise UserError(f"p_threshold is {p_threshold!r}: use a p-value in (0, 1), e.g. 0.1")
         with warnings.catch_warnings():  # experimental since Optuna 3.6; we pin its behaviour in tests
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.pruners.WilcoxonPruner(p_threshold=float(p_threshold))
+            return SameSeedWilcoxonPruner(optuna.pruners.WilcoxonPruner(p_threshold=float(p_threshold)),
+                                          reference_seed)
     return optuna.pruners.NopPruner()
+
+
+class SameSeedWilcoxonPruner(optuna.pruners.BasePruner):
+    """Optuna's WilcoxonPruner, comparing a trial with the best COMPLETE trial of its own training seed.
+
+    Optuna's pruner reads only ``study.best_trial`` and ``study.direction``; it is handed a view of
+    the study whose best trial is chosen among the trials with the judged trial's seed.
+    """
+
+    def __init__(self, inner: optuna.pruners.WilcoxonPruner, reference_seed: int = 0) -> None:
+        self._inner, self._reference_seed = inner, reference_seed
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        return self._inner.prune(_SameSeedView(study, trial_seed(trial, self._reference_seed),
+                                               self._reference_seed), trial)
+
+
+class _SameSeedView:
+    def __init__(self, study: optuna.Study, seed: int, default_seed: int) -> None:
+        self._study, self._seed, self._default_seed = study, seed, default_seed
+
+    @property
+    def best_trial(self) -> optuna.trial.FrozenTrial:
+        done = [t for t in self._study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                if t.value is not None and trial_seed(t, self._default_seed) == self._seed]
+        if not done:
+            raise ValueError(f"no COMPLETE trial trained with seed {self._seed} yet")  # what Optuna raises: no pruning
+        pick = max if self._study.direction == optuna.study.StudyDirection.MAXIMIZE else min
+        return pick(done, key=lambda t: t.value)
+
+    def __getattr__(self, name: str):
+        return getattr(self._study, name)
 
 
 def example_step(rung: int, index: int) -> int:

@@ -22,14 +22,18 @@ from mola_search.allocation import AllocationSpec, run_length
 from mola_search.errors import UserError
 from mola_search.search.config import PILOT_SHAPES, StudyConfig, pin_paths
 from mola_search.search.executors import check_resources, run_local, run_local_requests, run_ray, run_ray_requests
+from mola_search.search.objective import import_objective, is_python_objective, objective_name, ship_by_value
 from mola_search.search.noise import NoiseFloor, estimate_noise, read_noise, write_noise
-from mola_search.search.outputs import (Finalist, choose_best, read_json, read_outcome, write_best,
+from mola_search.search.folder import (DUPLICATE_OF, FIDELITY, ORIGIN, PILOT, PILOT_DONE, RUN_METRICS, TRAIN_SEED,
+                                       best_search_trial, finalist_label, finalist_run_dir,
+                                       pilot_outcome_path, read_json, trial_seed, trial_spec)
+from mola_search.search.outputs import (Finalist, choose_best, read_outcome, write_best,
                                         write_finalists_csv, write_outcome, write_run_metrics, write_summary,
                                         write_trials_csv)
 from mola_search.search.progress import Progress, RunProgress
 from mola_search.search.seeds import Seed, all_seeds, paper_seeds
 from mola_search.search.space import Fidelity, SearchSpace, load_space
-from mola_search.search.study import ALLOCATION, ORIGIN, PILOT, RANK, TOP_K, TRAIN_SEED, StudyDriver
+from mola_search.search.study import StudyDriver
 from mola_search.search.synthetic import is_synthetic
 from mola_search.search.trial import TrialOutcome, TrialRequest, task_data
 
@@ -63,7 +67,10 @@ def inspect_model(config: StudyConfig, space: SearchSpace) -> tuple[int, int, li
 
 def check_task_data(config: StudyConfig) -> None:
     """Load the task once in the driver: missing data is one error now, not a failure in every trial.
-    With a synthetic objective nothing is loaded, but the task must still be one that exists."""
+    With a synthetic objective nothing is loaded, but the task must still be one that exists; a user
+    objective owns its data (config.task only names it)."""
+    if is_python_objective(config.objective):
+        return
     if not is_synthetic(config.objective):
         task_data(config.task, config.data_dir)
     else:
@@ -90,16 +97,26 @@ def check_storage(config: StudyConfig) -> None:
 
 
 def run_study(config: StudyConfig, folder: Path, *, resume: bool = False,
-              summarize: Callable[[Path], str] | None = None) -> dict[str, Any]:
+              summarize: Callable[[Path], str] | None = None,
+              objective: Callable[..., Any] | None = None) -> dict[str, Any]:
     """pilot (noise floor, fidelity) -> seeds -> search -> finalists on fresh seeds -> best chosen on validation.
 
+    `objective(trial)` replaces the built-in MoLA fine-tune with your own scoring (search.objective
+    says what it gets and returns); the study records its name, and a `python:<module>:<name>`
+    config.objective is imported when none is passed (so `--resume` finds it again).
     `summarize(folder)` may return the Markdown of summary.md (the CLI passes the report's
     `study_summary`: paired CIs and the layer headline); without it, or if it fails, summary.md
     holds the noise floor and the finalists.
     """
     start = time.time()
-    folder = folder.resolve()  # finalists write their run folders from Ray trials' own working directories
+    folder = Path(folder).resolve()  # finalists write their run folders from Ray trials' own working directories
     config = pin_paths(config)
+    if objective is not None:
+        config = replace(config, objective=objective_name(objective))
+    elif is_python_objective(config.objective):
+        objective = import_objective(config.objective)
+    if objective is not None and config.executor == "ray":
+        ship_by_value(objective)
     space = resolve_space(config)
     check_task_data(config)
     check_storage(config)
@@ -108,7 +125,7 @@ def run_study(config: StudyConfig, folder: Path, *, resume: bool = False,
     folder.mkdir(parents=True, exist_ok=True)  # only once every check passed: bad input leaves no folder
     concurrency = config.max_concurrent or 1
     progress = Progress(config.trials, concurrency)
-    driver = StudyDriver(config, folder, space, num_layers, budget, None, progress)
+    driver = StudyDriver(config, folder, space, num_layers, budget, None, progress, objective=objective)
     if not resume:  # written once the storage exists: study.json marks a study others may open
         config.save(folder)
     progress.message(f"study {folder} | {config.task} on {config.model} ({num_layers} layers) | budget {budget} | "
@@ -136,9 +153,10 @@ def run_study(config: StudyConfig, folder: Path, *, resume: bool = False,
         write_best(best, folder, config.to_dict(),
                    chosen_by=f"mean validation {config.metric} over {len(best.validation)} finalist seeds "
                              f"({', '.join(map(str, best.seeds))}); test reported once")
-    elif _best_trial_spec(driver) is not None:  # no finalists requested: best validation trial
-        number, origin, spec, value = _best_trial_spec(driver)
-        best = Finalist(f"t{number:03d}", number, origin, spec, [value], [], seeds=[config.seed])
+    elif (trial := best_search_trial(driver.study, config.seed)) is not None:  # no finalists: best validation trial
+        origin = str(trial.user_attrs.get(ORIGIN, ""))
+        best = Finalist(f"t{trial.number:03d}", trial.number, origin, trial_spec(trial), [trial.value], [],
+                        seeds=[config.seed])
         write_best(best, folder, config.to_dict(), chosen_by=f"validation {config.metric} of one search trial")
     write_finalists_csv(finalists, folder)
     wall = time.time() - start
@@ -198,12 +216,13 @@ def run_pilot(config: StudyConfig, driver: StudyDriver, space: SearchSpace, fold
     fidelity = space.fidelity
     if not config.pilot:
         return fidelity
-    if driver.study.user_attrs.get("pilot_done"):
-        chosen = driver.study.user_attrs.get("fidelity")
+    if driver.study.user_attrs.get(PILOT_DONE):
+        chosen = driver.study.user_attrs.get(FIDELITY)
         return Fidelity.from_dict(chosen) if chosen else fidelity
     specs = pilot_specs(driver)
     seeds = config.pilot_train_seeds()
-    train_size = None if is_synthetic(config.objective) else len(task_data(config.task, config.data_dir).splits["train"])
+    train_size = (None if is_synthetic(config.objective) or driver.objective is not None
+                  else len(task_data(config.task, config.data_dir).splits["train"]))
     rounds: list[NoiseFloor] = []
     outcomes: dict[tuple[str, int], TrialOutcome] = {}
     for round_index in range(config.max_doublings + 1):
@@ -236,8 +255,8 @@ def run_pilot(config: StudyConfig, driver: StudyDriver, space: SearchSpace, fold
                          f"{describe_fidelity(nxt)}")
         fidelity = nxt
     _record_pilot(driver, specs, outcomes, fidelity)
-    driver.study.set_user_attr("fidelity", fidelity.to_dict())
-    driver.study.set_user_attr("pilot_done", True)
+    driver.study.set_user_attr(FIDELITY, fidelity.to_dict())
+    driver.study.set_user_attr(PILOT_DONE, True)
     return fidelity
 
 
@@ -253,12 +272,11 @@ def _usable(outcome: TrialOutcome) -> bool:
 def _pilot_round(config: StudyConfig, driver: StudyDriver, fidelity: Fidelity, specs: dict[str, AllocationSpec],
                  seeds: list[int], folder: Path, progress: Progress, round_index: int
                  ) -> dict[tuple[str, int], TrialOutcome]:
-    where = folder / "pilot" / f"round{round_index}"
     outcomes: dict[tuple[str, int], TrialOutcome] = {}
     requests, keys = [], {}
     for name, spec in specs.items():
         for seed in seeds:
-            kept = read_outcome(where / f"{name}-seed{seed}.json", fidelity)
+            kept = read_outcome(pilot_outcome_path(folder, round_index, name, seed), fidelity)
             if kept is not None:
                 outcomes[(name, seed)] = kept
                 continue
@@ -274,13 +292,14 @@ def _pilot_round(config: StudyConfig, driver: StudyDriver, fidelity: Fidelity, s
         def on_done(r: TrialRequest, outcome: TrialOutcome) -> None:
             name, seed = keys[r.number]
             outcomes[(name, seed)] = outcome
-            write_outcome(where / f"{name}-seed{seed}.json", outcome, fidelity)
+            write_outcome(pilot_outcome_path(folder, round_index, name, seed), outcome, fidelity)
             runs.run_done(name, seed, outcome.score, outcome.failure, what=config.metric)
 
         if config.executor == "local":
-            run_local_requests(config, fidelity, requests, driver.num_layers, on_done)
+            run_local_requests(config, fidelity, requests, driver.num_layers, on_done, objective=driver.objective)
         else:
-            run_ray_requests(config, fidelity, requests, folder, driver.num_layers, on_done, name=f"pilot{round_index}")
+            run_ray_requests(config, fidelity, requests, folder, driver.num_layers, on_done, name=f"pilot{round_index}",
+                             objective=driver.objective)
     return outcomes
 
 
@@ -297,25 +316,14 @@ def _record_pilot(driver: StudyDriver, specs: dict[str, AllocationSpec], outcome
 # --- finalists -------------------------------------------------------------------------------
 
 
-def _best_trial_spec(driver: StudyDriver):
-    done = [t for t in driver.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if int(t.user_attrs.get(TRAIN_SEED, driver.config.seed)) == driver.config.seed]
-    if not done:
-        return None
-    t = max(done, key=lambda t: t.value)
-    a = t.user_attrs
-    return t.number, a.get(ORIGIN, ""), AllocationSpec(tuple(a[ALLOCATION]), tuple(a[TOP_K]), tuple(a[RANK]),
-                                                       a.get(ORIGIN, "")), t.value
-
-
 def finalist_candidates(driver: StudyDriver) -> list[tuple[int, str, AllocationSpec]]:
     """Seeds that trained (those in `finalist_shapes` when set), plus the top-N searched allocations by
     validation score (distinct allocations). Only study-seed trials count: they are the ones compared
     under common random numbers."""
     config = driver.config
     trials = [t for t in driver.study.get_trials(deepcopy=False)
-              if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "duplicate_of" not in t.user_attrs
-              and int(t.user_attrs.get(TRAIN_SEED, config.seed)) == config.seed]
+              if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and DUPLICATE_OF not in t.user_attrs
+              and trial_seed(t, config.seed) == config.seed]
     chosen: dict[tuple, tuple[int, str, AllocationSpec]] = {}
     for t in trials:
         origin = str(t.user_attrs.get(ORIGIN, ""))
@@ -333,11 +341,11 @@ def finalist_candidates(driver: StudyDriver) -> list[tuple[int, str, AllocationS
 
 
 def _add(chosen: dict, t) -> bool:
-    a = t.user_attrs
-    key = (tuple(a[ALLOCATION]), tuple(a[TOP_K]), tuple(a[RANK]))
+    spec = replace(trial_spec(t), source=str(t.user_attrs.get(ORIGIN, "")))
+    key = (spec.experts, spec.top_k, spec.rank)
     if key in chosen:
         return False
-    chosen[key] = (t.number, a.get(ORIGIN, ""), AllocationSpec(*key, a.get(ORIGIN, "")))
+    chosen[key] = (t.number, spec.source, spec)
     return True
 
 
@@ -351,11 +359,11 @@ def run_finalists(config: StudyConfig, driver: StudyDriver, fidelity: Fidelity, 
     seeds = config.finalist_train_seeds()
     requests, labels, failures = [], {}, {}
     for number, origin, spec in candidates:
-        label = f"t{number:03d}-{origin.replace(':', '_')}"
+        label = finalist_label(number, origin)
         labels[number] = (label, origin, spec)
         for seed in seeds:
-            out = folder / "finalists" / label / f"seed{seed}"
-            if read_json(out / "metrics.json") is None:  # finished runs are kept: finalists resume too
+            out = finalist_run_dir(folder, label, seed)
+            if read_json(out / RUN_METRICS) is None:  # finished runs are kept: finalists resume too
                 requests.append(TrialRequest(number, spec.experts, spec.top_k, spec.rank, origin, train_seed=seed,
                                              min_experts=driver.space.min_experts,
                                              max_experts=driver.space.max_experts, final=True, out=str(out)))
@@ -373,14 +381,15 @@ def run_finalists(config: StudyConfig, driver: StudyDriver, fidelity: Fidelity, 
                           what=f"test {config.metric}")
 
         if config.executor == "local":
-            run_local_requests(config, fidelity, requests, driver.num_layers, on_done)
+            run_local_requests(config, fidelity, requests, driver.num_layers, on_done, objective=driver.objective)
         else:
-            run_ray_requests(config, fidelity, requests, folder, driver.num_layers, on_done, name="finalists")
+            run_ray_requests(config, fidelity, requests, folder, driver.num_layers, on_done, name="finalists",
+                             objective=driver.objective)
     finalists = []
     for number, (label, origin, spec) in labels.items():
         fin = Finalist(label, number, origin, spec, [], [])
         for seed in seeds:
-            m = read_json(folder / "finalists" / label / f"seed{seed}" / "metrics.json")
+            m = read_json(finalist_run_dir(folder, label, seed) / RUN_METRICS)
             val, test = (m or {}).get("validation") or {}, (m or {}).get("test") or {}
             if val.get(config.metric) is not None and test.get(config.metric) is not None:
                 fin.seeds.append(seed)

@@ -8,6 +8,7 @@ study records is made here, in one process, against one storage.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,22 +18,15 @@ from optuna.trial import TrialState
 
 from mola_search.allocation import AllocationSpec
 from mola_search.search.config import StudyConfig
+from mola_search.search.folder import (ALLOCATION, BUDGET, DUPLICATE_OF, FAILURE, FORCED, METRICS, NODE, NUM_LAYERS,
+                                       ORIGIN, PILOT, RANK, RUNG_SCORES, TOP_K, TRAIN_SEED, WALL_TIME, best_search_trial,
+                                       default_storage, trial_seed)
 from mola_search.search.progress import Progress
 from mola_search.search.pruning import make_pruner, report_rung
 from mola_search.search.seeds import Seed
 from mola_search.search.space import SearchSpace
 from mola_search.search.trial import TrialOutcome, TrialRequest
 
-ORIGIN = "origin"            # user attr: "seed:<name>" or the sampler name
-ALLOCATION = "allocation"    # user attr: the trained allocation (experts list)
-TOP_K, RANK = "top_k", "rank"
-FORCED = "forced_allocation"  # user attr on enqueued seeds: train exactly this, whatever the encoding decodes
-DUPLICATE_OF = "duplicate_of"
-FAILURE = "failure"
-TRAIN_SEED = "train_seed"    # user attr: the training seed (the study seed for search trials)
-PILOT = "pilot"              # user attr: True on the noise-floor design's runs
-RUNG_SCORES = "rung_scores"  # user attr: the metric's mean at each rung (intermediate values may be per example)
-METRICS = "metrics"          # user attr: accuracy / gold_logprob / margin / f1 / mcc of the last rung
 MAX_DUPLICATE_ASKS = 25
 
 
@@ -45,10 +39,6 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed)
     return optuna.samplers.RandomSampler(seed=seed)
-
-
-def default_storage(folder: Path) -> str:
-    return f"sqlite:///{(folder / 'study.db').resolve()}"
 
 
 @dataclass
@@ -69,17 +59,20 @@ class StudyDriver:
 
     def __init__(self, config: StudyConfig, folder: Path, space: SearchSpace, num_layers: int, budget: int,
                  seeds: list[Seed] | None = None, progress: Progress | None = None,
-                 storage: str | optuna.storages.BaseStorage | None = None) -> None:
+                 storage: str | optuna.storages.BaseStorage | None = None,
+                 objective: Callable[..., Any] | None = None) -> None:
         """`storage` overrides config.storage, e.g. an `optuna.storages.InMemoryStorage()` for benchmarks.
-        `seeds` are enqueued at once when given (callers with a pilot enqueue them after it)."""
-        self.config, self.folder, self.space = config, folder, space
+        `seeds` are enqueued at once when given (callers with a pilot enqueue them after it).
+        `objective` is a user objective (search.objective) the executors run instead of config.objective."""
+        self.config, self.folder, self.space, self.objective = config, folder, space, objective
         self.num_layers, self.budget = num_layers, budget
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.study = optuna.create_study(
             study_name=config.study_name or folder.name,
             storage=storage if storage is not None else config.storage or default_storage(folder),
             sampler=make_sampler(config.sampler, config.seed), direction="maximize", load_if_exists=True,
-            pruner=make_pruner(config.scheduler, reduction_factor=max(2, int(config.asha_reduction_factor))))
+            pruner=make_pruner(config.scheduler, reduction_factor=max(2, int(config.asha_reduction_factor)),
+                               reference_seed=config.seed))
         self.progress = progress or Progress(config.trials)
         self.recovered = self._recover_interrupted()
         if seeds is not None:
@@ -121,8 +114,8 @@ class StudyDriver:
                                  "rank": list(seed.spec.rank)}
             self.study.enqueue_trial(params, user_attrs=attrs)
         self.study.set_user_attr("seeds_enqueued", True)
-        self.study.set_user_attr("num_layers", self.num_layers)
-        self.study.set_user_attr("budget", self.budget)
+        self.study.set_user_attr(NUM_LAYERS, self.num_layers)
+        self.study.set_user_attr(BUDGET, self.budget)
 
     # --- ask / report / tell -------------------------------------------------------------
     def ask(self) -> Proposal | None:
@@ -186,7 +179,7 @@ class StudyDriver:
                 continue
             if (t.user_attrs.get(ALLOCATION) == list(spec.experts) and t.user_attrs.get(TOP_K) == list(spec.top_k)
                     and t.user_attrs.get(RANK) == list(spec.rank)
-                    and int(t.user_attrs.get(TRAIN_SEED, self.config.seed)) == train_seed):
+                    and trial_seed(t, self.config.seed) == train_seed):
                 return t
         return None
 
@@ -218,8 +211,8 @@ class StudyDriver:
 
     def finish(self, proposal: Proposal, outcome: TrialOutcome, quiet: bool = False) -> None:
         trial = proposal.trial
-        trial.set_user_attr("wall_time_s", round(outcome.wall_time_s or time.time() - proposal.started, 2))
-        trial.set_user_attr("node", outcome.node)
+        trial.set_user_attr(WALL_TIME, round(outcome.wall_time_s or time.time() - proposal.started, 2))
+        trial.set_user_attr(NODE, outcome.node)
         if outcome.metrics:
             trial.set_user_attr(METRICS, outcome.metrics)
         if outcome.failure:
@@ -238,9 +231,5 @@ class StudyDriver:
                                  outcome.score, outcome.failure, self._best())
 
     def _best(self) -> tuple[int, float] | None:
-        done = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if int(t.user_attrs.get(TRAIN_SEED, self.config.seed)) == self.config.seed]  # compared under CRN
-        if not done:
-            return None
-        best = max(done, key=lambda t: t.value)
-        return best.number, best.value
+        best = best_search_trial(self.study, self.config.seed)  # compared under CRN: study-seed trials only
+        return (best.number, best.value) if best is not None else None

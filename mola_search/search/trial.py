@@ -22,12 +22,10 @@ from typing import Any
 
 from mola_search.allocation import AllocationSpec
 from mola_search.search.config import StudyConfig
+from mola_search.search.objective import Report, TrialPruned, run_objective
 from mola_search.search.space import Fidelity
 from mola_search.search.synthetic import is_synthetic, make_synthetic
 
-# report(rung index starting at 1, score, is_last, per-example scores or None) -> True when the trial
-# should stop (pruned). The score is the study metric's mean over the validation examples.
-Report = Callable[[int, float, bool, "list[float] | None"], bool]
 
 FAULTS_ENV = "MOLA_SEARCH_FAULTS"  # test hook, e.g. "raise@3,nan@5,oom@7,kill@9" (trial numbers)
 
@@ -76,17 +74,19 @@ class TrialOutcome:
         return self.scores[-1] if self.scores else None
 
 
-class TrialPruned(Exception):
-    """Raised out of the training loop when the pruner stops a trial at a rung."""
-
-
 def run_trial(study: StudyConfig, fidelity: Fidelity, request: TrialRequest, report: Report,
-              num_layers: int) -> TrialOutcome:
+              num_layers: int, objective: Callable[..., Any] | None = None) -> TrialOutcome:
+    """Run one trial (search trial, pilot run or finalist) with the study's objective: the MoLA fine-tune,
+    the synthetic model, or `objective` (a user function, see search.objective)."""
     outcome = TrialOutcome(node=_node_name())
     start = time.perf_counter()
     try:
         _inject_fault(request.number)
-        if is_synthetic(study.objective):
+        if objective is not None:
+            run_objective(objective, request.spec, fidelity, (1.0,) if request.final else fidelity.rungs,
+                          train_seed=request.train_seed, final=request.final, out=request.out, metric=study.metric,
+                          report=report, outcome=outcome)
+        elif is_synthetic(study.objective):
             _synthetic_trial(study, fidelity, request, report, num_layers, outcome)
         else:
             _mola_trial(study, fidelity, request, report, outcome)
