@@ -90,8 +90,11 @@ def mola_trainable(linears: list[tuple[str, int, int, int]], experts, ranks) -> 
     return sum(experts[j] * (ranks[j] * (d_in + d_out) + d_in) for _, j, d_in, d_out in linears)
 
 
-def resolve_lora_rank(config, base_model: nn.Module) -> tuple[int, dict[str, Any]]:
-    """The LoRA rank for `config` and a record of how it was chosen."""
+def resolve_lora_rank(config, base_model: nn.Module, mola_spec=None) -> tuple[int, dict[str, Any]]:
+    """The LoRA rank for `config` and a record of how it was chosen.
+
+    `lora_rank: match` matches the trainable count of the MoLA allocation `mola_spec` (an AllocationSpec,
+    resolved by the caller: `train.run.resolve_spec` for a run)."""
     value = config.lora_rank
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value.strip())
@@ -101,9 +104,10 @@ def resolve_lora_rank(config, base_model: nn.Module) -> tuple[int, dict[str, Any
     elif isinstance(value, int) and not isinstance(value, bool):
         rule = "given"
     elif isinstance(value, str) and value.strip().lower() == "match":
-        from mola_search.train.run import resolve_spec
+        if mola_spec is None:
+            raise UserError("lora_rank 'match' needs the MoLA allocation to match: pass mola_spec")
         linears = _targets_or_error(base_model, config.target_modules)
-        spec = resolve_spec(config, len(decoder_layers(base_model)))
+        spec = mola_spec
         target = mola_trainable(linears, spec.experts, spec.rank)
         per_rank = lora_trainable(linears, 1)
         value = max(1, round(target / per_rank))
@@ -147,6 +151,10 @@ class BaselineModel(nn.Module):
                 position_ids: torch.Tensor | None = None, logits_to_keep: int = 0, **kwargs: Any) -> Any:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           logits_to_keep=logits_to_keep, use_cache=False, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's `generate` (PEFT's for adapters: it adds virtual tokens and keeps the KV cache)."""
+        return self.model.generate(*args, **kwargs)
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -246,8 +254,9 @@ def _check_tensors(folder: Path, own: dict[str, torch.Tensor], saved: dict[str, 
                             f"this model needs {tuple(value.shape)} (another rank, size or model)")
 
 
-def build_baseline(config, base_model: nn.Module) -> BaselineModel:
-    """Wrap `base_model` (modified in place) for `config.method`, one of BASELINES."""
+def build_baseline(config, base_model: nn.Module, mola_spec=None) -> BaselineModel:
+    """Wrap `base_model` (modified in place) for `config.method`, one of BASELINES; `mola_spec` is the
+    allocation a `lora_rank: match` LoRA matches (see resolve_lora_rank)."""
     method = check_method(config.method)
     if method == "mola":
         raise UserError("build_baseline builds baselines; MoLA is built by MoLAModel")
@@ -256,7 +265,7 @@ def build_baseline(config, base_model: nn.Module) -> BaselineModel:
     for p in base_model.parameters():
         p.requires_grad_(False)
     if method == "lora":
-        return _build_lora(config, base_model, base_params, base_name)
+        return _build_lora(config, base_model, base_params, base_name, mola_spec)
     if method == "prompt-tuning":
         return _build_prompt_tuning(config, base_model, base_params, base_name)
     if method == "llama-adapter":
@@ -275,11 +284,11 @@ def _get_peft_model(base_model: nn.Module, peft_config, method: str) -> nn.Modul
         raise UserError(f"PEFT cannot apply {method} to this model (type '{model_type}'): {first}") from None
 
 
-def _build_lora(config, base_model, base_params, base_name) -> BaselineModel:
+def _build_lora(config, base_model, base_params, base_name, mola_spec) -> BaselineModel:
     from peft import LoraConfig
 
     _targets_or_error(base_model, config.target_modules)
-    rank, info = resolve_lora_rank(config, base_model)
+    rank, info = resolve_lora_rank(config, base_model, mola_spec)
     peft_config = LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=config.lora_alpha,
                              lora_dropout=config.lora_dropout, target_modules=list(config.target_modules),
                              bias="none")
@@ -388,7 +397,7 @@ def _load_mola(model, path: Path) -> None:
     from mola_search.mola.config import WEIGHTS_NAME
 
     saved = MoLAConfig.load(path)
-    own = model.config
+    own = model.mola_config
     if saved.num_layers != own.num_layers:
         raise UserError(f"--init-from {path}: its allocation is for {saved.num_layers} layers but this model "
                         f"has {own.num_layers}; use an adapter trained on the same base model")

@@ -42,7 +42,8 @@ def test_lora_count_and_match():
     assert resolve_lora_rank(cfg("lora", rank=4), tiny_llama(LAYERS))[0] == 4
     # match: inverted triangle at budget 5 x 4 = 20 over 4 layers is 2,4,6,8; MoLA count =
     # sum_j E_j * (8 * 1024 + 512) = 20 * 8704 = 174080; LoRA per rank = 4 * 1024 = 4096 -> 42.5 -> 42
-    rank, info = resolve_lora_rank(cfg("lora", lora_rank="match"), tiny_llama(LAYERS))
+    rank, info = resolve_lora_rank(cfg("lora", lora_rank="match"), tiny_llama(LAYERS),
+                                   resolve_spec(cfg("lora"), LAYERS))
     assert info["matched_mola_trainable"] == 20 * (8 * SUM_IN_OUT + SUM_IN) == 174080
     assert rank == 42 and info["matched_allocation"] == [2, 4, 6, 8]
     base = tiny_llama(LAYERS)
@@ -51,6 +52,8 @@ def test_lora_count_and_match():
     assert mola.num_trainable() == 174080  # the formula agrees with a built MoLA model
     with pytest.raises(UserError, match="lora_rank"):
         resolve_lora_rank(cfg("lora", lora_rank="big"), tiny_llama(LAYERS))
+    with pytest.raises(UserError, match="needs the MoLA allocation"):
+        resolve_lora_rank(cfg("lora", lora_rank="match"), tiny_llama(LAYERS))
 
 
 def test_prompt_tuning_count():

@@ -120,3 +120,22 @@ def test_import_objective_refuses_what_cannot_be_imported() -> None:
             import_objective(name)
     with pytest.raises(UserError, match="python:<module>:<function>"):
         StudyConfig(objective="python")
+
+
+def test_the_readme_objective_example_runs_as_written(tmp_path: Path, monkeypatch, capsys) -> None:
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("### Your own objective"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme_objective"})
+    out = capsys.readouterr().out
+    folder = tmp_path / "objective-study"
+    rows = _rows(folder / "trials.csv")
+    assert [r["state"] for r in rows] == ["COMPLETE"] * 8, [r["failure"] for r in rows]
+    assert len({r["score"] for r in rows}) > 1  # allocations score differently: the objective really trained
+    fin = _rows(folder / "finalists.csv")
+    assert len(fin) == 3 and all(r["state"] == "COMPLETE" for r in fin)
+    best = json.loads((folder / "best_allocation.json").read_text())
+    assert str(best["experts"]).replace(" ", "") in out.replace(" ", "").replace("(", "[").replace(")", "]")

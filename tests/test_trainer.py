@@ -255,11 +255,19 @@ def test_progress_bar_shows_loss_and_tokens_per_second(tok, capsys):
     assert "loss=" in err and "tok_s=" in err
 
 
-@pytest.mark.parametrize("bad", [dict(batch_size=0), dict(micro_batch_size=0), dict(max_steps=0),
+@pytest.mark.parametrize("bad", [dict(batch_size=0), dict(micro_batch_size=0), dict(max_steps=-1),
                                  dict(epochs=0), dict(lr=-1.0), dict(cutoff_len=1), dict(warmup_ratio=1.5)])
 def test_train_config_rejects_nonsense(bad):
     with pytest.raises(UserError):
         TrainConfig(**bad)
+
+
+def test_zero_steps_trains_nothing(tok):
+    model = mola(tok)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    result = train(model, tok, classification(8), TrainConfig(max_steps=0, batch_size=4, lr=1.0), progress=False)
+    assert result.steps == 0 and result.loss_curve == [] and result.train_tokens == 0
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
 
 
 def test_no_training_examples_is_a_user_error(tok):
@@ -360,6 +368,57 @@ YES_NO = (" no", " yes")
     ("I cannot tell", YES_NO, -1),
     (" yes", (" yes", " no"), 0),                    # RTE's order: yes first
     ("Entailment", (" yes", " no"), 0),
+    ("The answer is: B", LETTERS, 1),
+    ("Answer: B) Paris", LETTERS, 1),
+    ("The correct answer is (A).", LETTERS, 0),
+    ("C) The mitochondria", LETTERS, 2),
+    ("Not equivalent.", YES_NO, 0),
+    ("not_entailment", (" yes", " no"), 1),          # RTE's label name for "no"
+    ("Unacceptable", YES_NO, 0),                      # CoLA
+    ("The sentence is not grammatical.", YES_NO, 0),
+    ("acceptable", YES_NO, 1),
+    ("Positive.", (" negative", " positive"), 1),     # a custom task's own verbalizers
+    ("The review is negative", (" negative", " positive"), 0),
 ])
 def test_parse_choice_reads_what_models_say(text, choices, expected):
     assert ev.parse_choice(text, choices) == expected
+
+
+def _uncached_greedy(model, tok, example, max_new_tokens: int) -> str:
+    """The generate-mode decoder before `generate`: the whole sequence again at every step."""
+    ids = torch.tensor([encode_prompt(tok, example.prompt)])
+    out = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            nxt = int(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].argmax())
+            if nxt == tok.eos_token_id:
+                break
+            out.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return tok.decode(out)
+
+
+@pytest.mark.parametrize("method", ["mola", "plain", "lora", "prompt-tuning", "llama-adapter", "full"])
+def test_generate_mode_decodes_as_the_uncached_loop_did(tok, method):
+    """KV-cached `generate` (MoLAModel, a plain HF model, every baseline wrapper) gives the tokens the
+    old full-recompute greedy loop gave, so generate-mode predictions are unchanged, only faster."""
+    from mola_search.methods import build_baseline
+
+    if method == "mola":
+        model = mola(tok, random_b=True)
+    elif method == "plain":
+        model = tiny_llama(num_layers=2, hidden_size=32, vocab_size=len(tok))
+    else:
+        config = RunConfig(model="tiny-llama", method=method, rank=4, lora_dropout=0.0, num_virtual_tokens=4)
+        model = build_baseline(config, tiny_llama(num_layers=2, hidden_size=32, vocab_size=len(tok)))
+        with torch.no_grad():  # trained-looking weights: LoRA's B and LLaMA-Adapter's gate start at zero
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    model.eval()
+    examples = classification(5, seed=11)
+    texts = ev.generate_answers(model, tok, examples, max_new_tokens=6)
+    assert texts == [_uncached_greedy(model, tok, ex, 6) for ex in examples]
+    assert all(texts)
+    res = ev.evaluate_generation(model, tok, examples, max_new_tokens=6)
+    assert res.predictions == [ev.parse_choice(t, ex.choices) for t, ex in zip(texts, examples)]

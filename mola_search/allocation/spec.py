@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -105,8 +106,8 @@ class AllocationSpec:
     def load_spec(cls, path: str | os.PathLike[str]) -> "AllocationSpec":
         return load_spec(path)
 
-    def to_mola_flags(self) -> str:
-        return to_mola_flags(self)
+    def to_mola_flags(self, **settings: Any) -> str:
+        return to_mola_flags(self, **settings)
 
 
 def save_spec(spec: AllocationSpec, path: str | os.PathLike[str], **metadata: Any) -> Path:
@@ -168,20 +169,34 @@ def check_depth(spec: AllocationSpec, num_layers: int) -> None:
 OFFICIAL_TARGET_MODULES = "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj"
 
 
-def to_mola_flags(spec: AllocationSpec) -> str:
+def to_mola_flags(spec: AllocationSpec, **settings: Any) -> str:
     """Command-line flags of the official MoLA training script (GCYZSL/MoLA `mola_training.py`) for this allocation.
 
-    `--lora_target_modules` must be passed even though it is the script's default: with its pinned
-    fire==0.5.0, "2,2,..." arrives as a tuple, the script then takes the branch that converts every list
-    argument with `[str(x) for x in value]`, and the default *string* of target modules becomes a list of
-    single characters, which crashes model construction. Given explicitly, it arrives as a tuple too.
+    `settings` are more of its flags by their names (`base_model`, `lora_alpha`, `obalance`, ...), written
+    after the allocation's in the order given: booleans as True/False (as fire reads them), numbers
+    shortest, sequences as comma lists, text shell-quoted. A one-element sequence gets a trailing comma:
+    fire would read `q_proj` as a string, which the script splits into characters, and `q_proj,` as a tuple. Which settings match a study, and whether the official code can run it at
+    all, is `mola_search.mola.official.official_flags`'s business.
+
+    `--lora_target_modules` is always written, the script's own default list unless `settings` gives one:
+    with its pinned fire==0.5.0, "2,2,..." arrives as a tuple, the script then takes the branch that
+    converts every list argument with `[str(x) for x in value]`, and the default *string* of target modules
+    becomes a list of single characters, which crashes model construction. Given explicitly, it arrives as
+    a tuple too.
     """
 
-    def joined(values: tuple[int, ...]) -> str:
-        return ",".join(str(v) for v in values)
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return str(v)
+        if isinstance(v, float):
+            return f"{v:g}"
+        if isinstance(v, (tuple, list)):
+            return ",".join(str(x) for x in v) + ("," if len(v) == 1 else "")
+        return shlex.quote(str(v))
 
-    return (f"--number_experts {joined(spec.experts)} --top_k {joined(spec.top_k)} --lora_r {joined(spec.rank)} "
-            f"--lora_target_modules {OFFICIAL_TARGET_MODULES}")
+    settings = {**settings, "lora_target_modules": settings.get("lora_target_modules", OFFICIAL_TARGET_MODULES)}
+    flags = {"number_experts": spec.experts, "top_k": spec.top_k, "lora_r": spec.rank, **settings}
+    return " ".join(f"--{name} {value(v)}" for name, v in flags.items())
 
 
 def resolve_allocation(value: str, num_layers: int, budget: int, top_k: int | Sequence[int] = 2,

@@ -166,8 +166,19 @@ def export_main(argv: list[str]) -> int:
     spec, meta = best_spec(Path(args.study))
     if args.format == "json":
         text = json.dumps({**spec.to_dict(), **meta}, indent=2) + "\n"
-    else:
-        text = spec.to_mola_flags() + "\n"
+    else:  # refused (one line, exit 2) when the official code cannot run the study's model
+        from mola_search.mola.official import official_flags
+        from mola_search.search.config import StudyConfig
+        from mola_search.train.run import RunConfig
+
+        study = StudyConfig.load(Path(args.study))
+        # The "mola" objective fine-tunes with RunConfig's adapter settings (search.trial sets none of them);
+        # what another objective trained (a synthetic one: nothing) is not recorded.
+        settings = RunConfig() if study.objective.strip().lower() == "mola" else None
+        flags, notes = official_flags(spec, study.model, settings)
+        for note in notes:
+            print(f"# note: {note}", file=sys.stderr)
+        text = flags + "\n"
     if args.output:
         Path(args.output).write_text(text)
     else:
@@ -176,11 +187,11 @@ def export_main(argv: list[str]) -> int:
 
 
 def _analysis(name: str):
-    """A subcommand of mola_search.analysis.cli, imported only when it runs (matplotlib is slow to load)."""
+    """A subcommand of mola_search.cli.analysis, imported only when it runs (matplotlib is slow to load)."""
     def run(argv: list[str]) -> int:
-        from mola_search.analysis import cli
+        from mola_search.cli import analysis
 
-        return getattr(cli, name)(argv)
+        return getattr(analysis, name)(argv)
     return run
 
 

@@ -16,13 +16,14 @@ from typing import Any
 
 from mola_search.cli.common import OneLineParser, load_config_file, run_main
 from mola_search.errors import UserError
+from mola_search.mola.config import BALANCE_LOSSES
 from mola_search.train.run import RunConfig, describe, build_model, execute, prepare
 from mola_search.train.trainer import TrainConfig, TrainingDiverged
 
 # flag dest -> (RunConfig or TrainConfig field)
 _RUN_FLAGS = ("task", "model", "dtype", "device", "data_dir", "method", "shape", "allocation", "budget", "top_k", "rank",
-              "min_experts", "max_experts", "lora_alpha", "lora_dropout", "aux_loss_coef", "max_train_examples",
-              "max_eval_examples", "eval_batch_size", "eval_mode", "out", "threads", "lora_rank",
+              "min_experts", "max_experts", "lora_alpha", "lora_dropout", "aux_loss_coef", "balance_loss",
+              "max_train_examples", "max_eval_examples", "eval_batch_size", "eval_mode", "out", "threads", "lora_rank",
               "num_virtual_tokens")
 _TRAIN_FLAGS = ("lr", "epochs", "max_steps", "batch_size", "micro_batch_size", "cutoff_len", "warmup_ratio",
                 "weight_decay", "seed")
@@ -51,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-experts", type=int, dest="max_experts")
     a.add_argument("--lora-alpha", type=float, dest="lora_alpha")
     a.add_argument("--lora-dropout", type=float, dest="lora_dropout")
-    a.add_argument("--aux-loss-coef", type=float, dest="aux_loss_coef", help="load-balancing loss weight")
+    a.add_argument("--aux-loss-coef", type=float, dest="aux_loss_coef",
+                   help="load-balancing loss weight (default 0.01; the official MoLA code uses 0.001)")
+    a.add_argument("--balance-loss", choices=BALANCE_LOSSES, dest="balance_loss",
+                   help="per-module: one loss per adapted linear, averaged, padding excluded (default); "
+                        "mola-official: GCYZSL/MoLA's, pooled per decoder layer and summed over layers")
     a.add_argument("--targets", help="comma list of linear module suffixes to adapt")
     b = p.add_argument_group("baselines")
     b.add_argument("--lora-rank", type=lora_rank_arg, dest="lora_rank",

@@ -22,20 +22,36 @@ DEFAULT_TARGETS: tuple[str, ...] = (
     "qkv_proj", "gate_up_proj",  # fused projections (Phi-3 and similar): adapted like the separate ones
 )
 
+PER_MODULE, MOLA_OFFICIAL = "per-module", "mola-official"
+BALANCE_LOSSES: tuple[str, ...] = (PER_MODULE, MOLA_OFFICIAL)
+"""The load-balancing formulations `MoLAConfig.balance_loss` accepts (see `MoLAConfig`)."""
+
 
 @dataclass(frozen=True)
 class MoLAConfig:
     """Per-layer experts / top-k / rank plus the LoRA and router hyper-parameters.
 
-    `aux_loss_coef` weights the Switch-style load-balancing loss that is added to
-    the task loss (one loss per adapted linear, averaged, padding excluded). The
-    official MoLA code has a balance loss too, off by default in its fine-tuning
-    script (`obalance`), pooled per decoder layer with coefficient 0.001.
+    `aux_loss_coef` weights a Switch-style load-balancing loss, N * sum_i f_i * P_i (f_i: share of the
+    top-k selections that went to expert i, P_i: its mean router probability), added to the task loss
+    during training. `balance_loss` says over which tokens and modules it is taken:
 
-    `init_seed` keys the initial weights: expert e of module m in layer l starts from
-    a generator seeded with (init_seed, l, m, e), so allocations that differ in a
-    layer's expert count share their common experts' initial weights (common random
-    numbers for a search), on any device.
+    * ``"per-module"`` (default): one loss per adapted linear over the real tokens (padding excluded),
+      averaged over the modules. Every router is balanced on its own, and the loss does not grow with
+      the model's depth, so one coefficient (0.01) suits any model.
+    * ``"mola-official"``: what GCYZSL/MoLA computes (`load_balancing_loss_func` in
+      `src/mola_modeling_llama_hacked.py`): the router logits of all adapted projections of a decoder
+      layer pooled into one group (padding positions included), one loss per layer, summed over the
+      layers. The official code weights it with 0.001 and adds it only with `obalance=True` (off by
+      default in `mola_training.py`, on in `mola_training_instruction.py`); set `aux_loss_coef=0.001`
+      to reproduce it.
+
+    One more difference from the official code: it draws a dropout mask per expert (each expert applies
+    its own `nn.Dropout` to the tokens routed to it), ours one per module shared by its experts, which is
+    what lets all experts of a module run as one matmul.
+
+    `init_seed` keys the initial weights: expert e of module m in layer l starts from a generator seeded
+    with (init_seed, l, m, e), so allocations that differ in a layer's expert count share their common
+    experts' initial weights (common random numbers for a search), on any device.
     """
 
     experts: tuple[int, ...]
@@ -45,6 +61,7 @@ class MoLAConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
     aux_loss_coef: float = 0.01
+    balance_loss: str = PER_MODULE
     init: str = "kaiming"
     init_seed: int = 0
     base_model: str = ""
@@ -54,6 +71,8 @@ class MoLAConfig:
     def __post_init__(self) -> None:
         # Re-use the allocation validation (lengths, bounds, top_k <= experts).
         AllocationSpec(tuple(self.experts), tuple(self.top_k), tuple(self.rank), self.source)
+        if self.balance_loss not in BALANCE_LOSSES:
+            raise UserError(f"balance_loss is {self.balance_loss!r}: use one of {', '.join(BALANCE_LOSSES)}")
         if self.init not in ("kaiming", "gaussian"):
             raise UserError(f"unknown LoRA init '{self.init}': use 'kaiming' or 'gaussian'")
         if not self.target_modules:

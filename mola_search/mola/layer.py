@@ -14,24 +14,44 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mola_search.mola.config import MOLA_OFFICIAL, PER_MODULE
+
+
+class BalanceTerm(NamedTuple):
+    """What one adapted linear saw in one training forward, summed over tokens: enough for either
+    balance-loss formulation, so the combination (per module, or pooled per decoder layer) happens once
+    per forward in `balance_loss` instead of in the layers."""
+
+    layer: int
+    selected: torch.Tensor    # (experts,) top-k selections per expert
+    prob_sum: torch.Tensor    # (experts,) summed router probabilities (full softmax)
+    tokens: torch.Tensor      # () positions counted
+    top_k: int
 
 
 @dataclass
 class RoutingState:
     """State shared by every MoLA layer of one model during a forward pass.
 
-    `token_mask` (batch x seq, 1 = real token) keeps padding out of the
-    load-balancing statistics; `collect_stats` turns on per-expert counters.
+    `token_mask` (batch x seq of the positions this forward computes, 1 = real token) keeps padding out
+    of the router statistics and of the per-module balance loss; `balance_loss` is the formulation
+    (`MoLAConfig.balance_loss`); `balance_terms` collects what the layers recorded in the last training
+    forward; `collect_stats` turns on per-expert counters.
     """
 
     token_mask: torch.Tensor | None = None
     collect_stats: bool = False
-    aux_losses: list[torch.Tensor] = field(default_factory=list)
+    balance_loss: str = PER_MODULE
+    balance_terms: list[BalanceTerm] = field(default_factory=list)
 
 
 class MoLALinear(nn.Module):
@@ -103,17 +123,27 @@ class MoLALinear(nn.Module):
         return result + delta.to(result.dtype)
 
     def _record(self, probs: torch.Tensor, gates: torch.Tensor) -> None:
-        """Load-balancing loss (training) and selection statistics (on demand), padding excluded."""
+        """Balance-loss sums (training) and selection statistics (on demand), padding excluded.
+
+        The one exception is the "mola-official" balance loss, which counts every position as the
+        official code does (it never sees the attention mask).
+        """
         mask = self.state.token_mask
-        flat_p = probs.reshape(-1, self.num_experts)
-        chosen = (gates.reshape(-1, self.num_experts) > 0).to(flat_p.dtype)
-        if mask is not None and mask.numel() == flat_p.shape[0]:
-            m = mask.reshape(-1, 1).to(flat_p.dtype)
-            flat_p = torch.where(m > 0, flat_p, 0.0)  # padding rows must not leak NaN/inf into the sums
-        else:
-            m = torch.ones_like(flat_p[:, :1])
+        all_p = probs.reshape(-1, self.num_experts)
+        chosen = (gates.reshape(-1, self.num_experts) > 0).to(all_p.dtype)
+        if mask is not None and mask.numel() == all_p.shape[0]:
+            m = mask.reshape(-1, 1).to(all_p.dtype)
+            flat_p = torch.where(m > 0, all_p, 0.0)  # padding rows must not leak NaN/inf into the sums
+        else:  # no mask, or one that does not describe these positions: all are real tokens
+            m = torch.ones_like(all_p[:, :1])
+            flat_p = all_p
         if self.training:
-            self.state.aux_losses.append(load_balancing_loss(flat_p, chosen, m, self.top_k))
+            if self.state.balance_loss == MOLA_OFFICIAL:
+                term = BalanceTerm(self.layer_index, chosen.sum(0), all_p.sum(0),
+                                   all_p.new_tensor(float(all_p.shape[0])), self.top_k)
+            else:
+                term = BalanceTerm(self.layer_index, (chosen * m).sum(0), flat_p.sum(0), m.sum(), self.top_k)
+            self.state.balance_terms.append(term)
         if self.state.collect_stats:
             with torch.no_grad():
                 self.stat_counts += (chosen * m).sum(0).double()
@@ -150,8 +180,32 @@ def load_balancing_loss(probs: torch.Tensor, chosen: torch.Tensor, mask: torch.T
     f_i sum to 1 for any k) and P_i the mean router probability of expert i, both
     over real tokens.  A perfectly balanced router gives exactly 1.
     """
-    num_experts = probs.shape[-1]
-    tokens = mask.sum().clamp_min(1.0)
-    f = (chosen * mask).sum(0) / (tokens * top_k)
-    p = (probs * mask).sum(0) / tokens
-    return num_experts * (f * p).sum()
+    return switch_loss((chosen * mask).sum(0), (probs * mask).sum(0), mask.sum(), top_k)
+
+
+def switch_loss(selected: torch.Tensor, prob_sum: torch.Tensor, tokens: torch.Tensor, top_k: int) -> torch.Tensor:
+    """`load_balancing_loss` from per-expert sums over `tokens` positions: f_i = selected_i / (tokens * k),
+    P_i = prob_sum_i / tokens. Sums of several modules give the loss of their pooled tokens."""
+    tokens = tokens.clamp_min(1.0)
+    return selected.numel() * ((selected / (tokens * top_k)) * (prob_sum / tokens)).sum()
+
+
+def balance_loss(terms: Sequence[BalanceTerm], formulation: str) -> torch.Tensor | None:
+    """The load-balancing loss of one forward from its layers' `BalanceTerm`s (None when there are none).
+
+    * "per-module": `switch_loss` of every adapted linear, averaged over the linears.
+    * "mola-official": as GCYZSL/MoLA's `load_balancing_loss_func`: the modules of one decoder layer
+      pooled into one group (their selections and probabilities summed; they share the layer's expert
+      count and top-k), one `switch_loss` per layer, summed over the layers.
+    """
+    if not terms:
+        return None
+    if formulation == PER_MODULE:
+        return torch.stack([switch_loss(t.selected, t.prob_sum, t.tokens, t.top_k) for t in terms]).mean()
+    layers: dict[int, list[BalanceTerm]] = defaultdict(list)
+    for t in terms:
+        layers[t.layer].append(t)
+    return torch.stack([switch_loss(torch.stack([t.selected for t in group]).sum(0),
+                                    torch.stack([t.prob_sum for t in group]).sum(0),
+                                    torch.stack([t.tokens for t in group]).sum(), group[0].top_k)
+                        for group in layers.values()]).sum()

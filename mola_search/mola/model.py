@@ -3,12 +3,18 @@
 `MoLAModel` wraps the base model rather than subclassing it, so any architecture
 whose decoder layers hold `nn.Linear` modules with the target suffixes works; the
 layer index of each linear comes from the model's structure (`layer_index_of`).
+It follows PEFT's `PeftModel` where a training library looks: `config` is the base
+model's config, unknown attributes and `generate` come from the base model,
+`save_pretrained` / `from_pretrained` move only the adapter, and a forward with
+`labels` returns a loss that already holds the load-balancing term.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,36 +22,69 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mola_search.allocation import AllocationSpec
 from mola_search.errors import UserError
 from mola_search.mola.config import CONFIG_NAME, WEIGHTS_NAME, MoLAConfig
-from mola_search.mola.layer import MoLALinear, RoutingState
+from mola_search.mola.layer import MoLALinear, RoutingState, balance_loss
 from mola_search.models import decoder_layers, layer_index_of
+
+IGNORE_INDEX = -100  # the label Hugging Face losses skip
+
+
+def get_mola_model(model: nn.Module, spec_or_config: AllocationSpec | MoLAConfig, **config_kwargs: Any) -> "MoLAModel":
+    """Put MoLA experts into `model` (any Hugging Face causal LM, modified in place), as PEFT's `get_peft_model`.
+
+    `spec_or_config` is an allocation (`AllocationSpec`: experts, top-k and rank per layer) or a full
+    `MoLAConfig`; `config_kwargs` set or override the other `MoLAConfig` fields (`lora_alpha`,
+    `aux_loss_coef`, `balance_loss`, `target_modules`, ...). The base model's weights are frozen.
+    """
+    if isinstance(spec_or_config, AllocationSpec):
+        name = getattr(getattr(model, "config", None), "name_or_path", "") or ""
+        config = MoLAConfig.from_spec(spec_or_config, **{"base_model": name, **config_kwargs})
+    elif isinstance(spec_or_config, MoLAConfig):
+        config = replace(spec_or_config, **config_kwargs) if config_kwargs else spec_or_config
+    else:
+        raise UserError(f"spec_or_config is a {type(spec_or_config).__name__}: pass an AllocationSpec "
+                        "(e.g. mola_search.allocation.load_spec('best_allocation.json')) or a MoLAConfig")
+    return MoLAModel(model, config)
 
 
 class MoLAModel(nn.Module):
     """A frozen causal LM with MoLA experts in its decoder layers.
 
-    Call it like the base model; after a training-mode forward, `auxiliary_loss()`
-    returns the coefficient-weighted load-balancing loss the trainer adds to the
-    task loss.
+    Call it like the base model. With `labels` in training mode the returned `loss` includes the
+    coefficient-weighted load-balancing loss, so `transformers.Trainer`, accelerate or any loop that
+    back-propagates `outputs.loss` trains MoLA as intended; a loop that computes its own task loss
+    (mola_search's trainer) calls without labels and adds `auxiliary_loss()` itself.
     """
 
     def __init__(self, base_model: nn.Module, config: MoLAConfig) -> None:
         super().__init__()
         self.base_model = base_model
-        self.config = config
-        self.state = RoutingState()
+        self.mola_config = config
+        self.state = RoutingState(balance_loss=config.balance_loss)
         self.mola_layers: dict[str, MoLALinear] = {}
         _inject(self, base_model, config)
+        # On the base model, not in our forward: `generate` and any direct call run its forward too.
+        base_model.register_forward_pre_hook(partial(_track_tokens, self.state), with_kwargs=True)
+        base_model.register_forward_hook(partial(_forget_tokens, self.state), always_call=True)
 
-    # --- forward -------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        self.state.token_mask = attention_mask
-        self.state.aux_losses = []
+    # --- the base model's face ----------------------------------------------------------
+    @property
+    def config(self) -> Any:
+        """The base model's config (as in PEFT), which Trainer and `generate` read and set (`use_cache`, ...);
+        the adapter's own is `mola_config`."""
+        return self.base_model.config
+
+    def __getattr__(self, name: str) -> Any:
+        """Attributes MoLAModel lacks come from the base model (`generation_config`, `main_input_name`,
+        `gradient_checkpointing_enable`, ...), as PEFT's wrappers do."""
         try:
-            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        finally:
-            self.state.token_mask = None
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":  # not registered yet (inside __init__): nothing to forward to
+                raise
+            return getattr(self.base_model, name)
 
     @property
     def device(self) -> torch.device:
@@ -53,11 +92,41 @@ class MoLAModel(nn.Module):
         base = getattr(self.base_model, "device", None)
         return base if isinstance(base, torch.device) else next(self.base_model.parameters()).device
 
+    # --- forward -------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
+                labels: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """The base model's forward; with `labels` in training mode, `loss` also holds `auxiliary_loss()`.
+
+        Under Trainer with gradient accumulation, `num_items_in_batch` (the accumulated batch's label
+        count) makes the base loss this micro-batch's share of the accumulated mean; the balance term
+        gets the same share (its label count over `num_items_in_batch`), so it is counted once per
+        optimizer step rather than once per micro-batch.
+        """
+        outputs = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        if labels is None or not self.training:
+            return outputs
+        aux = self.auxiliary_loss()
+        if aux is None:
+            return outputs
+        accumulated = kwargs.get("num_items_in_batch")
+        if accumulated is not None:
+            aux = aux * (labels[..., 1:] != IGNORE_INDEX).sum() / accumulated
+        if isinstance(outputs, tuple):  # return_dict=False
+            return (outputs[0] + aux, *outputs[1:])
+        outputs.loss = outputs.loss + aux
+        return outputs
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The base model's `generate`: the MoLA layers sit inside it, so every decoding step runs them,
+        with the KV cache (they wrap the projections, so the cached keys and values include the experts')."""
+        return self.base_model.generate(*args, **kwargs)
+
     def auxiliary_loss(self) -> torch.Tensor | None:
-        """coef * mean of the per-linear balance losses of the last training forward."""
-        if not self.state.aux_losses or self.config.aux_loss_coef == 0:
-            return None
-        return self.config.aux_loss_coef * torch.stack(self.state.aux_losses).mean()
+        """coef * the load-balancing loss (`mola_config.balance_loss`) of the last training forward;
+        None when the coefficient is 0 or no training forward ran."""
+        coef = self.mola_config.aux_loss_coef
+        loss = balance_loss(self.state.balance_terms, self.mola_config.balance_loss) if coef else None
+        return None if loss is None else coef * loss
 
     # --- parameters ----------------------------------------------------------------
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
@@ -73,6 +142,12 @@ class MoLAModel(nn.Module):
     def num_base(self) -> int:
         return sum(p.numel() for n, p in self.base_model.named_parameters()
                    if not n.endswith(("lora_A", "lora_B", "router")))
+
+    def print_trainable_parameters(self) -> None:
+        """One line in PEFT's format: trainable, all (base + adapter) and the trainable share."""
+        trainable, total = self.num_trainable(), sum(p.numel() for p in self.parameters())
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
 
     # --- routing statistics --------------------------------------------------------
     @contextmanager
@@ -104,16 +179,21 @@ class MoLAModel(nn.Module):
         return rows
 
     # --- persistence ---------------------------------------------------------------
-    def save_adapter(self, folder: str | Path, **metadata: Any) -> Path:
-        """Write only the adapter: safetensors weights + a self-describing JSON config."""
+    def save_pretrained(self, folder: str | Path, **metadata: Any) -> Path:
+        """Write only the adapter (the frozen base stays where it came from): `adapter_model.safetensors`
+        and a self-describing `adapter_config.json`, with `metadata` kept in its `extra`."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        config = self.config
+        config = self.mola_config
         if metadata:
-            config = MoLAConfig(**{**config.__dict__, "extra": {**config.extra, **metadata}})
+            config = replace(config, extra={**config.extra, **metadata})
         config.save(folder)
         save_file(self.adapter_state_dict(), str(folder / WEIGHTS_NAME))
         return folder
+
+    def save_adapter(self, folder: str | Path, **metadata: Any) -> Path:
+        """`save_pretrained` under the name every method wrapper (methods.BaselineModel) shares."""
+        return self.save_pretrained(folder, **metadata)
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, folder: str | Path) -> "MoLAModel":
@@ -140,6 +220,23 @@ class MoLAModel(nn.Module):
             for name, layer in self.mola_layers.items():
                 for p in ("lora_A", "lora_B", "router"):
                     getattr(layer, p).copy_(tensors[f"{name}.{p}"])
+
+
+def _track_tokens(state: RoutingState, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Before each forward of the base model: start a new set of balance terms, and record which of the
+    positions it computes are real tokens. With a KV cache the attention mask also covers the cached
+    positions, so its last `seq` columns are the ones this call computes."""
+    state.balance_terms = []
+    mask = kwargs.get("attention_mask")
+    inputs = kwargs.get("input_ids", args[0] if args else None)
+    if inputs is None:
+        inputs = kwargs.get("inputs_embeds")
+    usable = isinstance(mask, torch.Tensor) and mask.dim() == 2 and inputs is not None
+    state.token_mask = mask[:, -inputs.shape[1]:] if usable else None
+
+
+def _forget_tokens(state: RoutingState, _module: nn.Module, _args: tuple, _output: Any) -> None:
+    state.token_mask = None
 
 
 def _inject(owner: MoLAModel, base_model: nn.Module, config: MoLAConfig) -> None:

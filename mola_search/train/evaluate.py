@@ -158,32 +158,42 @@ def result_from_scores(scores: Sequence[Sequence[float]], examples: Sequence[Exa
                       [example_id(ex) for ex in examples])
 
 
-@torch.no_grad()
 def evaluate_generation(model: nn.Module, tokenizer, examples: Sequence[Example], *, max_new_tokens: int = 8,
                         cutoff_len: int = 256) -> EvalResult:
-    """The paper's protocol: greedy decoding, then the first choice that appears in the output."""
-    was_training = model.training
-    model.eval()
-    preds = []
-    try:
-        for ex in examples:
-            device = model_device(model)
-            ids = torch.tensor([encode_prompt(tokenizer, ex.prompt)[-cutoff_len:]]).to(device)
-            generated = []
-            for _ in range(max_new_tokens):  # plain greedy loop: works for wrapped adapters too
-                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids).to(device)).logits[0, -1]
-                nxt = int(logits.argmax())
-                if nxt == tokenizer.eos_token_id:
-                    break
-                generated.append(nxt)
-                ids = torch.cat([ids, torch.tensor([[nxt]]).to(device)], dim=1).to(device)
-            preds.append(parse_choice(tokenizer.decode(generated), ex.choices))
-    finally:
-        model.train(was_training)
+    """The paper's protocol: greedy decoding, then the choice the output names (`parse_choice`)."""
+    texts = generate_answers(model, tokenizer, examples, max_new_tokens=max_new_tokens, cutoff_len=cutoff_len)
+    preds = [parse_choice(text, ex.choices) for text, ex in zip(texts, examples)]
     labels = [ex.label for ex in examples]
     correct = sum(int(p == y) for p, y in zip(preds, labels))
     return EvalResult(correct / max(1, len(examples)), len(examples), preds, labels=labels,
                       ids=[example_id(ex) for ex in examples])
+
+
+@torch.no_grad()
+def generate_answers(model: nn.Module, tokenizer, examples: Sequence[Example], *, max_new_tokens: int = 8,
+                     cutoff_len: int = 256) -> list[str]:
+    """Each example's greedy continuation up to the tokenizer's EOS, decoded.
+
+    Decoding runs through the model's own `generate` (MoLAModel and the baseline wrappers forward it
+    to the base model or to PEFT), so it keeps the KV cache: every step computes one new position
+    instead of the whole sequence again. One example at a time, as the prompt alone (no padding)
+    gives the same tokens whatever else is in the split.
+    """
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    eos, pad = tokenizer.eos_token_id, _pad_id(tokenizer)
+    texts = []
+    try:
+        for ex in examples:
+            ids = torch.tensor([encode_prompt(tokenizer, ex.prompt)[-cutoff_len:]]).to(device)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids).to(device), do_sample=False,
+                                 num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+            new = out[0, ids.shape[1]:].tolist()
+            texts.append(tokenizer.decode(new[:new.index(eos)] if eos in new else new))
+    finally:
+        model.train(was_training)
+    return texts
 
 
 # Words a model may answer a yes/no question with, beyond the verbalizers themselves. A negation

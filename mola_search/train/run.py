@@ -13,7 +13,7 @@ import platform
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import torch
 from mola_search.allocation import SHAPES, AllocationSpec, check_depth, resolve_allocation
 from mola_search.allocation.shapes import normalize_shape
 from mola_search.errors import UserError
+from mola_search.methods import build_baseline, check_method, load_adapter_into  # baselines beside MoLA
 from mola_search.mola import DEFAULT_TARGETS, MoLAConfig, MoLAModel
 from mola_search.models import DEFAULT_MODEL, decoder_layers, load_base_model
 from mola_search.tasks import Example, TaskData, load_task
@@ -53,6 +54,7 @@ class RunConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
     aux_loss_coef: float = 0.01
+    balance_loss: str = "per-module"      # or "mola-official" (MoLAConfig.balance_loss)
     lora_rank: int | str | None = None  # --method lora: an int, "match" (MoLA's trainable count) or None (= rank)
     num_virtual_tokens: int = 20        # --method prompt-tuning
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
@@ -115,7 +117,6 @@ def prepare(config: RunConfig, *, base: tuple[torch.nn.Module, Any] | None = Non
     if config.threads:
         torch.set_num_threads(config.threads)
     if config.method != "mola":
-        from mola_search.methods import check_method
         check_method(config.method)
     if config.eval_mode not in ("loglik", "generate"):
         raise UserError(f"unknown eval mode '{config.eval_mode}': use 'loglik' or 'generate'")
@@ -162,11 +163,13 @@ def resolve_spec(config: RunConfig, num_layers: int) -> AllocationSpec:
 def build_model(prepared: Prepared) -> torch.nn.Module:
     c = prepared.config
     if c.method != "mola":
-        from mola_search.methods import build_baseline  # baselines live beside, not inside, MoLA
-        return build_baseline(c, prepared.base_model)
+        match = str(c.lora_rank).strip().lower() == "match" and c.method == "lora"
+        return build_baseline(c, prepared.base_model,
+                              mola_spec=resolve_spec(c, prepared.num_layers) if match else None)
     mola_config = MoLAConfig.from_spec(prepared.spec, target_modules=tuple(c.target_modules),
                                        lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
-                                       aux_loss_coef=c.aux_loss_coef, init_seed=c.train.seed, base_model=c.model)
+                                       aux_loss_coef=c.aux_loss_coef, balance_loss=c.balance_loss,
+                                       init_seed=c.train.seed, base_model=c.model)
     return MoLAModel(prepared.base_model, mola_config)
 
 
@@ -260,7 +263,6 @@ def execute(prepared: Prepared, *, callbacks: Sequence[Callable[[StepEvent], boo
         torch.cuda.reset_peak_memory_stats(device)
     model = build_model(prepared)
     if init_from:
-        from mola_search.methods import load_adapter_into
         load_adapter_into(model, init_from)
     if on_model is not None:  # lets callbacks (e.g. a search trial's rung evaluation) reach the model
         on_model(model)
