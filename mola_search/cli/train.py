@@ -18,7 +18,7 @@ from mola_search.cli.common import OneLineParser, load_config_file, run_main
 from mola_search.errors import UserError
 from mola_search.mola.config import BALANCE_LOSSES
 from mola_search.train.run import RunConfig, describe, build_model, execute, prepare
-from mola_search.train.trainer import TrainConfig, TrainingDiverged
+from mola_search.train.trainer import TrainingDiverged
 
 # flag dest -> (RunConfig or TrainConfig field)
 _RUN_FLAGS = ("task", "model", "dtype", "device", "data_dir", "method", "shape", "allocation", "budget", "top_k", "rank",
