@@ -2,9 +2,19 @@
 
 The CLIs catch it, print its message on one line and exit with status 2; anything
 else is a bug and keeps its traceback.
+
+Library code speaks in parameters, not flags: a message names a parameter in backticks
+(`max_train_examples`, or a switch's setting: `pilot=False`), which reads as a parameter to a
+Python caller; a console script shows the flag that sets it instead (`--max-train-examples`,
+`--no-pilot`; see `cli.common.run_main`).
 """
 
 from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+PARAMETER = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*(?:=(?:True|False))?)`")
 
 
 class UserError(ValueError):
@@ -14,3 +24,8 @@ class UserError(ValueError):
     """
 
     exit_code = 2
+
+
+def with_flags(message: str, flags: Mapping[str, str]) -> str:
+    """`message` with each backticked parameter replaced by its flag in `flags`, or by its bare name."""
+    return PARAMETER.sub(lambda m: flags.get(m.group(1), m.group(1)), message)

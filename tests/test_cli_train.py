@@ -88,9 +88,9 @@ BAD_INPUTS = {
     "unknown train key": (["--config", "{tmp}/unknown_train.yaml"], ["warmup"]),
     "wrongly typed config value": (["--config", "{tmp}/bad_types.yaml"], ["batch_size", "eight"]),
     "config train not a mapping": (["--config", "{tmp}/train_scalar.yaml"], ["train"]),
-    "zero batch size": (["--batch-size", "0"], ["batch_size 0"]),
-    "negative max steps": (["--max-steps", "-1"], ["max_steps -1", "0 only evaluates"]),
-    "negative train subsample": (["--max-train-examples", "-1"], ["max_train_examples"]),
+    "zero batch size": (["--batch-size", "0"], ["--batch-size 0"]),
+    "negative max steps": (["--max-steps", "-1"], ["--max-steps -1", "0 only evaluates"]),
+    "negative train subsample": (["--max-train-examples", "-1"], ["--max-train-examples is -1"]),
     "dropout out of range": (["--lora-dropout", "1.5"], ["lora_dropout"]),
 }
 

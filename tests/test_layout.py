@@ -108,3 +108,20 @@ def test_no_module_imports_a_higher_layer() -> None:
     assert all(_layer(m) is not None for m in graph)
     upward = sorted(f"{a} -> {b}" for a, targets in graph.items() for b in targets if _layer(b) > _layer(a))
     assert upward == []
+
+
+def test_library_errors_speak_in_parameters_not_flags() -> None:
+    """Outside cli/, a UserError names `parameters`; the console scripts turn them into flags (errors.py)."""
+    import re
+
+    offenders = []
+    for module, path in _modules().items():
+        if module.startswith("mola_search.cli"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "UserError" and node.args:
+                text = "".join(part.value for part in ast.walk(node.args[0])
+                               if isinstance(part, ast.Constant) and isinstance(part.value, str))
+                if re.search(r"(?<![\w-])--[a-z]", re.sub(r"`[^`]*`", "", text)):
+                    offenders.append(f"{module}:{node.lineno}")
+    assert offenders == []

@@ -275,7 +275,7 @@ def require_completed(data: StudyData, minimum: int = MIN_COMPLETED, what: str =
     if n < minimum:
         raise UserError(f"{data.folder} has {n} completed trial{'s' if n != 1 else ''}; {what} needs at least "
                         f"{minimum} (importance analysis needs at least 10): run or resume the study "
-                        f"(mola-search --resume {data.folder})")
+                        f"(`mola-search --resume {data.folder}`)")
 
 
 def _trial_record(t: Any) -> TrialRecord:

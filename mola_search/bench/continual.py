@@ -92,9 +92,9 @@ def task_domains(tasks: list[str], config: RunConfig, *, eval_split: str = "test
     from mola_search.tasks import load_task
 
     if len(tasks) < 2:
-        raise UserError("continual learning needs at least two domains: pass --order task1,task2[,...]")
+        raise UserError("continual learning needs at least two domains: pass `tasks` task1,task2[,...]")
     if len(set(tasks)) != len(tasks):
-        raise UserError(f"--order lists a task twice: {','.join(tasks)}")
+        raise UserError(f"`tasks` lists a task twice: {','.join(tasks)}")
     domains = []
     for task in tasks:
         data = load_task(task, config.data_dir, val_seed=0)
@@ -132,14 +132,14 @@ def field_domains(task: str, field_name: str, config: RunConfig, *, values: list
             raise UserError(f"'{field_name}' value {unknown[0]!r} does not occur in {task}'s training data; values: "
                             + ", ".join(f"{v} ({counts[v]})" for v in sorted(counts, key=lambda v: -counts[v])))
         if len(values) < 2:
-            raise UserError("continual learning needs at least two domains: list two or more --domains")
+            raise UserError("continual learning needs at least two domains: list two or more `values`")
     domains = []
     for value in values:
         tr = [ex for ex in train_all if str(ex.meta.get(field_name)) == value]
         ev = [ex for ex in eval_all if str(ex.meta.get(field_name)) == value]
         domains.append(Domain(value, data, _subsample(tr, config.max_train_examples, seed),
                               _subsample(ev, config.max_eval_examples, 0), _majority(tr, ev)))
-    _check_sizes(domains, min_examples, hint=f"; pick domains with --domains (values of '{field_name}')")
+    _check_sizes(domains, min_examples, hint=f"; pick domains with `values` (values of '{field_name}')")
     return domains
 
 
@@ -148,7 +148,7 @@ def _check_sizes(domains: list[Domain], min_examples: int, hint: str = "") -> No
         for what, rows in (("training", d.train), ("evaluation", d.eval)):
             if len(rows) < min_examples:
                 raise UserError(f"domain '{d.name}' has only {len(rows)} {what} examples "
-                                f"(--min-domain-examples is {min_examples}){hint}")
+                                f"(`min_examples` is {min_examples}){hint}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -221,7 +221,7 @@ def run_continual(config: RunConfig, domains: list[Domain], specs: list[MethodSp
                 record = json.loads((folder / RESULT).read_text())
                 if record.get("domains") != [d.name for d in domains]:
                     raise UserError(f"{folder} was run on domains {record.get('domains')}, not "
-                                    f"{[d.name for d in domains]}; pass a new --out")
+                                    f"{[d.name for d in domains]}; pass a new `out`")
                 log(f"{spec.label} seed {seed}: finished earlier (OP {100 * record['OP']:.1f}, "
                     f"BWT {100 * record['BWT']:+.1f})")
             else:

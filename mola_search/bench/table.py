@@ -106,7 +106,7 @@ def parse_methods(text: str) -> list[MethodSpec]:
         else:
             pieces.append(piece)
     if not pieces:
-        raise UserError(f"no methods given; use e.g. --methods lora,mola:inverted_triangle (known: {', '.join(METHODS)})")
+        raise UserError(f"no methods given; use e.g. `methods` lora,mola:inverted_triangle (known: {', '.join(METHODS)})")
     specs = [parse_method(p) for p in pieces]
     labels = [s.label for s in specs]
     dupes = sorted({x for x in labels if labels.count(x) > 1})
@@ -137,7 +137,7 @@ def preflight(config: RunConfig, specs: list[MethodSpec]) -> None:
             resolve_spec(replace(c, method="mola"), layers)
         if spec.method == "llama-adapter" and model_type not in adaption_prompt_types():
             raise UserError(f"llama-adapter: PEFT's adaption prompt does not support model type '{model_type}' "
-                            f"(it supports {', '.join(adaption_prompt_types())}); drop it from --methods")
+                            f"(it supports {', '.join(adaption_prompt_types())}); drop it from `methods`")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -180,7 +180,7 @@ def check_manifest(out: Path, config: RunConfig) -> None:
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         if diff:
             raise UserError(f"{out} holds cells made with other settings ({', '.join(diff[:5])} differ); "
-                            "rerun with the same flags, or pass a new --out")
+                            "rerun with the same settings, or pass a new `out`")
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"settings": settings}, indent=2, default=str) + "\n")
 

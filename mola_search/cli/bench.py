@@ -71,13 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     tp = sub.add_parser("table", help="methods x tasks x seeds -> Table 1 (csv, md, html, png)",
-                        argument_default=argparse.SUPPRESS)
+                        argument_default=argparse.SUPPRESS, param_flags={"target_modules": "--targets"})
     tp.add_argument("--tasks", required=True, help="comma list of tasks (mrpc, rte, cola, ..., custom:<yaml>)")
     tp.add_argument("--split", default="test", choices=["test", "validation"], help="split the table reports")
     tp.add_argument("--retry-failed", action="store_true", dest="retry_failed", help="rerun cells that diverged")
     _common(tp)
     cp = sub.add_parser("continual", help="train the same adapters on domains in order -> R[t][i], OP, BWT",
-                        argument_default=argparse.SUPPRESS)
+                        argument_default=argparse.SUPPRESS,
+                        param_flags={"tasks": "--order", "values": "--domains", "min_examples": "--min-domain-examples",
+                                 "target_modules": "--targets"})
     cp.add_argument("--order", help="comma list of tasks, trained in this order (one domain per task)")
     cp.add_argument("--task", dest="field_task", help="one task whose examples are split by --split-field")
     cp.add_argument("--split-field", dest="split_field", help="metadata field whose values are the domains (e.g. topic)")

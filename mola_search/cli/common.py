@@ -9,26 +9,58 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mola_search.errors import UserError
+from mola_search.errors import UserError, with_flags
+
+_PARSERS: list["OneLineParser"] = []  # the parsers that parsed the command `run_main` is running
 
 
 class OneLineParser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line (`prog: error: ...; see --help`, exit 2), not a usage dump.
 
     argparse calls `error` for unknown flags, bad types and bad choices; raising a UserError lets
-    `run_main` print it like every other bad input.
+    `run_main` print it like every other bad input. `param_flags` name the flag of a library parameter
+    whose flag has another dest (e.g. {"target_modules": "--targets"}).
     """
+
+    def __init__(self, *args: Any, param_flags: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.param_flags = dict(param_flags or {})
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        _PARSERS.append(self)  # a subcommand's parser too: its flags, not a sibling's, explain the error
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str):  # type: ignore[override]
         raise UserError(f"{message} (see {self.prog} --help)")
 
+    def flags(self) -> dict[str, str]:
+        """Parameter name -> the flag that sets it; for a switch, "name=True" / "name=False" -> the switch
+        that sets that value (`pilot=False` -> --no-pilot)."""
+        out: dict[str, str] = {}
+        for a in self._actions:
+            flag = next((o for o in a.option_strings if o.startswith("--")), None)
+            if flag is None:
+                continue
+            if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+                out[f"{a.dest}={a.const}"] = flag
+                if a.const is True:
+                    out.setdefault(a.dest, flag)
+            else:
+                out[a.dest] = flag
+        return {**out, **self.param_flags}
+
 
 def run_main(prog: str, main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    """Call `main`; a UserError becomes `prog: error: <message>` on stderr and exit code 2."""
+    """Call `main`; a UserError becomes `prog: error: <message>` on stderr and exit code 2, with the
+    parameters it names (errors.with_flags) shown as the flags of the command's parsers."""
+    _PARSERS.clear()
     try:
         return int(main(argv) or 0)
     except UserError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        flags: dict[str, str] = {}
+        for parser in _PARSERS:
+            flags.update(parser.flags())
+        print(f"{prog}: error: {with_flags(str(exc), flags)}", file=sys.stderr)
         return UserError.exit_code
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

@@ -31,8 +31,8 @@ _TRAIN_FLAGS = ("lr", "epochs", "max_steps", "batch_size", "micro_batch_size", "
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="mola-train", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                argument_default=argparse.SUPPRESS)
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS,
+                      param_flags={"target_modules": "--targets"})
     p.add_argument("--config", help="YAML/JSON run config; flags override its keys")
     g = p.add_argument_group("what to train")
     g.add_argument("--task", help="mrpc | rte | cola | scienceqa | commonsenseqa | openbookqa | custom:task.yaml | instruct:<path>")

@@ -120,31 +120,31 @@ class StudyConfig:
         if self.metric not in METRICS:
             raise UserError(f"unknown metric '{self.metric}': use {', '.join(METRICS)}")
         if self.scheduler == "wilcoxon" and self.metric in ("f1", "mcc"):
-            raise UserError(f"--pruner wilcoxon pairs per-example scores, and {self.metric} has none: "
-                            "use --metric gold_logprob|margin|accuracy or --pruner asha|none")
+            raise UserError(f"`scheduler` wilcoxon pairs per-example scores, and {self.metric} has none: "
+                            "use `metric` gold_logprob|margin|accuracy or `scheduler` asha|none")
         if not 0 <= self.pilot_seeds < FINALIST_SEED_BASE:
-            raise UserError(f"--pilot-seeds is {self.pilot_seeds}: use 2..{FINALIST_SEED_BASE - 1}")
+            raise UserError(f"`pilot_seeds` is {self.pilot_seeds}: use 2..{FINALIST_SEED_BASE - 1}")
         if self.pilot and self.trials < len(PILOT_SHAPES) * self.pilot_seeds:
-            raise UserError(f"--trials {self.trials} is fewer than the pilot's {len(PILOT_SHAPES) * self.pilot_seeds} "
+            raise UserError(f"`trials` {self.trials} is fewer than the pilot's {len(PILOT_SHAPES) * self.pilot_seeds} "
                             f"runs ({len(PILOT_SHAPES)} shapes x {self.pilot_seeds} seeds, which count as trials): "
-                            "raise --trials or pass --no-pilot")
+                            "raise `trials` or turn the pilot off (`pilot=False`)")
         if self.pilot and self.pilot_seeds < 2:
-            raise UserError(f"--pilot-seeds is {self.pilot_seeds}: a noise floor needs at least 2 seeds "
-                            "(or pass --no-pilot)")
+            raise UserError(f"`pilot_seeds` is {self.pilot_seeds}: a noise floor needs at least 2 seeds "
+                            "(or turn the pilot off: `pilot=False`)")
         if not 0 < self.noise_threshold < 1:
-            raise UserError(f"--noise-threshold is {self.noise_threshold}: use a fraction in (0, 1)")
+            raise UserError(f"`noise_threshold` is {self.noise_threshold}: use a fraction in (0, 1)")
         if self.max_doublings < 0:
-            raise UserError(f"max_doublings is {self.max_doublings}: use an integer >= 0")
+            raise UserError(f"`max_doublings` is {self.max_doublings}: use an integer >= 0")
         if self.time_budget is not None and not self.time_budget > 0:
-            raise UserError(f"--time-budget is {self.time_budget}: use minutes > 0")
+            raise UserError(f"`time_budget` is {self.time_budget}: use minutes > 0")
         if self.auto_fidelity and not self.pilot:
-            raise UserError("--auto-fidelity chooses the fidelity from the pilot's noise floor: drop --no-pilot")
+            raise UserError("`auto_fidelity` chooses the fidelity from the pilot's noise floor: drop `pilot=False`")
         if self.trials < 1:
-            raise UserError(f"--trials must be at least 1, got {self.trials}")
+            raise UserError(f"`trials` must be at least 1, got {self.trials}")
         if self.finalist_seeds < 0 or self.finalist_top_n < 0:
             raise UserError("finalist counts must be >= 0")
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
-            raise UserError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
+            raise UserError("`cpus_per_trial` must be > 0 and `gpus_per_trial` >= 0")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "StudyConfig":

@@ -96,8 +96,8 @@ def check_resources(config: StudyConfig) -> None:
             try:
                 parse_device("cuda")
             except UserError:
-                raise UserError(f"--gpus-per-trial {config.gpus_per_trial:g} with --executor local: no CUDA GPU is "
-                                "visible here; drop the flag (trials run on the CPU) or run on a GPU machine") from None
+                raise UserError(f"`gpus_per_trial` {config.gpus_per_trial:g} with `executor` local: no CUDA GPU is "
+                                "visible here; set it to 0 (trials run on the CPU) or run on a GPU machine") from None
         parse_device(config.device)
         return
     import ray
@@ -113,13 +113,13 @@ def check_resources(config: StudyConfig) -> None:
                         "RAY_AUTH_MODE=token and the head's token on this machine (README: Running on a cluster)"
                         ) from None
     resources = ray.cluster_resources()
-    for kind, need, flag in (("CPU", config.cpus_per_trial, "--cpus-per-trial"),
-                             ("GPU", config.gpus_per_trial, "--gpus-per-trial")):
+    for kind, need, flag in (("CPU", config.cpus_per_trial, "`cpus_per_trial`"),
+                             ("GPU", config.gpus_per_trial, "`gpus_per_trial`")):
         have = float(resources.get(kind, 0.0))
         if need > 0 and have < need:
             ray.shutdown()
             raise UserError(f"{flag} {need:g}: the Ray cluster has {have:g} {kind}(s) in all, so no trial could ever "
-                            f"start; lower {flag}" + (" or add GPU nodes (ray start ... --num-gpus N)" if kind == "GPU"
+                            f"start; lower {flag}" + (" or add GPU nodes (`ray start ... --num-gpus N`)" if kind == "GPU"
                                                       else ""))
 
 

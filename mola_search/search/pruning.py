@@ -131,7 +131,7 @@ def report_rung(trial: optuna.trial.Trial, pruner_name: str, rung: int, mean: fl
     if pruner_name == "wilcoxon":
         if per_example is None or len(per_example) == 0:
             raise UserError("the wilcoxon pruner needs per-example validation values for every rung: "
-                            "pass per_example (or use --pruner asha|none)")
+                            "pass per_example (or use `scheduler` asha|none)")
         if len(per_example) > EXAMPLE_STRIDE:
             raise UserError(f"{len(per_example)} per-example values: at most {EXAMPLE_STRIDE} per rung")
         base = rung * EXAMPLE_STRIDE

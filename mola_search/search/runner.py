@@ -92,7 +92,7 @@ def check_storage(config: StudyConfig) -> None:
         create_engine(config.storage).dispose()  # parses the URL and loads the dialect; connects to nothing
     except (ArgumentError, NoSuchModuleError, ImportError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"--storage {config.storage!r} is not a usable database URL ({first}); use e.g. "
+        raise UserError(f"`storage` {config.storage!r} is not a usable database URL ({first}); use e.g. "
                         "sqlite:////abs/path/study.db or postgresql://user@host/db") from None
 
 

@@ -23,7 +23,7 @@ DATA_DIR_ENV = "MOLA_DATA_DIR"
 CARVE_FRACTION = 0.1
 CARVE_CAP = 500
 LAYOUT_HINT = (
-    f"pass --data-dir or set {DATA_DIR_ENV} to a folder laid out as <task>/<split>.jsonl"
+    f"pass `data_dir` or set {DATA_DIR_ENV} to a folder laid out as <task>/<split>.jsonl"
 )
 
 

@@ -123,7 +123,7 @@ def prepare(config: RunConfig, *, base: tuple[torch.nn.Module, Any] | None = Non
     for name, least in (("max_train_examples", 1), ("max_eval_examples", 0)):
         value = getattr(config, name)
         if value is not None and value < least:
-            raise UserError(f"{name} is {value}: use an integer >= {least} (or leave it unset for the whole split)")
+            raise UserError(f"`{name}` is {value}: use an integer >= {least} (or leave it unset for the whole split)")
     data = data or load_task(config.task, config.data_dir, val_seed=0)
     base_model, tokenizer = base or load_base_model(config.model, dtype=config.dtype, device=config.device)
     if spec is not None:
@@ -143,7 +143,7 @@ def resolve_spec(config: RunConfig, num_layers: int) -> AllocationSpec:
     more experts than it has: the default top-k (2) is capped per layer, as in the search; a --top-k the user
     gives is used as given (a layer with fewer experts is an error), and a spec file keeps its own."""
     if config.shape and config.allocation:
-        raise UserError("pass either --shape or --allocation, not both")
+        raise UserError("pass either `shape` or `allocation`, not both")
     budget = config.budget if config.budget is not None else 5 * num_layers
     value = config.allocation or config.shape or "inverted_triangle"
     is_shape = normalize_shape(value.strip()) in SHAPES
@@ -154,8 +154,8 @@ def resolve_spec(config: RunConfig, num_layers: int) -> AllocationSpec:
         top_k = [min(DEFAULT_TOP_K, e) for e in spec.experts] if config.top_k is None else config.top_k
         spec = AllocationSpec.build(spec.experts, top_k, config.rank, source=spec.source)
     if config.budget is not None and not is_shape and spec.budget != config.budget:
-        raise UserError(f"--budget {config.budget} does not apply to the explicit allocation '{value}' (it has "
-                        f"{spec.budget} experts over {num_layers} layers): drop --budget, or give a shape name "
+        raise UserError(f"`budget` {config.budget} does not apply to the explicit allocation '{value}' (it has "
+                        f"{spec.budget} experts over {num_layers} layers): drop `budget`, or give a shape name "
                         f"({', '.join(SHAPES)}) to scale to it")
     return spec
 

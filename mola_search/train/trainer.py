@@ -54,20 +54,20 @@ class TrainConfig:
         # Nonsense here would otherwise surface mid-run as a traceback (range step 0, empty answers, ...).
         problems = []
         if not self.lr > 0:
-            problems.append(f"lr {self.lr} (need > 0)")
+            problems.append(f"`lr` {self.lr} (need > 0)")
         if self.max_steps is not None and self.max_steps < 0:
-            problems.append(f"max_steps {self.max_steps} (need >= 0: 0 only evaluates, unset uses epochs)")
+            problems.append(f"`max_steps` {self.max_steps} (need >= 0: 0 only evaluates, unset uses epochs)")
         if self.max_steps is None and not self.epochs > 0:
-            problems.append(f"epochs {self.epochs} (need > 0)")
+            problems.append(f"`epochs` {self.epochs} (need > 0)")
         for name in ("batch_size", "micro_batch_size", "log_every"):
             if getattr(self, name) < 1:
-                problems.append(f"{name} {getattr(self, name)} (need >= 1)")
+                problems.append(f"`{name}` {getattr(self, name)} (need >= 1)")
         if self.cutoff_len < 2:
-            problems.append(f"cutoff_len {self.cutoff_len} (need >= 2: one prompt and one answer token)")
+            problems.append(f"`cutoff_len` {self.cutoff_len} (need >= 2: one prompt and one answer token)")
         if not 0.0 <= self.warmup_ratio <= 1.0:
-            problems.append(f"warmup_ratio {self.warmup_ratio} (need 0..1)")
+            problems.append(f"`warmup_ratio` {self.warmup_ratio} (need 0..1)")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
-            problems.append("weight_decay and max_grad_norm (need >= 0)")
+            problems.append("`weight_decay` and `max_grad_norm` (need >= 0)")
         if problems:
             raise UserError("invalid training settings: " + "; ".join(problems))
 
@@ -156,7 +156,7 @@ def train(model: nn.Module, tokenizer, examples: Sequence[Example], config: Trai
     seed_everything(config.seed)
     encoded = [encode_example(tokenizer, ex, config.cutoff_len) for ex in examples]
     if not encoded:
-        raise UserError("no training examples: the train split is empty (check --max-train-examples and the data)")
+        raise UserError("no training examples: the train split is empty (check `max_train_examples` and the data)")
     total_steps = config.steps_for(len(encoded))
     if total_steps == 0:  # evaluate-only (e.g. a saved adapter via --init-from): no optimizer, no mode change
         return TrainResult(steps=0)
