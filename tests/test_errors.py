@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 
 import pytest
 
@@ -27,7 +26,7 @@ def test_run_main_shows_the_flags_of_the_parsers_that_parsed(capsys) -> None:
         sub = p.add_subparsers(dest="cmd")
         sub.add_parser("a", param_flags={"tasks": "--order"}).add_argument("--order")
         sub.add_parser("b").add_argument("--tasks")
-        args = p.parse_args(argv)
+        p.parse_args(argv)
         raise UserError("`max_train_examples`, `pilot=False`, `auto_fidelity`, `target_modules`, `tasks`")
 
     assert run_main("demo", main, ["b", "--tasks", "x"]) == 2
