@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from mola_search.cli.common import OneLineParser, run_main
