@@ -1,15 +1,18 @@
-"""Time one optimizer step of MoLA vs PEFT LoRA vs the per-expert loop reference.
+"""Time one optimizer step of MoLA vs PEFT LoRA vs the per-expert loop, against the frozen base's own floor.
 
-    python benchmarks/bench_step.py                 # SmolLM2-135M, batch 16x128, 2 threads
+    python benchmarks/bench_step.py                 # SmolLM2-135M, batch 16x128, 2 threads, 3 rounds
     python benchmarks/bench_step.py --model tiny-llama --repeats 2   # smoke run
     python benchmarks/bench_step.py --device cuda --model llama2-7b-shape --shape 2468 --budget 160
                                                     # random LLaMA-2-7B-shaped base, the paper's allocation
 
 Each variant trains the same frozen base (bf16 on CPUs with AVX512-BF16) with
 fp32 adapters on the same random batch; the loss is the answer-token loss the
-trainer uses (LM head on the last 2 positions).  We report the median of
-`--repeats` timed steps after one warm-up step, and the ratios the MoLA core
-issue asks for: MoLA/LoRA (goal <= 1.15) and loop/MoLA (goal >= 1.3).
+trainer uses (LM head on the last 2 positions). The floor is the base alone,
+forward and backward to the input embeddings: what any adapter method pays.
+The variants run interleaved, `--rounds` times (`--repeats` timed steps after a
+warm-up step each), so a busy machine slows them alike; we report the median
+step, its ratio to the floor, and each variant's peak resident memory (the
+process's high-water mark, reset before each variant via /proc/self/clear_refs).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import resource
 import statistics
 import sys
 import time
@@ -41,9 +45,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(model: torch.nn.Module, batch: dict[str, torch.Tensor], repeats: int) -> list[float]:
+def time_steps(model: torch.nn.Module, batch: dict[str, torch.Tensor], repeats: int,
+               opt: torch.optim.Optimizer | None = None) -> list[float]:
+    """`repeats` timed optimizer steps after one warm-up step."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = opt or torch.optim.AdamW(params, lr=1e-6)
     aux_fn = getattr(model, "auxiliary_loss", None)
     model.train()
     device = model_device(model)
@@ -58,12 +64,43 @@ def time_steps(model: torch.nn.Module, batch: dict[str, torch.Tensor], repeats: 
         loss = answer_loss(logits, batch["labels"][:, -2:])
         aux = aux_fn() if aux_fn else None
         (loss + aux if aux is not None else loss).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if params:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         _sync(device)
         if i:  # first step warms up allocator and kernels
             times.append(time.perf_counter() - t0)
     return times
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Floor(torch.nn.Module):
+    """The frozen base alone, with gradients flowing back to its input embeddings: no adapter at all."""
+
+    def __init__(self, base: torch.nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        base.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+
+    def forward(self, **kwargs):
+        return self.base(**kwargs)
 
 
 def main() -> None:
@@ -79,7 +116,8 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=5)
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2, help="timed steps per variant and round")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all variants")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-loop", action="store_true")
     ap.add_argument("--json", help="also write the results here")
@@ -93,16 +131,6 @@ def main() -> None:
              "labels": torch.full_like(batch_ids, -100)}
     batch["labels"][:, -1] = batch_ids[:, -1]
     tokens = args.batch * args.seq
-    results: dict[str, dict[str, float]] = {}
-
-    def record(name: str, times: list[float], trainable: int) -> None:
-        med = statistics.median(times)
-        results[name] = {"step_s": med, "tokens_per_s": tokens / med, "trainable_params": trainable}
-        if device.type == "cuda":  # peak since the previous variant, then reset for the next
-            results[name]["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-            torch.cuda.reset_peak_memory_stats(device)
-        print(f"{name:<10} step {med:6.3f} s   {tokens / med:9.1f} tok/s   trainable {trainable:,}", flush=True)
-
     device = parse_device(args.device)
 
     def base_model() -> torch.nn.Module:
@@ -110,38 +138,62 @@ def main() -> None:
             return random_llama(LLAMA2_7B_SHAPE, device=device, dtype=resolve_dtype(args.dtype, device))
         return load_base_model(args.model, dtype=args.dtype, device=str(device))[0]
 
-    base = base_model()
-    layers = len(decoder_layers(base))
-    lora = get_peft_model(base, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.05,
-                                           target_modules=list(DEFAULT_TARGETS)))
-    record("peft-lora", time_steps(lora, batch, args.repeats), sum(p.numel() for p in lora.parameters() if p.requires_grad))
-    del lora, base
-
-    base = base_model()
+    floor = Floor(base_model())
+    layers = len(decoder_layers(floor.base))
+    lora = get_peft_model(base_model(), LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.05,
+                                                   target_modules=list(DEFAULT_TARGETS)))
     if args.shape:
         spec = resolve_allocation(args.shape, layers, args.budget or 5 * layers, top_k=args.top_k, rank=args.rank)
         config = MoLAConfig.from_spec(spec, lora_alpha=2.0 * args.rank)
     else:
         config = MoLAConfig(experts=(args.experts,) * layers, top_k=(args.top_k,) * layers,
                             rank=(args.rank,) * layers, lora_alpha=2.0 * args.rank)
-    mola = MoLAModel(base, config)
-    record("mola", time_steps(mola, batch, args.repeats), mola.num_trainable())
+    mola = MoLAModel(base_model(), config)
+    variants: dict[str, torch.nn.Module] = {"floor": floor, "peft-lora": lora, "mola": mola}
     if not args.skip_loop:
-        original = MoLALinear.forward
-        MoLALinear.forward = lambda self, x: reference_forward(self, x)  # the per-expert loop, same weights
-        try:
-            record("mola-loop", time_steps(mola, batch, args.repeats), mola.num_trainable())
-        finally:
-            MoLALinear.forward = original
+        variants["mola-loop"] = mola  # the same weights, through the per-expert loop (patched in below)
+    optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad] or
+                                          [torch.nn.Parameter(torch.zeros(1))], lr=1e-6)
+                  for name, m in variants.items()}
 
-    ratios = {"mola_over_lora": results["mola"]["step_s"] / results["peft-lora"]["step_s"]}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    peaks: dict[str, float] = {name: 0.0 for name in variants}
+    can_reset = _reset_peak_rss()
+    original = MoLALinear.forward
+    for _ in range(args.rounds):
+        for name, model in variants.items():
+            if name == "mola-loop":
+                MoLALinear.forward = lambda self, x: reference_forward(self, x)
+            try:
+                _reset_peak_rss()
+                times[name] += time_steps(model, batch, args.repeats, optimizers[name])
+                peaks[name] = max(peaks[name], _peak_rss_mb())
+            finally:
+                MoLALinear.forward = original
+            if device.type == "cuda":
+                peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device) / 2**20)
+                torch.cuda.reset_peak_memory_stats(device)
+
+    floor_s = statistics.median(times["floor"])
+    results: dict[str, dict[str, float]] = {}
+    memory = "peak_gpu_memory_mb" if device.type == "cuda" else "peak_rss_mb"
+    for name, model in variants.items():
+        med = statistics.median(times[name])
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if name != "floor" else 0
+        results[name] = {"step_s": med, "x_floor": med / floor_s, "tokens_per_s": tokens / med,
+                         "trainable_params": trainable, memory: peaks[name], "steps": times[name]}
+        print(f"{name:<10} step {med:6.3f} s  x{med / floor_s:5.2f} floor  {tokens / med:9.1f} tok/s  "
+              f"{memory.replace('_mb', '')} {peaks[name]:7.0f} MB  trainable {trainable:,}", flush=True)
+    ratios = {"mola_over_floor": results["mola"]["x_floor"], "lora_over_floor": results["peft-lora"]["x_floor"],
+              "mola_over_lora": results["mola"]["step_s"] / results["peft-lora"]["step_s"]}
     if "mola-loop" in results:
         ratios["loop_over_mola"] = results["mola-loop"]["step_s"] / results["mola"]["step_s"]
-    print(" ".join(f"{k}={v:.2f}" for k, v in ratios.items()))
+    print(" ".join(f"{k}={v:.2f}" for k, v in ratios.items())
+          + ("" if can_reset or device.type == "cuda" else " (peak RSS could not be reset: process-wide peaks)"))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "device": str(device), "layers": layers,
-                                               "allocation": list(config.experts),
-                                               "dtype": str(next(mola.parameters()).dtype),
+                                               "allocation": list(config.experts), "threads": args.threads,
+                                               "dtype": str(next(floor.base.parameters()).dtype),
                                                "results": results, "ratios": ratios}, indent=2) + "\n")
 
 

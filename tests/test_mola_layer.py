@@ -181,3 +181,63 @@ def test_fused_projections_are_adapted_by_default():
     assert len(model.mola_layers) == 2 * 4
     out = model(input_ids=torch.randint(0, 64, (2, 5)), attention_mask=torch.ones(2, 5, dtype=torch.long))
     assert out.logits.shape == (2, 5, 64)
+
+
+# --- dropout pool and low-precision compute -------------------------------------------------------
+
+
+def test_dropout_pool_keeps_each_element_with_probability_1_minus_p_and_scales_it():
+    from mola_search.mola.layer import DropoutPool
+
+    torch.manual_seed(0)
+    pool, p = DropoutPool(), 0.2
+    x = torch.ones(400, 500)
+    dropped = pool.apply(x, p)
+    kept = dropped != 0
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.005  # 200k draws: sd 0.0009
+    assert torch.allclose(dropped[kept], torch.full_like(dropped[kept], 1 / (1 - p)))
+    # rows are not copies of each other (a slice of iid draws, not a repeated pattern)
+    assert (kept[0] != kept[1]).any() and (kept[:, 0] != kept[:, 1]).any()
+    assert pool.apply(x, p) is dropped  # the same input (q, k and v read one tensor): one shared mask
+    other = pool.apply(x.clone(), p)
+    assert not torch.equal(other != 0, kept)  # another input: another slice
+    pool.new_forward()
+    again = pool.apply(x, p)
+    assert not torch.equal(again != 0, kept)  # a new forward draws a new pool
+
+
+def test_dropout_is_on_in_training_only_and_differs_between_forwards():
+    model = MoLAModel(tiny_llama(num_layers=2, hidden_size=32, vocab_size=64),
+                      MoLAConfig(experts=(2, 2), top_k=(1, 1), rank=(4, 4), lora_dropout=0.3))
+    with torch.no_grad():
+        for layer in model.mola_layers.values():
+            layer.lora_B.normal_(std=0.5)
+    ids = torch.randint(0, 64, (2, 8))
+    model.eval()
+    assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+    model.train()
+    first, second = model(input_ids=ids).logits, model(input_ids=ids).logits
+    assert not torch.allclose(first, second)
+
+
+def test_bf16_input_computes_the_adapter_in_bf16_close_to_fp32():
+    layer = _layer(5, 2)
+    x = torch.randn(3, 7, 24)
+    exact = reference_forward(layer, x)
+    layer.base_layer.to(torch.bfloat16)
+    seen, linear = [], torch.nn.functional.linear
+
+    def recording(inp, weight, bias=None):
+        seen.append((inp.dtype, weight.dtype))
+        return linear(inp, weight, bias)
+
+    torch.nn.functional.linear = recording
+    try:
+        low = layer(x.to(torch.bfloat16))
+    finally:
+        torch.nn.functional.linear = linear
+    assert len(seen) == 4 and set(seen) == {(torch.bfloat16, torch.bfloat16)}  # base, router, A, B: no fp32 copy
+    assert low.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32  # fp32 masters, bf16 compute
+    torch.testing.assert_close(low.float(), exact, atol=0.1, rtol=0.05)
+    low.float().sum().backward()
+    assert layer.lora_A.grad.dtype == torch.float32 and torch.isfinite(layer.lora_A.grad).all()

@@ -8,6 +8,11 @@ same arithmetic as a single LoRA of rank N*r and beats gathering per-token exper
 weights; it needs no Python loop over experts and no host synchronisation, and
 gives exactly the top-k routed output (unselected experts get weight 0, hence
 zero gradient).
+
+The adapter computes in the dtype of its input (the frozen base's: bf16 on a GPU or a
+CPU with bf16 matmuls), with fp32 master weights cast per forward, as autocast does: no
+fp32 copy of every activation. Dropout masks come from a `DropoutPool` (one random draw per
+forward, see there): on a CPU, one Bernoulli draw per adapted linear was a quarter of a step.
 """
 
 from __future__ import annotations
@@ -38,6 +43,46 @@ class BalanceTerm(NamedTuple):
     top_k: int
 
 
+class DropoutPool:
+    """Dropout for every adapted linear of one forward, cut from one random draw.
+
+    `torch.nn.Dropout` draws a fresh Bernoulli mask per call; for SmolLM2 that is 210 masks of
+    2048 x 576..1536 per step, a quarter of a CPU step. Here one draw per forward fills a pool of
+    keep-multipliers (0 or 1/(1-p)); a linear's mask is a slice at a random offset. Within a slice
+    every element is kept with probability 1-p, independently; two linears' masks are shifted
+    slices of one sequence, so at any one position they are independent draws unless the offsets
+    coincide. Linears that read the same tensor (q/k/v, gate/up) share one mask, as one dropout on
+    their common input would (PEFT's LoRA draws one per linear, the official MoLA code one per
+    expert). `new_forward()` (MoLAModel calls it before each forward) draws a new pool.
+    """
+
+    def __init__(self) -> None:
+        self._pool: torch.Tensor | None = None
+        self._pool_p = 0.0
+        self._fresh = True
+        self._last: tuple[torch.Tensor, float, torch.Tensor] | None = None
+
+    def new_forward(self) -> None:
+        self._fresh, self._last = True, None
+
+    def apply(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        """`x` with dropout probability `p` (scaled by 1/(1-p)), as in training mode."""
+        if self._last is not None and self._last[0] is x and self._last[1] == p:
+            return self._last[2]
+        n = x.numel()
+        pool = self._pool
+        if (self._fresh or pool is None or pool.numel() < 2 * n or pool.dtype != x.dtype
+                or pool.device != x.device or self._pool_p != p):
+            size = max(2 * n, pool.numel() if pool is not None and not self._fresh else 0)
+            keep = torch.rand(size, device=x.device) >= p
+            self._pool, self._pool_p, self._fresh = keep.to(x.dtype) * (1.0 / (1.0 - p)), p, False
+            pool = self._pool
+        offset = int(torch.randint(0, pool.numel() - n + 1, ()))  # the CPU generator: no device sync
+        dropped = x * pool[offset:offset + n].view(x.shape)
+        self._last = (x, p, dropped)
+        return dropped
+
+
 @dataclass
 class RoutingState:
     """State shared by every MoLA layer of one model during a forward pass.
@@ -52,6 +97,7 @@ class RoutingState:
     collect_stats: bool = False
     balance_loss: str = PER_MODULE
     balance_terms: list[BalanceTerm] = field(default_factory=list)
+    dropout: DropoutPool = field(default_factory=DropoutPool)
 
 
 class MoLALinear(nn.Module):
@@ -73,7 +119,7 @@ class MoLALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(num_experts, rank, d_in, device=device, dtype=adapter_dtype))
         self.lora_B = nn.Parameter(torch.zeros(d_out, num_experts, rank, device=device, dtype=adapter_dtype))
         self.router = nn.Parameter(torch.empty(num_experts, d_in, device=device, dtype=adapter_dtype))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout_p = float(dropout)
         self.register_buffer("stat_counts", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
         self.register_buffer("stat_weights", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
         self.register_buffer("stat_probs", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
@@ -104,7 +150,7 @@ class MoLALinear(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router probabilities (fp32 softmax) and dense gates with renormalised top-k weights."""
-        probs = F.linear(x, self.router).float().softmax(dim=-1)
+        probs = F.linear(x, self.router.to(x.dtype)).float().softmax(dim=-1)
         top_w, top_i = probs.topk(self.top_k, dim=-1)
         top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         gates = torch.zeros_like(probs).scatter(-1, top_i, top_w)
@@ -112,15 +158,16 @@ class MoLALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        xa = x.to(self.lora_A.dtype)
-        probs, gates = self.route(xa)
+        dtype = x.dtype  # the base's compute dtype; the fp32 weights are cast to it (autocast's recipe)
+        probs, gates = self.route(x)
         if self.training or self.state.collect_stats:
             self._record(probs, gates)
         e, r = self.num_experts, self.rank
-        hidden = F.linear(self.dropout(xa), self.lora_A.view(e * r, -1))
-        hidden = (hidden.view(*hidden.shape[:-1], e, r) * gates.to(hidden.dtype).unsqueeze(-1)).flatten(-2)
-        delta = F.linear(hidden, self.lora_B.view(-1, e * r)) * self.scaling
-        return result + delta.to(result.dtype)
+        dropped = self.state.dropout.apply(x, self.dropout_p) if self.training and self.dropout_p > 0 else x
+        hidden = F.linear(dropped, self.lora_A.view(e * r, -1).to(dtype))
+        weights = (gates * self.scaling).to(dtype)  # the LoRA scaling folded into the (tokens x experts) gates
+        hidden = (hidden.view(*hidden.shape[:-1], e, r) * weights.unsqueeze(-1)).flatten(-2)
+        return result + F.linear(hidden, self.lora_B.view(-1, e * r).to(dtype))
 
     def _record(self, probs: torch.Tensor, gates: torch.Tensor) -> None:
         """Balance-loss sums (training) and selection statistics (on demand), padding excluded.

@@ -227,6 +227,7 @@ def _track_tokens(state: RoutingState, _module: nn.Module, args: tuple, kwargs: 
     positions it computes are real tokens. With a KV cache the attention mask also covers the cached
     positions, so its last `seq` columns are the ones this call computes."""
     state.balance_terms = []
+    state.dropout.new_forward()
     mask = kwargs.get("attention_mask")
     inputs = kwargs.get("input_ids", args[0] if args else None)
     if inputs is None:
