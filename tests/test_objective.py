@@ -132,7 +132,7 @@ def test_the_readme_objective_example_runs_as_written(tmp_path: Path, monkeypatc
     exec(compile(code, "README.md", "exec"), {"__name__": "readme_objective"})
     out = capsys.readouterr().out
     folder = tmp_path / "objective-study"
-    rows = _rows(folder / "trials.csv")
+    rows = [r for r in _rows(folder / "trials.csv") if not r["duplicate_of"]]  # not answered from the cache
     assert [r["state"] for r in rows] == ["COMPLETE"] * 8, [r["failure"] for r in rows]
     assert len({r["score"] for r in rows}) > 1  # allocations score differently: the objective really trained
     fin = _rows(folder / "finalists.csv")

@@ -392,3 +392,16 @@ def test_relative_paths_are_pinned_in_the_driver(tmp_path: Path, monkeypatch) ->
     assert pinned.model == str(tmp_path / "model")
     kept = pin_paths(StudyConfig(task="mrpc", model="tiny-llama", data_dir="/elsewhere"))
     assert (kept.task, kept.model, kept.data_dir) == ("mrpc", "tiny-llama", "/elsewhere")
+
+
+@pytest.mark.parametrize(("resources", "per_trial", "expected"), [
+    ((16, 0, 64 * 1024, 1, 0), 3 * 1024, (16, {"cpu": 16, "memory": 21})),   # 16 cores, 64 GB: cores limit
+    ((16, 0, 32 * 1024, 1, 0), 3 * 1024, (10, {"cpu": 16, "memory": 10})),   # memory limits
+    ((16, 2, 128 * 1024, 2, 0.5), 8 * 1024, (4, {"cpu": 8, "memory": 16, "gpu": 4})),  # 2 GPUs at 0.5 each
+    ((2, 0, 2 * 1024, 1, 0), 3 * 1024, (1, {"cpu": 2, "memory": 0})),        # nothing fits: still one at a time
+])
+def test_auto_concurrency_takes_the_scarcest_resource(resources, per_trial, expected) -> None:
+    from mola_search.search.executors import auto_concurrency
+
+    cpus, gpus, memory_mb, cpt, gpt = resources
+    assert auto_concurrency(cpus, gpus, memory_mb, cpus_per_trial=cpt, gpus_per_trial=gpt, trial_mb=per_trial) == expected

@@ -171,15 +171,16 @@ def test_relative_data_dir_and_out_reach_ray_trials_and_finalists(cluster, tmp_p
     assert "[finalist 1/2]" in out and "[finalist 2/2]" in out and "ETA" in out, out
 
 
-def test_a_user_objective_from_a_module_workers_cannot_import_runs_on_ray(cluster, tmp_path: Path) -> None:
+def test_a_user_objective_from_a_module_workers_cannot_import_runs_on_ray(cluster, tmp_path: Path, capsys) -> None:
     """run_study(config, objective=fn) with fn from this test folder, which Ray workers do not have on their
-    path: the function reaches them by value; trials, pilot runs and finalists get its scores."""
+    path: the function reaches them by value; trials, pilot runs and finalists get its scores. Without
+    --max-concurrent, each phase runs as many trials as the cluster holds (2 CPUs here) and says why."""
     from test_objective import _config, _rows, _value, peak_in_the_middle
 
     from mola_search.search.runner import run_study
 
     config = replace(_config(tmp_path, trials=8, pilot_seeds=2, finalist_seeds=1), executor="ray",
-                     address=cluster.address, max_concurrent=2, cpus_per_trial=1)
+                     address=cluster.address, cpus_per_trial=1)
     try:
         run_study(config, tmp_path / "s", objective=peak_in_the_middle)
     finally:
@@ -190,6 +191,11 @@ def test_a_user_objective_from_a_module_workers_cannot_import_runs_on_ray(cluste
     assert len({r["node"] for r in rows}) == 2  # both nodes ran some
     fin = _rows(tmp_path / "s" / "finalists.csv")
     assert fin and all(r["state"] == "COMPLETE" for r in fin), fin
+    out = capsys.readouterr().out
+    assert "pilot: max concurrent 2 (auto: 2 CPU slots" in out and "GB per trial, estimated)" in out, out
+    assert "finalists: max concurrent 2 (auto: 2 CPU slots" in out and "GB per trial, measured)" in out, out
+    stored = load_study(tmp_path / "s").trials
+    assert all(t.user_attrs.get("peak_rss_mb", 0) > 50 for t in stored)  # every trial measured its memory
 
 
 @pytest.mark.parametrize("extra, needle", [

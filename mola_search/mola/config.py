@@ -46,8 +46,9 @@ class MoLAConfig:
       to reproduce it.
 
     One more difference from the official code: it draws a dropout mask per expert (each expert applies
-    its own `nn.Dropout` to the tokens routed to it), ours one per module shared by its experts, which is
-    what lets all experts of a module run as one matmul.
+    its own `nn.Dropout` to the tokens routed to it), ours one per adapted input shared by its experts
+    (and by q/k/v, gate/up, which read one tensor; see `layer.DropoutPool`), which is what lets all
+    experts of a module run as one matmul.
 
     `init_seed` keys the initial weights: expert e of module m in layer l starts from a generator seeded
     with (init_seed, l, m, e), so allocations that differ in a layer's expert count share their common

@@ -31,7 +31,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # an hour on 2 CPU cores: ~1.5 min per fine-tune on one core. Enough to show the pipeline and its
     # noise floor, not to separate allocations on MRPC; give real searches more data or a GPU.
     "cpu-quick": {
-        "model": "smollm2-135m-instruct", "trials": 14, "max_concurrent": 2, "cpus_per_trial": 1,
+        "model": "smollm2-135m-instruct", "trials": 14, "max_concurrent": None, "cpus_per_trial": 1,
         "finalist_top_n": 1, "finalist_seeds": 2, "finalist_eval_examples": 200,
         "train": {"batch_size": 8, "micro_batch_size": 8, "cutoff_len": 128, "lr": 1e-3},
         "fidelity": {"max_train_examples": 64, "max_eval_examples": 200, "rungs": [0.5, 1.0]},
@@ -42,7 +42,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # longer. Measured on 2 cores / 24 GB (README): the pilot and search take ~30 min on RTE but 16 steps do not
     # learn RTE, and two finalist processes (8-13 GB each) need --max-concurrent 1 to fit in memory.
     "cpu-standard": {
-        "model": "smollm2-135m-instruct", "trials": 14, "max_concurrent": 2, "cpus_per_trial": 1,
+        "model": "smollm2-135m-instruct", "trials": 14, "max_concurrent": None, "cpus_per_trial": 1,
         "finalist_top_n": 1, "finalist_seeds": 3, "finalist_train_examples": 1024,
         "train": {"batch_size": 16, "micro_batch_size": 16, "cutoff_len": 128, "lr": 1e-3},
         "fidelity": {"max_train_examples": 256, "max_eval_examples": None, "rungs": [0.5, 1.0]},

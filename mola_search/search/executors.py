@@ -81,6 +81,38 @@ def init_ray(config: StudyConfig) -> None:
         ray.init(address="local", **kwargs)
 
 
+def auto_concurrency(cpus: float, gpus: float, memory_mb: float, *, cpus_per_trial: float, gpus_per_trial: float,
+                     trial_mb: float) -> tuple[int, dict[str, int]]:
+    """How many trials fit at once: the fewest of the CPU, GPU and memory slots (at least 1).
+
+    `memory_mb` is what the cluster offers to tasks; `trial_mb` one trial's peak resident memory."""
+    slots = {"cpu": int(cpus // cpus_per_trial) if cpus_per_trial > 0 else 1,
+             "memory": int(memory_mb // trial_mb) if trial_mb > 0 else 1}
+    if gpus_per_trial > 0:
+        slots["gpu"] = int(gpus // gpus_per_trial)
+    return max(1, min(slots.values())), slots
+
+
+def ray_concurrency(config: StudyConfig, trial_mb: float, measured: bool) -> tuple[int, str]:
+    """`config.max_concurrent` when set; otherwise what the Ray cluster's CPUs, GPUs and memory hold at
+    `trial_mb` per trial (measured on this study's finished trials, or estimated before the first), and
+    a line saying so for the progress output."""
+    if config.max_concurrent:
+        return config.max_concurrent, f"max concurrent {config.max_concurrent} (--max-concurrent)"
+    import ray
+
+    init_ray(config)
+    resources = ray.cluster_resources()
+    memory_mb = float(resources.get("memory", 0.0)) / 2**20
+    n, slots = auto_concurrency(float(resources.get("CPU", 1.0)), float(resources.get("GPU", 0.0)), memory_mb,
+                                cpus_per_trial=config.cpus_per_trial, gpus_per_trial=config.gpus_per_trial,
+                                trial_mb=trial_mb)
+    return n, (f"max concurrent {n} (auto: {slots['cpu']} CPU slots"
+               + (f", {slots['gpu']} GPU slots" if "gpu" in slots else "")
+               + f", {slots['memory']} memory slots: {memory_mb / 1024:.1f} GB for tasks / "
+               f"{trial_mb / 1024:.1f} GB per trial, {'measured' if measured else 'estimated'})")
+
+
 def check_resources(config: StudyConfig) -> None:
     """Fail before any study folder exists when trials could never be placed.
 
@@ -253,7 +285,7 @@ def _resources(config: StudyConfig) -> dict[str, float]:
 MAX_TUNE_RESTARTS = 3
 
 
-def run_ray(driver: StudyDriver, fidelity: Fidelity, folder: Path) -> None:
+def run_ray(driver: StudyDriver, fidelity: Fidelity, folder: Path, concurrency: int | None = None) -> None:
     """Trials as Ray Tune trials; if Tune itself gives up (e.g. Ray's memory monitor killed a trial's
     actor while it started), the trials it had in flight are FAILED with the reason and Tune is
     started again for the trials still to run."""
@@ -262,7 +294,7 @@ def run_ray(driver: StudyDriver, fidelity: Fidelity, folder: Path) -> None:
             return
         live: dict[str, Proposal] = {}
         try:
-            _run_ray_once(driver, fidelity, folder, live)
+            _run_ray_once(driver, fidelity, folder, live, concurrency)
             return
         except Exception as exc:  # noqa: BLE001 - Tune raised out of fit(): record it, keep the study going
             reason = tune_failure(exc)
@@ -280,7 +312,8 @@ def tune_failure(exc: BaseException) -> str:
     return f"{kind}: {text}"[:500]
 
 
-def _run_ray_once(driver: StudyDriver, fidelity: Fidelity, folder: Path, live: dict[str, Proposal]) -> None:
+def _run_ray_once(driver: StudyDriver, fidelity: Fidelity, folder: Path, live: dict[str, Proposal],
+                  concurrency: int | None = None) -> None:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import Searcher
@@ -355,7 +388,7 @@ def _run_ray_once(driver: StudyDriver, fidelity: Fidelity, folder: Path, live: d
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=bridge, scheduler=scheduler, num_samples=remaining,
-                                    max_concurrent_trials=config.max_concurrent, metric="score", mode="max"),
+                                    max_concurrent_trials=concurrency, metric="score", mode="max"),
         run_config=tune.RunConfig(name="tune", storage_path=str((folder / "ray").resolve()), verbose=0,
                                   log_to_file=True),
     )
@@ -391,7 +424,7 @@ def _optuna_pruning_scheduler(bridge):
 
 def run_ray_requests(config: StudyConfig, fidelity: Fidelity, requests: list[TrialRequest], folder: Path,
                      num_layers: int, on_done: RunDone | None = None, name: str = "runs",
-                     objective: Callable[..., Any] | None = None) -> None:
+                     objective: Callable[..., Any] | None = None, concurrency: int | None = None) -> None:
     """Independent runs (pilot, finalists) spread over the Ray cluster, never pruned.
 
     Each run's outcome (scores, per-example values, metrics) comes back in its last Tune
@@ -437,7 +470,7 @@ def run_ray_requests(config: StudyConfig, fidelity: Fidelity, requests: list[Tri
         _resources(config))
     tuner = tune.Tuner(
         trainable, param_space={"request": tune.grid_search([r.to_payload() for r in requests])},
-        tune_config=tune.TuneConfig(max_concurrent_trials=config.max_concurrent, metric="score", mode="max"),
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, metric="score", mode="max"),
         run_config=tune.RunConfig(name=name, storage_path=str((folder / "ray").resolve()), verbose=0,
                                   log_to_file=True, callbacks=[Finished(on_done, told)]),
     )

@@ -52,6 +52,7 @@ RUNG_SCORES = "rung_scores"  # the metric's mean at each rung (intermediate valu
 METRICS = "metrics"          # accuracy / gold_logprob / margin / f1 / mcc of the last rung
 WALL_TIME = "wall_time_s"
 NODE = "node"
+PEAK_RSS = "peak_rss_mb"     # the trial process's peak resident memory (sizes the default concurrency)
 
 # --- study user attributes --------------------------------------------------------------
 PILOT_DONE = "pilot_done"    # the pilot finished; FIDELITY is the fidelity it chose

@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import replace
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +21,11 @@ from optuna.trial import TrialState
 from mola_search.allocation import AllocationSpec, run_length
 from mola_search.errors import UserError
 from mola_search.search.config import PILOT_SHAPES, StudyConfig, pin_paths
-from mola_search.search.executors import check_resources, run_local, run_local_requests, run_ray, run_ray_requests
+from mola_search.search.executors import check_resources, ray_concurrency, run_local, run_local_requests, run_ray, run_ray_requests
 from mola_search.search.objective import import_objective, is_python_objective, objective_name, ship_by_value
 from mola_search.search.noise import NoiseFloor, estimate_noise, read_noise, write_noise
-from mola_search.search.folder import (DUPLICATE_OF, FIDELITY, ORIGIN, PILOT, PILOT_DONE, RUN_METRICS, TRAIN_SEED,
+from mola_search.search.folder import (DUPLICATE_OF, FIDELITY, ORIGIN, PEAK_RSS, PILOT, PILOT_DONE, RUN_METRICS,
+                                       TRAIN_SEED,
                                        best_search_trial, finalist_label, finalist_run_dir,
                                        pilot_outcome_path, read_json, trial_seed, trial_spec)
 from mola_search.search.outputs import (Finalist, choose_best, read_outcome, write_best,
@@ -46,8 +47,9 @@ def resolve_space(config: StudyConfig) -> SearchSpace:
     return space
 
 
-def inspect_model(config: StudyConfig, space: SearchSpace) -> tuple[int, int, list[Seed]]:
-    """Depth, budget and seeds; the model is loaded once here (also converting/caching it for the workers)."""
+def inspect_model(config: StudyConfig, space: SearchSpace) -> tuple[int, int, list[Seed], float]:
+    """Depth, budget, seeds and an estimate of one trial's peak memory (MB); the model is loaded once here
+    (also converting/caching it for the workers)."""
     from mola_search.models import cache_dir, decoder_layers, load_base_model
 
     model, _ = load_base_model(config.model, dtype="fp32" if "alphalora" in config.seed_names else config.dtype,
@@ -62,7 +64,12 @@ def inspect_model(config: StudyConfig, space: SearchSpace) -> tuple[int, int, li
     unknown = sorted(set(config.seed_names) - {s.name for s in seeds})
     if unknown:
         raise UserError(f"unknown seed names {unknown}: choose from {[s.name for s in seeds]}")
-    return num_layers, budget, [s for s in seeds if s.name in config.seed_names]
+    # Before any trial has run: 1.2 GB (interpreter, torch, tokenizer, data) + 8x the base weights in the trial's
+    # dtype (weights, activations kept for backward, adapter state). Measured on SmolLM2-135M (0.27 GB in bf16),
+    # cpu-quick settings: 3.1 GB. Once trials finish, their measured peaks replace it (runner._concurrency).
+    weight_bytes = sum(p.numel() for p in model.parameters()) * (2 if config.dtype in ("auto", "bf16", "fp16") else 4)
+    estimate_mb = 1200 + 8 * weight_bytes / 2**20
+    return num_layers, budget, [s for s in seeds if s.name in config.seed_names], estimate_mb
 
 
 def check_task_data(config: StudyConfig) -> None:
@@ -121,11 +128,12 @@ def run_study(config: StudyConfig, folder: Path, *, resume: bool = False,
     check_task_data(config)
     check_storage(config)
     check_resources(config)
-    num_layers, budget, seeds = inspect_model(config, space)  # an infeasible budget is refused here
+    num_layers, budget, seeds, trial_mb = inspect_model(config, space)  # an infeasible budget is refused here
     folder.mkdir(parents=True, exist_ok=True)  # only once every check passed: bad input leaves no folder
     concurrency = config.max_concurrent or 1
     progress = Progress(config.trials, concurrency)
-    driver = StudyDriver(config, folder, space, num_layers, budget, None, progress, objective=objective)
+    driver = StudyDriver(config, folder, space, num_layers, budget, None, progress, objective=objective,
+                         trial_mb=trial_mb)
     if not resume:  # written once the storage exists: study.json marks a study others may open
         config.save(folder)
     progress.message(f"study {folder} | {config.task} on {config.model} ({num_layers} layers) | budget {budget} | "
@@ -142,7 +150,7 @@ def run_study(config: StudyConfig, folder: Path, *, resume: bool = False,
         if config.executor == "local":
             run_local(driver, fidelity)
         else:
-            run_ray(driver, fidelity, folder)
+            run_ray(driver, fidelity, folder, _concurrency(driver, progress, "search"))
     finally:
         write_trials_csv(driver.study, folder)
 
@@ -299,6 +307,7 @@ def _pilot_round(config: StudyConfig, driver: StudyDriver, fidelity: Fidelity, s
             run_local_requests(config, fidelity, requests, driver.num_layers, on_done, objective=driver.objective)
         else:
             run_ray_requests(config, fidelity, requests, folder, driver.num_layers, on_done, name=f"pilot{round_index}",
+                             concurrency=_concurrency(driver, progress, "pilot", [o.peak_rss_mb for o in outcomes.values()]),
                              objective=driver.objective)
     return outcomes
 
@@ -384,6 +393,7 @@ def run_finalists(config: StudyConfig, driver: StudyDriver, fidelity: Fidelity, 
             run_local_requests(config, fidelity, requests, driver.num_layers, on_done, objective=driver.objective)
         else:
             run_ray_requests(config, fidelity, requests, folder, driver.num_layers, on_done, name="finalists",
+                             concurrency=_concurrency(driver, progress, "finalists"),
                              objective=driver.objective)
     finalists = []
     for number, (label, origin, spec) in labels.items():
@@ -405,6 +415,17 @@ def run_finalists(config: StudyConfig, driver: StudyDriver, fidelity: Fidelity, 
         else:
             progress.message(f"  {label:<32} FAILED: {'; '.join(fin.failures)}")
     return finalists
+
+
+def _concurrency(driver: StudyDriver, progress: Progress, phase: str, more_mb: Sequence[float] = ()) -> int:
+    """Trials at once for the next Ray phase: --max-concurrent, or what the cluster's CPUs, GPUs and memory hold
+    at the largest peak memory this study's trials reached (+15%), or the model-size estimate before any ran."""
+    measured = [float(t.user_attrs[PEAK_RSS]) for t in driver.study.get_trials(deepcopy=False)
+                if t.user_attrs.get(PEAK_RSS)] + [m for m in more_mb if m]
+    trial_mb = 1.15 * max(measured) if measured else driver.trial_mb_estimate
+    n, line = ray_concurrency(driver.config, trial_mb, measured=bool(measured))
+    progress.message(f"{phase}: {line}")
+    return n
 
 
 def _slug(text: str) -> str:

@@ -19,7 +19,8 @@ from optuna.trial import TrialState
 from mola_search.allocation import AllocationSpec
 from mola_search.search.config import StudyConfig
 from mola_search.search.folder import (ALLOCATION, BUDGET, DUPLICATE_OF, FAILURE, FORCED, METRICS, NODE, NUM_LAYERS,
-                                       ORIGIN, PILOT, RANK, RUNG_SCORES, TOP_K, TRAIN_SEED, WALL_TIME, best_search_trial,
+                                       ORIGIN, PEAK_RSS, PILOT, RANK, RUNG_SCORES, TOP_K, TRAIN_SEED, WALL_TIME,
+                                       best_search_trial,
                                        default_storage, trial_seed)
 from mola_search.search.progress import Progress
 from mola_search.search.pruning import make_pruner, report_rung
@@ -60,11 +61,13 @@ class StudyDriver:
     def __init__(self, config: StudyConfig, folder: Path, space: SearchSpace, num_layers: int, budget: int,
                  seeds: list[Seed] | None = None, progress: Progress | None = None,
                  storage: str | optuna.storages.BaseStorage | None = None,
-                 objective: Callable[..., Any] | None = None) -> None:
+                 objective: Callable[..., Any] | None = None, trial_mb: float = 4096.0) -> None:
         """`storage` overrides config.storage, e.g. an `optuna.storages.InMemoryStorage()` for benchmarks.
         `seeds` are enqueued at once when given (callers with a pilot enqueue them after it).
-        `objective` is a user objective (search.objective) the executors run instead of config.objective."""
+        `objective` is a user objective (search.objective) the executors run instead of config.objective;
+        `trial_mb` estimates one trial's peak memory until trials have measured theirs."""
         self.config, self.folder, self.space, self.objective = config, folder, space, objective
+        self.trial_mb_estimate = trial_mb
         self.num_layers, self.budget = num_layers, budget
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.study = optuna.create_study(
@@ -213,6 +216,8 @@ class StudyDriver:
         trial = proposal.trial
         trial.set_user_attr(WALL_TIME, round(outcome.wall_time_s or time.time() - proposal.started, 2))
         trial.set_user_attr(NODE, outcome.node)
+        if outcome.peak_rss_mb:
+            trial.set_user_attr(PEAK_RSS, round(outcome.peak_rss_mb, 1))
         if outcome.metrics:
             trial.set_user_attr(METRICS, outcome.metrics)
         if outcome.failure:

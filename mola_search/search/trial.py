@@ -12,6 +12,7 @@ import os
 import random
 import signal
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -68,6 +69,7 @@ class TrialOutcome:
     failure: str | None = None
     wall_time_s: float = 0.0
     node: str = ""
+    peak_rss_mb: float = 0.0                               # the trial process's peak resident memory
 
     @property
     def score(self) -> float | None:
@@ -98,7 +100,17 @@ def run_trial(study: StudyConfig, fidelity: Fidelity, request: TrialRequest, rep
     except Exception as exc:  # noqa: BLE001 - every failure is recorded with its reason; the study goes on
         outcome.failure = _reason(exc)
     outcome.wall_time_s = time.perf_counter() - start
+    outcome.peak_rss_mb = _peak_rss_mb()
     return outcome
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory (a Ray trial runs in a process of its own; in-process, the
+    driver's peak, which includes more than the trial)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 if sys.platform != "darwin" else peak / 2**20
 
 
 def _synthetic_trial(study: StudyConfig, fidelity: Fidelity, request: TrialRequest, report: Report,
