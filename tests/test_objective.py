@@ -20,7 +20,18 @@ CALLS: list[dict] = []  # what the objective was given, in this process (the loc
 
 
 def peak_in_the_middle(trial: ObjectiveTrial):
-    """Deterministic: more experts in layers 3-4 is better; intermediate rungs report a fraction of the score."""
+    """Deterministic: more experts in layers 3-4 is better; intermediate rungs report a fraction of the score.
+
+    With $MOLA_TEST_STUDY set (MOLA_* variables reach Ray workers too), each call first notes how many
+    finished trials the study's trials.csv already lists."""
+    import os
+
+    study = os.environ.get("MOLA_TEST_STUDY")
+    if study and not trial.final:
+        csv_path = Path(study) / "trials.csv"
+        rows = len(_rows(csv_path)) if csv_path.is_file() else 0
+        with (Path(study).parent / "seen.txt").open("a") as f:
+            f.write(f"{rows}\n")
     experts = trial.spec.experts
     value = sum(experts[3:5]) / sum(experts) - 0.001 * trial.train_seed
     CALLS.append({"experts": experts, "seed": trial.train_seed, "final": trial.final, "rungs": trial.rungs})
@@ -58,10 +69,14 @@ def _value(allocation: str, seed: int) -> float:
     return sum(experts[3:5]) / sum(experts) - 0.001 * seed
 
 
-def test_a_user_objective_scores_every_trial_pilot_run_and_finalist(tmp_path: Path) -> None:
+def test_a_user_objective_scores_every_trial_pilot_run_and_finalist(tmp_path: Path, monkeypatch) -> None:
     CALLS.clear()
     folder = tmp_path / "s"
+    monkeypatch.setenv("MOLA_TEST_STUDY", str(folder))
     result = run_study(_config(tmp_path), folder, objective=peak_in_the_middle)
+    seen = [int(x) for x in (tmp_path / "seen.txt").read_text().split()]
+    pilot = 6  # the pilot's runs become trials (and rows) only when the pilot ends
+    assert seen[pilot:] == list(range(pilot, len(seen))), seen  # trials.csv grows as each search trial finishes
     assert json.loads((folder / "study.json").read_text())["objective"] == \
         "python:test_objective:peak_in_the_middle"
     rows = _rows(folder / "trials.csv")

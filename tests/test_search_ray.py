@@ -179,14 +179,18 @@ def test_a_user_objective_from_a_module_workers_cannot_import_runs_on_ray(cluste
 
     from mola_search.search.runner import run_study
 
-    config = replace(_config(tmp_path, trials=8, pilot_seeds=2, finalist_seeds=1), executor="ray",
+    config = replace(_config(tmp_path, trials=10, pilot_seeds=2, finalist_seeds=1), executor="ray",
                      address=cluster.address, cpus_per_trial=1)
     try:
-        run_study(config, tmp_path / "s", objective=peak_in_the_middle)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MOLA_TEST_STUDY", str(tmp_path / "s"))
+            run_study(config, tmp_path / "s", objective=peak_in_the_middle)
     finally:
         _disconnect()
+    seen = [int(x) for x in (tmp_path / "seen.txt").read_text().split()]
+    assert max(seen) >= 7, seen  # the last search trials started after trials.csv listed the pilot and more
     rows = _rows(tmp_path / "s" / "trials.csv")
-    assert [r["state"] for r in rows].count("COMPLETE") == 8, [r["failure"] for r in rows]
+    assert [r["state"] for r in rows].count("COMPLETE") == 10, [r["failure"] for r in rows]
     assert all(float(r["score"]) == pytest.approx(_value(r["allocation"], int(r["train_seed"]))) for r in rows)
     assert len({r["node"] for r in rows}) == 2  # both nodes ran some
     fin = _rows(tmp_path / "s" / "finalists.csv")

@@ -188,7 +188,7 @@ def test_missing_data_offline_is_user_error(tmp_path: Path, monkeypatch: pytest.
     assert "\n" not in msg
     assert str(tmp_path / "mrpc" / "train.jsonl") in msg and "does not exist" in msg
     assert "Hugging Face Hub is unreachable" in msg and "HF_HUB_OFFLINE" in msg
-    assert "--data-dir" in msg and "MOLA_DATA_DIR" in msg
+    assert "`data_dir`" in msg and "MOLA_DATA_DIR" in msg  # the CLI shows it as --data-dir (test_errors)
     assert err.value.__cause__ is None and err.value.__suppress_context__
 
     monkeypatch.delenv("MOLA_DATA_DIR", raising=False)

@@ -133,7 +133,7 @@ def run_study(config: StudyConfig, folder: Path, *, resume: bool = False,
     concurrency = config.max_concurrent or 1
     progress = Progress(config.trials, concurrency)
     driver = StudyDriver(config, folder, space, num_layers, budget, None, progress, objective=objective,
-                         trial_mb=trial_mb)
+                         trial_mb=trial_mb, live_csv=True)
     if not resume:  # written once the storage exists: study.json marks a study others may open
         config.save(folder)
     progress.message(f"study {folder} | {config.task} on {config.model} ({num_layers} layers) | budget {budget} | "

@@ -23,6 +23,7 @@ from mola_search.search.folder import (ALLOCATION, BUDGET, DUPLICATE_OF, FAILURE
                                        best_search_trial,
                                        default_storage, trial_seed)
 from mola_search.search.progress import Progress
+from mola_search.search.outputs import write_trials_csv
 from mola_search.search.pruning import make_pruner, report_rung
 from mola_search.search.seeds import Seed
 from mola_search.search.space import SearchSpace
@@ -61,13 +62,16 @@ class StudyDriver:
     def __init__(self, config: StudyConfig, folder: Path, space: SearchSpace, num_layers: int, budget: int,
                  seeds: list[Seed] | None = None, progress: Progress | None = None,
                  storage: str | optuna.storages.BaseStorage | None = None,
-                 objective: Callable[..., Any] | None = None, trial_mb: float = 4096.0) -> None:
+                 objective: Callable[..., Any] | None = None, trial_mb: float = 4096.0,
+                 live_csv: bool = False) -> None:
         """`storage` overrides config.storage, e.g. an `optuna.storages.InMemoryStorage()` for benchmarks.
         `seeds` are enqueued at once when given (callers with a pilot enqueue them after it).
         `objective` is a user objective (search.objective) the executors run instead of config.objective;
-        `trial_mb` estimates one trial's peak memory until trials have measured theirs."""
+        `trial_mb` estimates one trial's peak memory until trials have measured theirs; with `live_csv`,
+        trials.csv in `folder` is rewritten as each trial finishes (whichever executor ran it)."""
         self.config, self.folder, self.space, self.objective = config, folder, space, objective
         self.trial_mb_estimate = trial_mb
+        self.live_csv = live_csv
         self.num_layers, self.budget = num_layers, budget
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.study = optuna.create_study(
@@ -200,6 +204,7 @@ class StudyDriver:
         else:  # twin still running: nothing to copy yet; the sampler simply gets no signal from this one
             trial.set_user_attr(FAILURE, f"duplicate of trial {twin.number}, still running")
             self.study.tell(trial, state=TrialState.FAIL)
+        self._write_csv()
 
     def report(self, proposal: Proposal, rung: int, score: float, per_example: list[float] | None = None) -> bool:
         """Record a rung's score (and its per-example values, for the Wilcoxon pruner); True when the
@@ -230,10 +235,15 @@ class StudyDriver:
         else:
             state = TrialState.COMPLETE
             self.study.tell(trial, outcome.score)
+        self._write_csv()
         if quiet:
             return
         self.progress.trial_done(trial.number, proposal.request.origin, proposal.request.experts, state,
                                  outcome.score, outcome.failure, self._best())
+
+    def _write_csv(self) -> None:
+        if self.live_csv:
+            write_trials_csv(self.study, self.folder)
 
     def _best(self) -> tuple[int, float] | None:
         best = best_search_trial(self.study, self.config.seed)  # compared under CRN: study-seed trials only
