@@ -39,6 +39,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="cpu-quick", choices=sorted(PRESETS))
     ap.add_argument("--task", default="mrpc")
+    ap.add_argument("--model", help="default: the preset's (SmolLM2-135M-Instruct)")
     ap.add_argument("--shape", default="inverted_triangle")
     ap.add_argument("--data-dir", dest="data_dir")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (a study's --cpus-per-trial)")
@@ -46,7 +47,8 @@ def main() -> None:
     args = ap.parse_args()
 
     study = pin_paths(StudyConfig(**{**PRESETS[args.preset], "task": args.task, "data_dir": args.data_dir,
-                                     "cpus_per_trial": args.threads, "preset": args.preset}))
+                                     "cpus_per_trial": args.threads, "preset": args.preset,
+                                     **({"model": args.model} if args.model else {})}))
     fidelity = resolve_space(study).fidelity
     seconds: dict[str, float] = defaultdict(float)
     peaks: dict[str, float] = {}
