@@ -254,7 +254,7 @@ def run_pilot(config: StudyConfig, driver: StudyDriver, space: SearchSpace, fold
         if config.time_budget is not None:
             per_run = statistics.fmean([o.wall_time_s for o in outcomes.values()] or [0.0])
             runs_left = len(specs) * len(seeds) + driver.remaining() + _finalist_runs(config)
-            predicted = time.time() - started + 2 * per_run * runs_left / max(1, config.max_concurrent or 1)
+            predicted = time.time() - started + 2 * per_run * runs_left / progress.concurrency
             if predicted > 60 * config.time_budget:
                 progress.message(f"auto-fidelity: doubling would take the study to about {predicted / 60:.0f} min, "
                                  f"past --time-budget {config.time_budget:g} min: keeping this fidelity")
@@ -425,6 +425,7 @@ def _concurrency(driver: StudyDriver, progress: Progress, phase: str, more_mb: S
     trial_mb = 1.15 * max(measured) if measured else driver.trial_mb_estimate
     n, line = ray_concurrency(driver.config, trial_mb, measured=bool(measured))
     progress.message(f"{phase}: {line}")
+    progress.concurrency = n  # the search's ETA and --time-budget's forecast divide by it
     return n
 
 
