@@ -49,7 +49,8 @@ def time_steps(model: torch.nn.Module, batch: dict[str, torch.Tensor], repeats: 
                opt: torch.optim.Optimizer | None = None) -> list[float]:
     """`repeats` timed optimizer steps after one warm-up step."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = opt or torch.optim.AdamW(params, lr=1e-6)
+    if params and opt is None:
+        opt = torch.optim.AdamW(params, lr=1e-6)
     aux_fn = getattr(model, "auxiliary_loss", None)
     model.train()
     device = model_device(model)
@@ -64,7 +65,7 @@ def time_steps(model: torch.nn.Module, batch: dict[str, torch.Tensor], repeats: 
         loss = answer_loss(logits, batch["labels"][:, -2:])
         aux = aux_fn() if aux_fn else None
         (loss + aux if aux is not None else loss).backward()
-        if params:
+        if opt is not None:  # the floor has nothing to train
             opt.step()
             opt.zero_grad(set_to_none=True)
         _sync(device)
@@ -152,9 +153,8 @@ def main() -> None:
     variants: dict[str, torch.nn.Module] = {"floor": floor, "peft-lora": lora, "mola": mola}
     if not args.skip_loop:
         variants["mola-loop"] = mola  # the same weights, through the per-expert loop (patched in below)
-    optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad] or
-                                          [torch.nn.Parameter(torch.zeros(1))], lr=1e-6)
-                  for name, m in variants.items()}
+    optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-6)
+                  for name, m in variants.items() if name != "floor"}
 
     times: dict[str, list[float]] = {name: [] for name in variants}
     peaks: dict[str, float] = {name: 0.0 for name in variants}
@@ -166,7 +166,7 @@ def main() -> None:
                 MoLALinear.forward = lambda self, x: reference_forward(self, x)
             try:
                 _reset_peak_rss()
-                times[name] += time_steps(model, batch, args.repeats, optimizers[name])
+                times[name] += time_steps(model, batch, args.repeats, optimizers.get(name))
                 peaks[name] = max(peaks[name], _peak_rss_mb())
             finally:
                 MoLALinear.forward = original

@@ -73,7 +73,7 @@ class DropoutPool:
         pool = self._pool
         if (self._fresh or pool is None or pool.numel() < 2 * n or pool.dtype != x.dtype
                 or pool.device != x.device or self._pool_p != p):
-            size = max(2 * n, pool.numel() if pool is not None and not self._fresh else 0)
+            size = max(2 * n, pool.numel() if pool is not None else 0)  # the largest input seen: one draw a forward
             keep = torch.rand(size, device=x.device) >= p
             self._pool, self._pool_p, self._fresh = keep.to(x.dtype) * (1.0 / (1.0 - p)), p, False
             pool = self._pool
