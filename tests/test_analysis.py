@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from mola_search.analysis.importance import block_groups, layer_effects, optuna_importances, verdicts
-from mola_search.analysis.redundancy import (adapter_redundancy, module_redundancy, pairwise_delta_distances,
-                                             pairwise_distances, per_layer)
+from mola_search.analysis.redundancy import adapter_redundancy, per_layer
+from mola_search.mola.redundancy import module_redundancy, pairwise_delta_distances, pairwise_distances
 from mola_search.analysis.results import paired_comparison
 from mola_search.analysis.routing import balance_loss, balance_proxy, routing_by_layer
 from mola_search.errors import UserError

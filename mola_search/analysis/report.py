@@ -103,6 +103,7 @@ def build_report(folder: str | Path, out: str | Path | None = None, *, n_boot: i
     _caution(table, findings)
     sections = [
         _noise_section(data),
+        *_oneshot_section(data),
         _results_section(data, table),
         _allocation_section(data, table, out),
         _importance_section(data, findings, out),
@@ -127,7 +128,7 @@ def study_summary(study: str | Path | StudyData, *, n_boot: int = 1000, importan
     """
     data = study if isinstance(study, StudyData) else load_study(study)
     table = result_table(data, n_boot=max(1000, n_boot))
-    sections = [_noise_section(data), _results_section(data, table)]
+    sections = [_noise_section(data), *_oneshot_section(data), _results_section(data, table)]
     if len(data.completed()) >= 2:
         findings = analyse_layers(data, n_boot=n_boot, importance=importance)
         _caution(table, findings)
@@ -195,6 +196,23 @@ def _noise_section(data: StudyData) -> Section:
         s.add(Table(["round", "fidelity", "allocation share", f"{int(round(noise.level * 100))}% CI",
                      "min. detectable difference", "separates"], rows, {len(rows) - 1}))
     return s
+
+
+def _oneshot_section(data: StudyData) -> list[Section]:
+    """One-shot studies: how far the supernet's ranking agreed with standalone training (oneshot.json)."""
+    from mola_search.search.oneshot import read_trust
+
+    trust = read_trust(data.folder)
+    if trust is None:
+        return []
+    s = Section("One-shot search: can its ranking be trusted?", anchor="oneshot")
+    s.add(Para(_cap(trust.line()) + ".", "" if trust.trustworthy else "warning"))
+    if trust.bullets():
+        s.add(Bullets(trust.bullets()))
+    for header, rows in (trust.pair_rows(), trust.signal_rows()):
+        if rows:
+            s.add(Table(header, rows))
+    return [s]
 
 
 def _pct(v: float) -> str:

@@ -29,7 +29,8 @@ _STUDY_FLAGS = ("task", "model", "budget", "out", "space", "objective", "trials"
                 "storage", "study_name", "executor", "address", "cpus_per_trial", "gpus_per_trial",
                 "max_concurrent", "scheduler", "finalist_top_n", "finalist_seeds", "finalist_train_examples",
                 "finalist_eval_examples", "metric", "pilot", "pilot_seeds", "auto_fidelity", "noise_threshold",
-                "time_budget")
+                "time_budget", "strategy", "supernet_factor", "oneshot_trials", "oneshot_eval_examples",
+                "oneshot_checks")
 _FIDELITY_FLAGS = {"max_train_examples": "max_train_examples", "max_eval_examples": "max_eval_examples",
                    "epochs": "epochs", "max_steps": "max_steps"}
 _TRAIN_FLAGS = ("lr", "batch_size", "micro_batch_size", "cutoff_len")
@@ -59,6 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", help="tpe | cmaes | gp | random")
     s.add_argument("--pruner", "--scheduler", dest="scheduler",
                    help="asha (default) | wilcoxon (paired over validation examples) | none")
+    s.add_argument("--strategy", help="standalone (default: every trial a short fine-tune) | one-shot (train one "
+                                      "supernet, score --oneshot-trials allocations by masking, check on standalone "
+                                      "trials; see README)")
+    s.add_argument("--oneshot-trials", type=int, dest="oneshot_trials",
+                   help="one-shot: distinct allocations scored on the supernet (default 200)")
+    s.add_argument("--oneshot-checks", type=int, dest="oneshot_checks",
+                   help="one-shot: allocations spread over the one-shot ranking also trained standalone (default 6)")
+    s.add_argument("--oneshot-eval-examples", type=int, dest="oneshot_eval_examples",
+                   help="one-shot: validation examples per masked score (default 256)")
+    s.add_argument("--supernet-factor", type=float, dest="supernet_factor",
+                   help="one-shot: supernet optimizer steps as a multiple of one trial's (default 4)")
     s.add_argument("--metric", help="what the search maximises on validation: gold_logprob (default; "
                                     "mean log p(gold answer | choices)) | margin | accuracy | f1 | mcc")
     n = p.add_argument_group("noise floor (pilot) and fidelity")

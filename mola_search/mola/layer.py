@@ -124,7 +124,24 @@ class MoLALinear(nn.Module):
         self.register_buffer("stat_weights", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
         self.register_buffer("stat_probs", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
         self.register_buffer("stat_tokens", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.active_experts, self.active_top_k = num_experts, top_k
         self.reset_parameters(init)
+
+    def activate(self, experts: int | None = None, top_k: int | None = None) -> None:
+        """Use only the first `experts` experts (router softmax over their logits, top-`top_k` of them),
+        as a one-shot supernet's sub-network does; None restores all experts and the module's own top-k.
+
+        Expert e of this module is the same tensor whatever `experts` is, and a standalone layer with
+        `experts` experts built from the same init seed starts from the very same weights, so a masked
+        layer computes what that standalone layer would with these weights.
+        """
+        n = self.num_experts if experts is None else int(experts)
+        k = min(self.top_k, n) if top_k is None else int(top_k)
+        if not 1 <= n <= self.num_experts:
+            raise ValueError(f"`experts` {n} is outside 1..{self.num_experts} (this module's experts)")
+        if not 1 <= k <= n:
+            raise ValueError(f"`top_k` {k} is outside 1..{n} (the active experts)")
+        self.active_experts, self.active_top_k = n, k
 
     def reset_parameters(self, init: str = "kaiming") -> None:
         """LoRA's init: A random, B zero, so the adapted model starts equal to the base model.
@@ -149,9 +166,11 @@ class MoLALinear(nn.Module):
             self.lora_B.zero_()
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Router probabilities (fp32 softmax) and dense gates with renormalised top-k weights."""
-        probs = F.linear(x, self.router.to(x.dtype)).float().softmax(dim=-1)
-        top_w, top_i = probs.topk(self.top_k, dim=-1)
+        """Router probabilities (fp32 softmax over the active experts) and dense gates with renormalised
+        top-k weights."""
+        router = self.router if self.active_experts == self.num_experts else self.router[:self.active_experts]
+        probs = F.linear(x, router.to(x.dtype)).float().softmax(dim=-1)
+        top_w, top_i = probs.topk(self.active_top_k, dim=-1)
         top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         gates = torch.zeros_like(probs).scatter(-1, top_i, top_w)
         return probs, gates
@@ -162,12 +181,15 @@ class MoLALinear(nn.Module):
         probs, gates = self.route(x)
         if self.training or self.state.collect_stats:
             self._record(probs, gates)
-        e, r = self.num_experts, self.rank
+        e, r = self.active_experts, self.rank
+        lora_a, lora_b = self.lora_A, self.lora_B
+        if e < self.num_experts:  # a supernet's sub-network: the first e experts
+            lora_a, lora_b = lora_a[:e], lora_b[:, :e]
         dropped = self.state.dropout.apply(x, self.dropout_p) if self.training and self.dropout_p > 0 else x
-        hidden = F.linear(dropped, self.lora_A.view(e * r, -1).to(dtype))
+        hidden = F.linear(dropped, lora_a.reshape(e * r, -1).to(dtype))
         weights = (gates * self.scaling).to(dtype)  # the LoRA scaling folded into the (tokens x experts) gates
         hidden = (hidden.view(*hidden.shape[:-1], e, r) * weights.unsqueeze(-1)).flatten(-2)
-        return result + F.linear(hidden, self.lora_B.view(-1, e * r).to(dtype))
+        return result + F.linear(hidden, lora_b.reshape(-1, e * r).to(dtype))
 
     def _record(self, probs: torch.Tensor, gates: torch.Tensor) -> None:
         """Balance-loss sums (training) and selection statistics (on demand), padding excluded.
@@ -176,8 +198,9 @@ class MoLALinear(nn.Module):
         official code does (it never sees the attention mask).
         """
         mask = self.state.token_mask
-        all_p = probs.reshape(-1, self.num_experts)
-        chosen = (gates.reshape(-1, self.num_experts) > 0).to(all_p.dtype)
+        e = self.active_experts  # balance and statistics over the active experts only
+        all_p = probs.reshape(-1, e)
+        chosen = (gates.reshape(-1, e) > 0).to(all_p.dtype)
         if mask is not None and mask.numel() == all_p.shape[0]:
             m = mask.reshape(-1, 1).to(all_p.dtype)
             flat_p = torch.where(m > 0, all_p, 0.0)  # padding rows must not leak NaN/inf into the sums
@@ -187,15 +210,15 @@ class MoLALinear(nn.Module):
         if self.training:
             if self.state.balance_loss == MOLA_OFFICIAL:
                 term = BalanceTerm(self.layer_index, chosen.sum(0), all_p.sum(0),
-                                   all_p.new_tensor(float(all_p.shape[0])), self.top_k)
+                                   all_p.new_tensor(float(all_p.shape[0])), self.active_top_k)
             else:
-                term = BalanceTerm(self.layer_index, (chosen * m).sum(0), flat_p.sum(0), m.sum(), self.top_k)
+                term = BalanceTerm(self.layer_index, (chosen * m).sum(0), flat_p.sum(0), m.sum(), self.active_top_k)
             self.state.balance_terms.append(term)
         if self.state.collect_stats:
             with torch.no_grad():
-                self.stat_counts += (chosen * m).sum(0).double()
-                self.stat_weights += (gates.reshape(-1, self.num_experts).float() * m).sum(0).double()
-                self.stat_probs += (flat_p.float() * m).sum(0).double()  # full softmax: P_i of the balance loss
+                self.stat_counts[:e] += (chosen * m).sum(0).double()
+                self.stat_weights[:e] += (gates.reshape(-1, e).float() * m).sum(0).double()
+                self.stat_probs[:e] += (flat_p.float() * m).sum(0).double()  # full softmax: P_i of the balance loss
                 self.stat_tokens += m.sum().double()
 
     def reset_stats(self) -> None:

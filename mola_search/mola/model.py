@@ -149,6 +149,40 @@ class MoLAModel(nn.Module):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
               f"trainable%: {100 * trainable / total:.4f}")
 
+    # --- sub-networks (one-shot supernet) -------------------------------------------
+    def use_allocation(self, spec: AllocationSpec | None) -> None:
+        """Compute with the first `spec.experts[l]` experts of every module in layer l and `spec.top_k[l]`
+        of them per token, as a standalone model with that allocation would (the one-shot supernet's
+        sub-network); None goes back to every expert. Training then moves only the active experts and
+        balances the router over them."""
+        if spec is None:
+            for layer in self.mola_layers.values():
+                layer.activate(None)
+            return
+        config = self.mola_config
+        if spec.num_layers != config.num_layers:
+            raise UserError(f"allocation has {spec.num_layers} layers, the supernet {config.num_layers}")
+        wider = [j for j in range(config.num_layers) if spec.experts[j] > config.experts[j]]
+        if wider:
+            j = wider[0]
+            raise UserError(f"allocation gives layer {j} {spec.experts[j]} experts but the supernet has "
+                            f"{config.experts[j]} there: use `experts` <= the supernet's in every layer")
+        if any(r != config.rank[j] for j, r in enumerate(spec.rank)):
+            raise UserError(f"allocation ranks {list(spec.rank)} differ from the supernet's "
+                            f"{list(config.rank)}: a sub-network shares the supernet's rank")
+        for layer in self.mola_layers.values():
+            j = layer.layer_index
+            layer.activate(spec.experts[j], spec.top_k[j])
+
+    @contextmanager
+    def allocation(self, spec: AllocationSpec | None) -> Iterator[None]:
+        """`use_allocation(spec)` inside the block, every expert again after it."""
+        self.use_allocation(spec)
+        try:
+            yield
+        finally:
+            self.use_allocation(None)
+
     # --- routing statistics --------------------------------------------------------
     @contextmanager
     def collecting_router_stats(self) -> Iterator[None]:

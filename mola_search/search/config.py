@@ -25,6 +25,8 @@ STUDY_FILE = "study.json"
 # finalist run can reproduce the run that selected it.
 FINALIST_SEED_BASE = 1000
 PILOT_SHAPES = ("triangle", "inverted_triangle", "rectangle")
+# Must match mola_search.search.oneshot.STRATEGIES.
+STRATEGIES = ("standalone", "one-shot")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # A whole search (6 seeds + 4 TPE trials, then 7 finalists x 3 seeds = 31 fine-tunes) in under half
@@ -101,6 +103,12 @@ class StudyConfig:
     train: dict[str, Any] = field(default_factory=dict)
     fidelity: dict[str, Any] = field(default_factory=dict)   # overrides of the space's fidelity
     preset: str | None = None
+    # --strategy one-shot: a supernet trained once, allocations scored by masking (search.supernet)
+    strategy: str = "standalone"
+    supernet_factor: float = 4.0              # supernet optimizer steps = factor x one trial's
+    oneshot_trials: int = 200                 # distinct allocations scored one-shot
+    oneshot_eval_examples: int | None = 256   # validation examples per one-shot score (None = all)
+    oneshot_checks: int = 6                   # one-shot-ranked allocations also trained standalone (for tau)
 
     def __post_init__(self) -> None:
         objective = str(self.objective).strip().lower()
@@ -143,6 +151,19 @@ class StudyConfig:
             raise UserError(f"`trials` must be at least 1, got {self.trials}")
         if self.finalist_seeds < 0 or self.finalist_top_n < 0:
             raise UserError("finalist counts must be >= 0")
+        if self.strategy not in STRATEGIES:
+            raise UserError(f"unknown strategy '{self.strategy}': use {' or '.join(STRATEGIES)}")
+        if self.strategy == "one-shot":
+            if objective != "mola":
+                raise UserError(f"`strategy` one-shot trains a MoLA supernet, so it needs `objective` mola "
+                                f"(got {self.objective!r})")
+            if not self.supernet_factor > 0:
+                raise UserError(f"`supernet_factor` is {self.supernet_factor}: use a number > 0")
+            if self.oneshot_trials < 1 or self.oneshot_checks < 0:
+                raise UserError(f"`oneshot_trials` {self.oneshot_trials} / `oneshot_checks` {self.oneshot_checks}: "
+                                "use >= 1 allocations scored and >= 0 checks")
+            if self.oneshot_eval_examples is not None and self.oneshot_eval_examples < 1:
+                raise UserError(f"`oneshot_eval_examples` is {self.oneshot_eval_examples}: use >= 1 (or None: all)")
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
             raise UserError("`cpus_per_trial` must be > 0 and `gpus_per_trial` >= 0")
 

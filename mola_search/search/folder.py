@@ -112,7 +112,13 @@ def finalist_label(number: int, origin: str) -> str:
 def parse_finalist_label(label: str) -> tuple[int, str] | None:
     """(trial number, origin) of a finalist label, or None for a folder that is not one."""
     m = _LABEL.match(label)
-    return (int(m.group(1)), m.group(2).replace("seed_", "seed:", 1)) if m else None
+    if m is None:
+        return None
+    origin = m.group(2)
+    for prefix in ("seed", "oneshot"):  # the origins with a colon that finalists have
+        if origin.startswith(prefix + "_"):
+            origin = f"{prefix}:{origin[len(prefix) + 1:]}"
+    return int(m.group(1)), origin
 
 
 def finalist_run_dir(folder: Path, label: str, seed: int) -> Path:

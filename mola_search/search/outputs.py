@@ -178,9 +178,10 @@ def provenance() -> dict[str, Any]:
 
 def write_summary(folder: Path, config: dict[str, Any], study: optuna.Study, finalists: Sequence[Finalist],
                   best: Finalist | None, wall_time_s: float | None, noise: Any = None,
-                  analysis: str | None = None) -> Path:
+                  analysis: str | None = None, sections: Sequence[str] = ()) -> Path:
     """summary.md: the study's settings and trial counts, then `analysis` (Markdown from the report,
-    its own title dropped) or, without it, the noise floor and the finalists."""
+    its own title dropped) or, without it, the noise floor, the finalists and `sections` (Markdown lines,
+    e.g. the one-shot trust section)."""
     trials = trial_rows(study)
     metric = config.get("metric", "accuracy")
     counts = {s: sum(1 for r in trials if r["state"] == s and not r["duplicate_of"]) for s in ("COMPLETE", "PRUNED", "FAIL")}
@@ -235,6 +236,8 @@ def write_summary(folder: Path, config: dict[str, Any], study: optuna.Study, fin
             if noise is not None and noise.min_detectable_difference == noise.min_detectable_difference:
                 lines.append(f"- noise floor: a single seed-paired difference below "
                              f"{noise.min_detectable_difference:.4f} is within seed noise at trial fidelity")
+    if sections:
+        lines += ["", *sections]
     lines += ["", FILES_NOTE]
     return _write_lines(folder, lines)
 

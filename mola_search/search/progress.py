@@ -40,7 +40,7 @@ class Progress:
         best_txt = f"best {best[1]:.4f} (#{best[0]})" if best else "best -"
         line = (f"[{done}/{self.total}] trial {number:>3} {origin:<24} {run_length(experts):<22} {shown:<9} "
                 f"{best_txt}  done {self.counts['complete']} pruned {self.counts['pruned']} "
-                f"failed {self.counts['failed']}  ETA {_duration(eta)}")
+                f"failed {self.counts['failed']}  ETA {duration(eta)}")
         if failure:
             line += f"\n      failed: {failure}"
         print(line, file=self.stream, flush=True)
@@ -66,7 +66,7 @@ class RunProgress:
         eta = elapsed / self.done * (self.total - self.done)
         shown = f"{what} {score:.4f}" if score is not None and score == score else "failed"
         line = (f"  [{self.what} {self.done}/{self.total}] {label:<32} seed {seed}  {shown:<20} "
-                f"ETA {_duration(eta)}")
+                f"ETA {duration(eta)}")
         if failure:
             line += f"\n      failed: {failure}"
         print(line, file=self.stream, flush=True)
@@ -76,6 +76,6 @@ def _label(state: TrialState) -> str:
     return {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned"}.get(state, "failed")
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,8 @@ from mola_search.allocation import AllocationSpec, run_length
 from mola_search.errors import UserError
 from mola_search.search.config import PILOT_SHAPES, StudyConfig, pin_paths
 from mola_search.search.executors import check_resources, ray_concurrency, run_local, run_local_requests, run_ray, run_ray_requests
+from mola_search.search.oneshot import (TOP_PREFIX, Trust, check_seeds, kendall_tau, rank_agreement, summary_lines,
+                                        write_trust)
 from mola_search.search.objective import import_objective, is_python_objective, objective_name, ship_by_value
 from mola_search.search.noise import NoiseFloor, estimate_noise, read_noise, write_noise
 from mola_search.search.folder import (DUPLICATE_OF, FIDELITY, ORIGIN, PEAK_RSS, PILOT, PILOT_DONE, RUN_METRICS,
@@ -33,6 +35,7 @@ from mola_search.search.outputs import (Finalist, choose_best, read_outcome, wri
                                         write_trials_csv)
 from mola_search.search.progress import Progress, RunProgress
 from mola_search.search.seeds import Seed, all_seeds, paper_seeds
+from mola_search.search.supernet import ranked_allocations
 from mola_search.search.space import Fidelity, SearchSpace, load_space
 from mola_search.search.study import StudyDriver
 from mola_search.search.synthetic import is_synthetic
@@ -124,6 +127,8 @@ def run_study(config: StudyConfig, folder: Path, *, resume: bool = False,
         objective = import_objective(config.objective)
     if objective is not None and config.executor == "ray":
         ship_by_value(objective)
+    if config.strategy == "one-shot" and config.scheduler != "none" and not resume:
+        config = replace(config, scheduler="none")  # a pruned check has no score to compare with its one-shot one
     space = resolve_space(config)
     check_task_data(config)
     check_storage(config)
@@ -142,11 +147,20 @@ def run_study(config: StudyConfig, folder: Path, *, resume: bool = False,
                      f"({driver.remaining()} to run{', ' + str(driver.recovered) + ' interrupted re-queued' if driver.recovered else ''})"
                      f" | seeds: {', '.join(s.name for s in seeds)}")
     fidelity = run_pilot(config, driver, space, folder, progress, start)
-    driver.enqueue_seeds(seeds)
+    oneshot = None
+    if config.strategy == "one-shot":  # the supernet ranks; the standalone trials check it, finalists confirm
+        oneshot = run_oneshot(config, driver, space, fidelity, folder, progress, seeds)
+        driver.enqueue_seeds(oneshot.checks)
+        driver.target = len(driver.trained_trials()) + len(driver.study.get_trials(
+            deepcopy=False, states=(TrialState.WAITING,)))
+        progress.total = driver.target
+    else:
+        driver.enqueue_seeds(seeds)
     progress.resume_from(driver.trained_trials())
     try:
         if driver.remaining() > 0:
-            progress.message(f"search: {driver.remaining()} trials at {describe_fidelity(fidelity)}")
+            what = "standalone checks of the one-shot ranking" if oneshot else "trials"
+            progress.message(f"search: {driver.remaining()} {what} at {describe_fidelity(fidelity)}")
         if config.executor == "local":
             run_local(driver, fidelity)
         else:
@@ -154,7 +168,12 @@ def run_study(config: StudyConfig, folder: Path, *, resume: bool = False,
     finally:
         write_trials_csv(driver.study, folder)
 
-    finalists = run_finalists(config, driver, fidelity, folder, progress)
+    finalists = run_finalists(replace(config, finalist_top_n=0) if oneshot else config, driver, fidelity, folder,
+                              progress, origins=oneshot.finalist_origins() if oneshot else ())
+    if oneshot is not None:
+        trust = oneshot.measure(driver, finalists)
+        write_trust(folder, trust)
+        progress.message(trust.line())
     scored = [f for f in finalists if f.validation]
     best = choose_best(scored) if scored else None
     if best is not None:
@@ -175,7 +194,7 @@ def run_study(config: StudyConfig, folder: Path, *, resume: bool = False,
         except Exception as exc:  # noqa: BLE001 - the study is done; a failing analysis must not hide it
             progress.message(f"summary.md keeps the plain summary: the analysis failed ({type(exc).__name__}: {exc})")
     write_summary(folder, config.to_dict(), driver.study, finalists, best, wall, noise=read_noise(folder),
-                  analysis=analysis)
+                  analysis=analysis, sections=summary_lines(trust) if oneshot is not None else ())
     progress.message(f"done in {wall / 60:.1f} min: {folder / 'summary.md'}"
                      + (f" | best {run_length(best.spec.experts)} ({best.origin}, chosen on validation)" if best else ""))
     return {"folder": str(folder), "best": best, "finalists": finalists}
@@ -322,14 +341,104 @@ def _record_pilot(driver: StudyDriver, specs: dict[str, AllocationSpec], outcome
             driver.record(specs[name], f"seed:{name}", seed, outcome, **{PILOT: True})
 
 
+# --- the one-shot strategy ------------------------------------------------------------------
+
+
+@dataclass
+class OneShotPhase:
+    """What the one-shot phase hands the rest of the study: the allocations to train standalone (the
+    one-shot top-N first, then the cheap signals, the seeds and the spread checks) and what `measure`
+    needs to compare the two rankings afterwards."""
+
+    study: Any                      # the "<name>-oneshot" Optuna study
+    checks: list[Seed]
+    trust: Trust
+    signal_weights: dict[str, list[float]]
+
+    def finalist_origins(self) -> tuple[str, ...]:
+        """The one-shot top-N: the searched finalists (chosen by the one-shot ranking, not by the standalone
+        checks' validation scores); the configured shapes join them as in a standalone study."""
+        return tuple(s.label for s in self.checks if s.label.startswith(TOP_PREFIX))
+
+    def measure(self, driver: StudyDriver, finalists: Sequence[Finalist]) -> Trust:
+        """Kendall tau of one-shot vs standalone validation scores: over every allocation trained with the
+        study seed at trial fidelity (pilot, checks), and over the finalists at theirs."""
+        def key(spec: AllocationSpec) -> tuple:
+            return tuple(spec.experts), tuple(spec.top_k), tuple(spec.rank)
+
+        ranked = ranked_allocations(self.study)
+        oneshot = {key(spec): score for spec, score in reversed(ranked)}
+        seed = driver.config.seed
+        pairs = []
+        for t in driver.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            spec = trial_spec(t)
+            if DUPLICATE_OF in t.user_attrs or trial_seed(t, seed) != seed or key(spec) not in oneshot:
+                continue
+            pairs.append({"experts": list(spec.experts), "origin": str(t.user_attrs.get(ORIGIN, "")),
+                          "oneshot": oneshot[key(spec)], "standalone": float(t.value)})
+        trust = self.trust
+        trust.pairs = pairs
+        trust.trial_fidelity = kendall_tau([p["oneshot"] for p in pairs], [p["standalone"] for p in pairs],
+                                           seed=seed)
+        done = [f for f in finalists if f.validation and key(f.spec) in oneshot]
+        trust.finalists = kendall_tau([oneshot[key(f.spec)] for f in done], [f.val_mean for f in done], seed=seed)
+        best_oneshot = ranked[0][0].experts if ranked else None
+        scored = [f for f in finalists if f.validation]
+        best = choose_best(scored).spec.experts if scored else None
+        for name, weights in self.signal_weights.items():
+            info = trust.signals.setdefault(name, {})
+            info["rho_oneshot_best"] = rank_agreement(weights, best_oneshot) if best_oneshot else float("nan")
+            info["rho_best"] = rank_agreement(weights, best) if best else float("nan")
+        return trust
+
+
+def run_oneshot(config: StudyConfig, driver: StudyDriver, space: SearchSpace, fidelity: Fidelity, folder: Path,
+                progress: Progress, seeds: Sequence[Seed]) -> OneShotPhase:
+    """Train (or load) the supernet, turn the cheap signals into seeds, score `oneshot_trials` allocations
+    by masking and choose the standalone checks. The supernet is dropped before any standalone trial."""
+    import gc
+
+    from mola_search.search import supernet as one
+
+    net = one.train_supernet(config, space, fidelity, driver.num_layers, driver.budget, folder, progress)
+    signal_list, signal_info = one.signal_seeds(net, space, driver.num_layers, driver.budget)
+    pilot = pilot_specs(driver) if config.pilot else {}
+    first = [Seed(name, spec) for name, spec in pilot.items()] + list(seeds) + signal_list
+    study = one.score_allocations(config, space, net, driver.num_layers, driver.budget, first, folder, progress)
+    log, examples = net.log, len(net.prepared.splits["validation"])
+    del net
+    gc.collect()
+    trained = {(s.experts, s.top_k, s.rank) for s in pilot.values()}
+    picked = check_seeds(one.ranked_allocations(study), config.finalist_top_n, config.oneshot_checks,
+                         skip=[*pilot.values(), *(s.spec for s in seeds), *(s.spec for s in signal_list)])
+    tops = [s for s in picked if s.label.startswith(TOP_PREFIX)]
+    checks = []
+    for s in [*tops, *signal_list, *seeds, *(s for s in picked if s not in tops)]:
+        k = (s.spec.experts, s.spec.top_k, s.spec.rank)
+        if k not in trained:
+            trained.add(k)
+            checks.append(s)
+    trust = Trust(metric=config.metric, signals=signal_info,
+                  supernet={k: log.get(k) for k in ("max_experts", "factor", "trial_steps", "steps", "train_examples",
+                                                    "wall_time_s")},
+                  scoring={"scored": len(one.ranked_allocations(study)), "examples": examples,
+                           "seconds_per_allocation": study.user_attrs.get("seconds_per_allocation")})
+    write_trust(folder, trust)
+    progress.message(f"one-shot: {len(checks)} allocations to train standalone as checks "
+                     f"({', '.join(s.label for s in checks)})")
+    return OneShotPhase(study, checks, trust, {k: v["weights"] for k, v in signal_info.items()})
+
+
 # --- finalists -------------------------------------------------------------------------------
 
 
-def finalist_candidates(driver: StudyDriver) -> list[tuple[int, str, AllocationSpec]]:
-    """Seeds that trained (those in `finalist_shapes` when set), plus the top-N searched allocations by
-    validation score (distinct allocations). Only study-seed trials count: they are the ones compared
-    under common random numbers."""
-    config = driver.config
+def finalist_candidates(driver: StudyDriver, config: StudyConfig | None = None,
+                        origins: Sequence[str] = ()) -> list[tuple[int, str, AllocationSpec]]:
+    """Seeds that trained (those in `finalist_shapes` when set), the trials whose origin is in `origins`
+    (a one-shot study's top-N), plus the top-N searched allocations by validation score (distinct
+    allocations). Only study-seed trials count: they are the ones compared under common random numbers.
+    `config` defaults to the driver's."""
+    config = config or driver.config
     trials = [t for t in driver.study.get_trials(deepcopy=False)
               if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and DUPLICATE_OF not in t.user_attrs
               and trial_seed(t, config.seed) == config.seed]
@@ -337,6 +446,8 @@ def finalist_candidates(driver: StudyDriver) -> list[tuple[int, str, AllocationS
     for t in trials:
         origin = str(t.user_attrs.get(ORIGIN, ""))
         if origin.startswith("seed:") and (config.finalist_shapes is None or origin[5:] in config.finalist_shapes):
+            _add(chosen, t)
+        elif origin in origins:
             _add(chosen, t)
     searched = sorted((t for t in trials if t.state == TrialState.COMPLETE
                        and not str(t.user_attrs.get(ORIGIN, "")).startswith("seed:")), key=lambda t: -t.value)
@@ -359,12 +470,12 @@ def _add(chosen: dict, t) -> bool:
 
 
 def run_finalists(config: StudyConfig, driver: StudyDriver, fidelity: Fidelity, folder: Path,
-                  progress: Progress) -> list[Finalist]:
+                  progress: Progress, origins: Sequence[str] = ()) -> list[Finalist]:
     """Retrain the candidates with fresh seeds (never one a search or pilot trial used), scoring validation
     and test. Each run's metrics come back with its outcome and are written here, on the driver."""
     if config.finalist_seeds == 0:
         return []
-    candidates = finalist_candidates(driver)
+    candidates = finalist_candidates(driver, config, origins)
     seeds = config.finalist_train_seeds()
     requests, labels, failures = [], {}, {}
     for number, origin, spec in candidates:

@@ -33,6 +33,11 @@ class Seed:
 
     name: str
     spec: AllocationSpec
+    origin: str = ""   # how the study records it; default "seed:<name>" (a one-shot check: "oneshot:top1", ..)
+
+    @property
+    def label(self) -> str:
+        return self.origin or f"seed:{self.name}"
 
 
 def paper_seeds(num_layers: int, budget: int, min_experts: Bound = 1, max_experts: Bound | None = None,

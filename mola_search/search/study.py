@@ -73,6 +73,7 @@ class StudyDriver:
         self.trial_mb_estimate = trial_mb
         self.live_csv = live_csv
         self.num_layers, self.budget = num_layers, budget
+        self.target = config.trials  # trials to train in all (a one-shot study sets it to its checks)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.study = optuna.create_study(
             study_name=config.study_name or folder.name,
@@ -94,7 +95,7 @@ class StudyDriver:
                 and DUPLICATE_OF not in t.user_attrs and t.user_attrs.get(FAILURE, "").find("interrupted") < 0]
 
     def remaining(self) -> int:
-        return max(0, self.config.trials - len(self.trained_trials()))
+        return max(0, self.target - len(self.trained_trials()))
 
     def _recover_interrupted(self) -> int:
         """Trials left RUNNING by a killed study never finished: mark them failed and queue them again."""
@@ -115,7 +116,7 @@ class StudyDriver:
             if self._twin(-1, seed.spec, self.config.seed) is not None:
                 continue
             params, exact = self.space.encode(seed.spec)
-            attrs: dict[str, Any] = {ORIGIN: f"seed:{seed.name}", "seed_exact_in_encoding": exact}
+            attrs: dict[str, Any] = {ORIGIN: seed.label, "seed_exact_in_encoding": exact}
             if not exact:  # train the seed itself; the sampler learns from its nearest point
                 attrs[FORCED] = {"experts": list(seed.spec.experts), "top_k": list(seed.spec.top_k),
                                  "rank": list(seed.spec.rank)}
