@@ -143,9 +143,12 @@ def run_study(config: StudyConfig, folder: Path, *, resume: bool = False,
         config.save(folder)
     progress.message(f"study {folder} | {config.task} on {config.model} ({num_layers} layers) | budget {budget} | "
                      f"space {space.name}/{space.encoding} | sampler {config.sampler} | pruner {config.scheduler} | "
-                     f"metric {config.metric} | {config.trials} trials "
-                     f"({driver.remaining()} to run{', ' + str(driver.recovered) + ' interrupted re-queued' if driver.recovered else ''})"
-                     f" | seeds: {', '.join(s.name for s in seeds)}")
+                     f"metric {config.metric} | "
+                     + (f"one-shot: {config.oneshot_trials} allocations scored on a supernet, then standalone checks"
+                        if config.strategy == "one-shot" else
+                        f"{config.trials} trials ({driver.remaining()} to run"
+                        f"{', ' + str(driver.recovered) + ' interrupted re-queued' if driver.recovered else ''})")
+                     + f" | seeds: {', '.join(s.name for s in seeds)}")
     fidelity = run_pilot(config, driver, space, folder, progress, start)
     oneshot = None
     if config.strategy == "one-shot":  # the supernet ranks; the standalone trials check it, finalists confirm
