@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from mola_search.allocation import AllocationSpec
 from mola_search.errors import UserError
 from mola_search.mola import MoLAConfig, MoLALinear, MoLAModel, load_balancing_loss
 from mola_search.mola.layer import RoutingState
@@ -241,3 +242,53 @@ def test_bf16_input_computes_the_adapter_in_bf16_close_to_fp32():
     torch.testing.assert_close(low.float(), exact, atol=0.1, rtol=0.05)
     low.float().sum().backward()
     assert layer.lora_A.grad.dtype == torch.float32 and torch.isfinite(layer.lora_A.grad).all()
+
+
+def _grads(model: MoLAModel) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_shared_input_groups_compute_what_each_linear_computes_alone(training):
+    """q/k/v and gate/up compute their routers and A's as one matmul: same outputs and gradients as
+    every linear on its own (same dropout masks: the pool is drawn from the same seed)."""
+    def run(fuse: bool):
+        model = MoLAModel(tiny_llama(num_layers=3), MoLAConfig(experts=(3, 4, 2), top_k=(2, 2, 1), rank=(4, 4, 4),
+                                                               lora_alpha=8.0, lora_dropout=0.1))
+        with torch.no_grad():
+            for layer in model.mola_layers.values():
+                layer.lora_B.normal_(std=0.2, generator=torch.Generator().manual_seed(layer.layer_index))
+        model.state.fuse_groups = fuse
+        model.train(training)
+        model.use_allocation(AllocationSpec.build([2, 4, 1], [1, 2, 1], 4))  # a sub-network: slices too
+        torch.manual_seed(0)
+        ids = torch.randint(3, 300, (2, 9))
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        loss = out.float().pow(2).mean() + (model.auxiliary_loss() if training else 0.0)
+        loss.backward()
+        groups = {id(l.group): l.group for l in model.mola_layers.values() if l.group is not None}
+        return out.detach(), _grads(model), groups
+
+    fused, fused_grads, groups = run(True)
+    alone, alone_grads, _ = run(False)
+    assert len(groups) == 6 and all(g.enabled for g in groups.values())  # q/k/v and gate/up of 3 layers
+    assert sorted(len(g.members) for g in groups.values()) == [2, 2, 2, 3, 3, 3]
+    torch.testing.assert_close(fused, alone, atol=1e-5, rtol=1e-5)
+    assert fused_grads.keys() == alone_grads.keys() and fused_grads
+    for name in fused_grads:
+        torch.testing.assert_close(fused_grads[name], alone_grads[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_a_group_whose_members_read_different_inputs_falls_back_to_each_linear():
+    model = MoLAModel(tiny_llama(num_layers=1), MoLAConfig(experts=(3,), top_k=(2,), rank=(4,), lora_alpha=8.0,
+                                                           lora_dropout=0.0))
+    q = model.mola_layers["model.layers.0.self_attn.q_proj"]
+    k = model.mola_layers["model.layers.0.self_attn.k_proj"]
+    with torch.no_grad():
+        k.lora_B.normal_(std=0.5)
+    x1, x2 = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
+    q(x1)
+    got = k(x2)  # not the tensor q read: the group cannot serve it
+    assert q.group.enabled is False
+    model.state.fuse_groups = False
+    torch.testing.assert_close(got, k(x2))

@@ -90,7 +90,8 @@ class RoutingState:
     `token_mask` (batch x seq of the positions this forward computes, 1 = real token) keeps padding out
     of the router statistics and of the per-module balance loss; `balance_loss` is the formulation
     (`MoLAConfig.balance_loss`); `balance_terms` collects what the layers recorded in the last training
-    forward; `collect_stats` turns on per-expert counters.
+    forward; `collect_stats` turns on per-expert counters; `fuse_groups` lets an `InputGroup` compute
+    its members' input-side matmuls together (off: every linear computes its own, same numbers).
     """
 
     token_mask: torch.Tensor | None = None
@@ -98,6 +99,56 @@ class RoutingState:
     balance_loss: str = PER_MODULE
     balance_terms: list[BalanceTerm] = field(default_factory=list)
     dropout: DropoutPool = field(default_factory=DropoutPool)
+    fuse_groups: bool = True  # linears that read one input compute their routers and A's as one matmul
+
+
+class InputGroup:
+    """Adapted linears of one decoder layer that read the same input tensor (q/k/v; gate/up).
+
+    Their router logits and their A projections are computed once for the group, as one matmul over the
+    stacked weights of every member (two when dropout is on: the routers read the input, the A's its
+    dropped version), and each member takes its slice. Mathematically this is each member's own
+    computation; on a CPU it replaces 4-6 skinny matmuls, their backward and the accumulation of as many
+    input gradients by one or two. The first member called with a tensor computes for all; a member
+    called with another tensor than its group's (an architecture whose projections read different
+    inputs) switches the group off for good and every member computes alone.
+    """
+
+    def __init__(self, members: Sequence["MoLALinear"]) -> None:
+        self.members = list(members)
+        self.enabled = len(self.members) > 1
+        self._x: torch.Tensor | None = None
+        self._parts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def parts(self, member: "MoLALinear", x: torch.Tensor, dropped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(router logits, A projection) of `member` for input `x`, or None when the group cannot serve."""
+        if self._x is not x:
+            if self._parts:  # members of the last input never came: they read other tensors
+                self.enabled, self._x, self._parts = False, None, {}
+                return None
+            self._compute(x, dropped)
+        out = self._parts.pop(id(member), None)
+        if out is None:  # the same member twice on one tensor: not a shared-input group
+            self.enabled, self._x, self._parts = False, None, {}
+            return None
+        if not self._parts:
+            self._x = None  # every member served: hold no activations past this forward
+        return out
+
+    def _compute(self, x: torch.Tensor, dropped: torch.Tensor) -> None:
+        dtype = x.dtype
+        routers = [m.router[:m.active_experts] for m in self.members]
+        experts = [m.lora_A[:m.active_experts].reshape(-1, m.lora_A.shape[-1]) for m in self.members]
+        n_router = [r.shape[0] for r in routers]
+        n_hidden = [a.shape[0] for a in experts]
+        if dropped is x:  # no dropout: routers and A's in one matmul
+            both = F.linear(x, torch.cat(routers + experts).to(dtype)).split(n_router + n_hidden, dim=-1)
+            logits, hidden = both[:len(routers)], both[len(routers):]
+        else:
+            logits = F.linear(x, torch.cat(routers).to(dtype)).split(n_router, dim=-1)
+            hidden = F.linear(dropped, torch.cat(experts).to(dtype)).split(n_hidden, dim=-1)
+        self._x = x
+        self._parts = {id(m): (lg, h) for m, lg, h in zip(self.members, logits, hidden)}
 
 
 class MoLALinear(nn.Module):
@@ -125,6 +176,7 @@ class MoLALinear(nn.Module):
         self.register_buffer("stat_probs", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
         self.register_buffer("stat_tokens", torch.zeros((), dtype=torch.float64), persistent=False)
         self.active_experts, self.active_top_k = num_experts, top_k
+        self.group: InputGroup | None = None  # set by MoLAModel for q/k/v and gate/up
         self.reset_parameters(init)
 
     def activate(self, experts: int | None = None, top_k: int | None = None) -> None:
@@ -168,8 +220,10 @@ class MoLALinear(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router probabilities (fp32 softmax over the active experts) and dense gates with renormalised
         top-k weights."""
-        router = self.router if self.active_experts == self.num_experts else self.router[:self.active_experts]
-        probs = F.linear(x, router.to(x.dtype)).float().softmax(dim=-1)
+        return self._gates(F.linear(x, self.router[:self.active_experts].to(x.dtype)))
+
+    def _gates(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = logits.float().softmax(dim=-1)
         top_w, top_i = probs.topk(self.active_top_k, dim=-1)
         top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         gates = torch.zeros_like(probs).scatter(-1, top_i, top_w)
@@ -178,17 +232,21 @@ class MoLALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         dtype = x.dtype  # the base's compute dtype; the fp32 weights are cast to it (autocast's recipe)
-        probs, gates = self.route(x)
+        e, r = self.active_experts, self.rank  # a supernet's sub-network uses the first e experts
+        dropped = self.state.dropout.apply(x, self.dropout_p) if self.training and self.dropout_p > 0 else x
+        group = self.group if self.group is not None and self.group.enabled and self.state.fuse_groups else None
+        parts = group.parts(self, x, dropped) if group is not None else None
+        if parts is not None:
+            logits, hidden = parts
+        else:
+            logits = F.linear(x, self.router[:e].to(dtype))
+            hidden = F.linear(dropped, self.lora_A[:e].reshape(e * r, -1).to(dtype))
+        probs, gates = self._gates(logits)
         if self.training or self.state.collect_stats:
             self._record(probs, gates)
-        e, r = self.active_experts, self.rank
-        lora_a, lora_b = self.lora_A, self.lora_B
-        if e < self.num_experts:  # a supernet's sub-network: the first e experts
-            lora_a, lora_b = lora_a[:e], lora_b[:, :e]
-        dropped = self.state.dropout.apply(x, self.dropout_p) if self.training and self.dropout_p > 0 else x
-        hidden = F.linear(dropped, lora_a.reshape(e * r, -1).to(dtype))
+        lora_b = self.lora_B if e == self.num_experts else self.lora_B[:, :e]
         weights = (gates * self.scaling).to(dtype)  # the LoRA scaling folded into the (tokens x experts) gates
-        hidden = (hidden.view(*hidden.shape[:-1], e, r) * weights.unsqueeze(-1)).flatten(-2)
+        hidden = (hidden.reshape(*hidden.shape[:-1], e, r) * weights.unsqueeze(-1)).flatten(-2)
         return result + F.linear(hidden, lora_b.reshape(-1, e * r).to(dtype))
 
     def _record(self, probs: torch.Tensor, gates: torch.Tensor) -> None:

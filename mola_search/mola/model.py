@@ -25,10 +25,12 @@ from torch import nn
 from mola_search.allocation import AllocationSpec
 from mola_search.errors import UserError
 from mola_search.mola.config import CONFIG_NAME, WEIGHTS_NAME, MoLAConfig
-from mola_search.mola.layer import MoLALinear, RoutingState, balance_loss
+from mola_search.mola.layer import InputGroup, MoLALinear, RoutingState, balance_loss
 from mola_search.models import decoder_layers, layer_index_of
 
 IGNORE_INDEX = -100  # the label Hugging Face losses skip
+# Projections of one module (attention, MLP) that read the same input: their adapters share input-side matmuls.
+SHARED_INPUT_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def get_mola_model(model: nn.Module, spec_or_config: AllocationSpec | MoLAConfig, **config_kwargs: Any) -> "MoLAModel":
@@ -299,3 +301,14 @@ def _inject(owner: MoLAModel, base_model: nn.Module, config: MoLAConfig) -> None
         parent_name, _, child = name.rpartition(".")
         setattr(base_model.get_submodule(parent_name), child, layer)
         owner.mola_layers[name] = layer
+    siblings: dict[tuple[str, int], list[MoLALinear]] = {}
+    for name, layer in owner.mola_layers.items():
+        parent, _, kind = name.rpartition(".")
+        for i, kinds in enumerate(SHARED_INPUT_GROUPS):
+            if kind in kinds:
+                siblings.setdefault((parent, i), []).append(layer)
+    for members in siblings.values():
+        if len(members) > 1:
+            group = InputGroup(members)
+            for layer in members:
+                layer.group = group
