@@ -1,4 +1,5 @@
-"""Time one optimizer step of MoLA vs PEFT LoRA vs the per-expert loop, against the frozen base's own floor.
+"""Time one optimizer step of MoLA (with and without shared-input groups) vs PEFT LoRA vs the per-expert loop,
+against the frozen base's own floor.
 
     python benchmarks/bench_step.py                 # SmolLM2-135M, batch 16x128, 2 threads, 3 rounds
     python benchmarks/bench_step.py --model tiny-llama --repeats 2   # smoke run
@@ -121,6 +122,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all variants")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-loop", action="store_true")
+    ap.add_argument("--skip-ungrouped", action="store_true",
+                    help="leave out MoLA with q/k/v and gate/up computing their input-side matmuls separately")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -151,6 +154,8 @@ def main() -> None:
                             rank=(args.rank,) * layers, lora_alpha=2.0 * args.rank)
     mola = MoLAModel(base_model(), config)
     variants: dict[str, torch.nn.Module] = {"floor": floor, "peft-lora": lora, "mola": mola}
+    if not args.skip_ungrouped:
+        variants["mola-ungrouped"] = mola  # the same weights, every linear computing its own input-side matmuls
     if not args.skip_loop:
         variants["mola-loop"] = mola  # the same weights, through the per-expert loop (patched in below)
     optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-6)
@@ -164,6 +169,7 @@ def main() -> None:
         for name, model in variants.items():
             if name == "mola-loop":
                 MoLALinear.forward = lambda self, x: reference_forward(self, x)
+            mola.state.fuse_groups = name != "mola-ungrouped"
             try:
                 _reset_peak_rss()
                 times[name] += time_steps(model, batch, args.repeats, optimizers.get(name))
@@ -186,6 +192,8 @@ def main() -> None:
               f"{memory.replace('_mb', '')} {peaks[name]:7.0f} MB  trainable {trainable:,}", flush=True)
     ratios = {"mola_over_floor": results["mola"]["x_floor"], "lora_over_floor": results["peft-lora"]["x_floor"],
               "mola_over_lora": results["mola"]["step_s"] / results["peft-lora"]["step_s"]}
+    if "mola-ungrouped" in results:
+        ratios["ungrouped_over_mola"] = results["mola-ungrouped"]["step_s"] / results["mola"]["step_s"]
     if "mola-loop" in results:
         ratios["loop_over_mola"] = results["mola-loop"]["step_s"] / results["mola"]["step_s"]
     print(" ".join(f"{k}={v:.2f}" for k, v in ratios.items())
