@@ -166,7 +166,7 @@ def run_study(config: StudyConfig, folder: Path, *, resume: bool = False,
             progress.message(f"search: {driver.remaining()} {what} at {describe_fidelity(fidelity)}")
         if config.executor == "local":
             run_local(driver, fidelity)
-        else:
+        elif driver.remaining() > 0:  # a resumed study past its search starts no Ray phase for it
             run_ray(driver, fidelity, folder, _concurrency(driver, progress, "search"))
     finally:
         write_trials_csv(driver.study, folder)
