@@ -291,3 +291,48 @@ def test_one_shot_needs_the_mola_objective(tmp_path: Path, capsys) -> None:
     rc = run_main("mola-search", main, ["--strategy", "two-shot", "--out", str(tmp_path / "s")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "standalone or one-shot" in err, err
+
+
+def test_a_converged_sampler_does_not_stop_the_one_shot_scoring(tmp_path: Path, monkeypatch) -> None:
+    """A sampler that proposes one point forever: each repeat is answered from the cache and the next proposal
+    is drawn at random, so the scoring still reaches `oneshot_trials` distinct allocations."""
+    import contextlib
+    import types
+
+    import optuna
+
+    from mola_search.search import study as study_module
+    from mola_search.search import supernet as one
+    from mola_search.search.config import StudyConfig
+    from mola_search.search.progress import Progress
+    from mola_search.search.space import load_space
+    from mola_search.train import run
+
+    class Stuck(optuna.samplers.BaseSampler):
+        def infer_relative_search_space(self, study, trial):
+            return {}
+
+        def sample_relative(self, study, trial, search_space):
+            return {}
+
+        def sample_independent(self, study, trial, name, distribution):
+            return 0.5
+
+    monkeypatch.setattr(study_module, "make_sampler", lambda name, seed: Stuck())
+    current: dict[str, AllocationSpec] = {}
+
+    @contextlib.contextmanager
+    def allocation(spec):
+        current["spec"] = spec
+        yield
+
+    model = types.SimpleNamespace(allocation=allocation)
+    monkeypatch.setattr(run, "evaluate", lambda m, p, split: {"gold_logprob": -sum(
+        (e - 4) ** 2 for e in current["spec"].experts) / 100.0, "accuracy": 0.5})
+    net = one.Supernet(model, types.SimpleNamespace(splits={"validation": [None] * 8}), {})
+    config = StudyConfig(task="mrpc", model="tiny-llama-L8", strategy="one-shot", oneshot_trials=12, pilot=False)
+    study = one.score_allocations(config, load_space("blocks"), net, 8, 30, [], tmp_path, Progress(1))
+    distinct = one.ranked_allocations(study)
+    assert len(distinct) == 12
+    origins = [t.user_attrs["origin"] for t in study.trials if "duplicate_of" not in t.user_attrs]
+    assert origins[0] == "tpe" and origins.count("random") == 11  # the stuck point once, then random draws

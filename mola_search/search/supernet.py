@@ -235,6 +235,9 @@ def score_allocations(config: StudyConfig, space: SearchSpace, supernet: Superne
                          f"({len(scored)} scored before), {len(supernet.prepared.splits['validation'])} "
                          f"validation examples each, by masking the supernet (no training)")
     model = supernet.model
+    # A proposal already scored is answered from the cache, and the next one is drawn at random: a sampler that
+    # has converged on a few allocations would otherwise stop the scoring far short of `oneshot_trials`.
+    sampler, explore = study.sampler, optuna.samplers.RandomSampler(seed=config.seed)
     start, ran, duplicates, failures = time.perf_counter(), 0, 0, 0
     every = max(1, target // 20)
     best = max(scored.values(), key=lambda t: t.value) if scored else None
@@ -244,7 +247,7 @@ def score_allocations(config: StudyConfig, space: SearchSpace, supernet: Superne
         spec = space.suggest(trial, num_layers, budget)
         if forced:
             spec = AllocationSpec(tuple(forced["experts"]), tuple(forced["top_k"]), tuple(forced["rank"]))
-        origin = trial.user_attrs.get(ORIGIN) or config.sampler
+        origin = trial.user_attrs.get(ORIGIN) or ("random" if study.sampler is explore else config.sampler)
         for key, value in ((ORIGIN, origin), (ALLOCATION, list(spec.experts)), (TOP_K, list(spec.top_k)),
                            (RANK, list(spec.rank))):
             trial.set_user_attr(key, value)
@@ -252,13 +255,15 @@ def score_allocations(config: StudyConfig, space: SearchSpace, supernet: Superne
         if twin is not None:
             trial.set_user_attr(DUPLICATE_OF, twin.number)
             study.tell(trial, twin.value)
+            study.sampler = explore
             duplicates += 1
             if duplicates >= MAX_DUPLICATES_IN_A_ROW:
-                progress.message(f"one-shot scoring: the sampler proposed {duplicates} scored allocations in a "
-                                 f"row: stopping at {len(scored)} distinct allocations")
+                progress.message(f"one-shot scoring: {duplicates} proposals in a row (random ones included) were "
+                                 f"allocations already scored: stopping at {len(scored)} distinct allocations")
                 break
             continue
         duplicates = 0
+        study.sampler = sampler
         try:
             with model.allocation(spec):
                 result = evaluate(model, supernet.prepared, "validation")
