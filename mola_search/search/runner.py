@@ -427,8 +427,11 @@ def run_oneshot(config: StudyConfig, driver: StudyDriver, space: SearchSpace, fi
                   scoring={"scored": len(one.ranked_allocations(study)), "examples": examples,
                            "seconds_per_allocation": study.user_attrs.get("seconds_per_allocation")})
     write_trust(folder, trust)
-    progress.message(f"one-shot: {len(checks)} allocations to train standalone as checks "
-                     f"({', '.join(s.label for s in checks)})")
+    if driver.study.user_attrs.get("seeds_enqueued"):  # resumed: the checks queued before are the ones trained
+        progress.message("one-shot: the standalone checks were chosen before this resume; training those")
+    else:
+        progress.message(f"one-shot: {len(checks)} allocations to train standalone as checks "
+                         f"({', '.join(s.label for s in checks)})")
     return OneShotPhase(study, checks, trust, {k: v["weights"] for k, v in signal_info.items()})
 
 
