@@ -369,6 +369,22 @@ def test_embedded_smollm2_loads_from_cache(smollm2):
 
 
 @pytest.mark.integration
+def test_embedded_bf16_copy_holds_the_fp32_weights_cast(smollm2):
+    """A bf16 load reads its own cached copy (no fp32 weights in memory), and that copy is exactly the
+    fp32 dequantisation cast to bf16, tied head included."""
+    model, tokenizer = load_base_model(None, dtype="bf16")
+    assert is_complete(models.model_cache_dir(f"{DEFAULT_MODEL}-bf16"))
+    exact = dict(smollm2[0].named_parameters())
+    loaded = dict(model.named_parameters())
+    assert loaded.keys() == exact.keys()
+    for name, p in loaded.items():
+        assert p.dtype == torch.bfloat16
+        assert torch.equal(p, exact[name].to(torch.bfloat16)), name
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    assert tokenizer("Hello")["input_ids"] == smollm2[1]("Hello")["input_ids"]
+
+
+@pytest.mark.integration
 def test_tiny_alias_uses_the_smollm2_tokenizer(smollm2):
     model, tokenizer = load_base_model("tiny-llama-L2", dtype="fp32")
     assert len(decoder_layers(model)) == 2
