@@ -9,6 +9,7 @@ from torch import nn
 from mola_search.allocation import AllocationSpec
 from mola_search.errors import UserError
 from mola_search.mola import MoLAConfig, MoLALinear, MoLAModel, load_balancing_loss
+from mola_search.mola.config import MOLA_OFFICIAL, PER_MODULE
 from mola_search.mola.layer import RoutingState
 from mola_search.models import tiny_llama
 from reference_mola import reference_forward
@@ -200,8 +201,10 @@ def test_dropout_pool_keeps_each_element_with_probability_1_minus_p_and_scales_i
     # rows are not copies of each other (a slice of iid draws, not a repeated pattern)
     assert (kept[0] != kept[1]).any() and (kept[:, 0] != kept[:, 1]).any()
     assert pool.apply(x, p) is dropped  # the same input (q, k and v read one tensor): one shared mask
-    other = pool.apply(x.clone(), p)
-    assert not torch.equal(other != 0, kept)  # another input: another slice
+    other = pool.apply(x.clone(), p, key=1)
+    assert not torch.equal(other != 0, kept)  # another linear: another slice
+    replay = pool.apply(x.clone(), p, key=0)
+    assert torch.equal(replay, dropped)  # a checkpointed layer's replay in backward: the same mask
     pool.new_forward()
     again = pool.apply(x, p)
     assert not torch.equal(again != 0, kept)  # a new forward draws a new pool
@@ -292,3 +295,69 @@ def test_a_group_whose_members_read_different_inputs_falls_back_to_each_linear()
     assert q.group.enabled is False
     model.state.fuse_groups = False
     torch.testing.assert_close(got, k(x2))
+
+
+# --- activation checkpointing -------------------------------------------------------------------
+
+
+def _checkpointed_step(checkpointing: bool, formulation: str, allocation: AllocationSpec | None = None):
+    """Loss, adapter gradients, balance terms recorded and forward calls of one adapted linear, for one
+    training step on a left-padded batch with dropout and the balance loss on."""
+    base = tiny_llama(num_layers=3, hidden_size=32, vocab_size=64)
+    model = MoLAModel(base, MoLAConfig(experts=(2, 3, 4), top_k=(1, 2, 2), rank=(4, 4, 4), lora_dropout=0.2,
+                                       aux_loss_coef=0.05, balance_loss=formulation))
+    with torch.no_grad():
+        for layer in model.mola_layers.values():
+            layer.lora_B.normal_(std=0.3, generator=torch.Generator().manual_seed(layer.dropout_key % 2**31))
+    if checkpointing:
+        model.activation_checkpointing_enable()
+    model.use_allocation(allocation)
+    calls = []
+    first = next(iter(model.mola_layers.values()))
+    first.register_forward_hook(lambda *_: calls.append(1))
+    model.train()
+    torch.manual_seed(7)
+    ids = torch.randint(0, 64, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, :4] = 0  # left padding: the balance terms must leave these positions out in the replay too
+    mask[2, :2] = 0
+    out = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    recorded = len(model.state.balance_terms)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return out.loss.detach(), grads, recorded, len(model.state.balance_terms), len(calls)
+
+
+@pytest.mark.parametrize("formulation", [PER_MODULE, MOLA_OFFICIAL])
+def test_activation_checkpointing_trains_the_same_numbers(formulation):
+    """A replayed layer must see the first pass's dropout masks and token mask, or its gradients differ;
+    it must not add balance terms, or the next step's loss counts them twice."""
+    loss, grads, recorded, after, calls = _checkpointed_step(False, formulation)
+    loss_ck, grads_ck, recorded_ck, after_ck, calls_ck = _checkpointed_step(True, formulation)
+    assert (calls, calls_ck) == (1, 2)  # the layer really ran again in backward
+    assert recorded == recorded_ck == after_ck == 7 * 3  # one term per adapted linear: 7 kinds x 3 layers
+    assert torch.equal(loss, loss_ck)
+    assert grads.keys() == grads_ck.keys() and any(k.endswith("router") for k in grads)
+    for name, grad in grads.items():
+        assert torch.equal(grad, grads_ck[name]), name
+    assert all(g.abs().sum() > 0 for k, g in grads.items() if k.endswith(("router", "lora_A")))
+
+
+def test_activation_checkpointing_replays_a_supernet_sub_network():
+    allocation = AllocationSpec(experts=(1, 2, 3), top_k=(1, 1, 2), rank=(4, 4, 4))
+    _, grads, *_ = _checkpointed_step(False, PER_MODULE, allocation)
+    _, grads_ck, *_, calls = _checkpointed_step(True, PER_MODULE, allocation)
+    assert calls == 2
+    assert all(torch.equal(g, grads_ck[n]) for n, g in grads.items())
+
+
+def test_reentrant_activation_checkpointing_is_refused():
+    model = MoLAModel(tiny_llama(num_layers=2, hidden_size=32, vocab_size=64),
+                      MoLAConfig(experts=(2, 2), top_k=(1, 1), rank=(4, 4)))
+    with pytest.raises(UserError, match="use_reentrant=False"):
+        model.gradient_checkpointing_enable({"use_reentrant": True})
+    assert not model.base_model.is_activation_checkpointing
+    model.gradient_checkpointing_enable()  # what transformers.Trainer calls
+    assert model.base_model.is_activation_checkpointing and model.state.keep_token_mask
+    model.activation_checkpointing_disable()
+    assert not model.base_model.is_activation_checkpointing and not model.state.keep_token_mask

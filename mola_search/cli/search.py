@@ -33,7 +33,7 @@ _STUDY_FLAGS = ("task", "model", "budget", "out", "space", "objective", "trials"
                 "oneshot_checks")
 _FIDELITY_FLAGS = {"max_train_examples": "max_train_examples", "max_eval_examples": "max_eval_examples",
                    "epochs": "epochs", "max_steps": "max_steps"}
-_TRAIN_FLAGS = ("lr", "batch_size", "micro_batch_size", "cutoff_len")
+_TRAIN_FLAGS = ("lr", "batch_size", "micro_batch_size", "cutoff_len", "activation_checkpointing")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--batch-size", type=int, dest="batch_size")
     f.add_argument("--micro-batch-size", type=int, dest="micro_batch_size")
     f.add_argument("--cutoff-len", type=int, dest="cutoff_len")
+    f.add_argument("--activation-checkpointing", action="store_true", dest="activation_checkpointing",
+                   help="trials recompute each decoder layer in backward: same results, less memory per trial")
     r = p.add_argument_group("resources")
     r.add_argument("--executor", help="ray (default) | local (in-process, sequential)")
     r.add_argument("--address", help="Ray cluster address, e.g. auto or 10.0.0.1:6379")

@@ -26,7 +26,7 @@ _RUN_FLAGS = ("task", "model", "dtype", "device", "data_dir", "method", "shape",
               "max_train_examples", "max_eval_examples", "eval_batch_size", "eval_mode", "out", "threads", "lora_rank",
               "num_virtual_tokens")
 _TRAIN_FLAGS = ("lr", "epochs", "max_steps", "batch_size", "micro_batch_size", "cutoff_len", "warmup_ratio",
-                "weight_decay", "seed")
+                "weight_decay", "seed", "activation_checkpointing")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, dest="batch_size", help="effective batch size")
     t.add_argument("--micro-batch-size", type=int, dest="micro_batch_size")
     t.add_argument("--cutoff-len", type=int, dest="cutoff_len")
+    t.add_argument("--activation-checkpointing", action="store_true", dest="activation_checkpointing",
+                   help="recompute each decoder layer in backward: same results, less memory, ~1 forward more")
     t.add_argument("--warmup-ratio", type=float, dest="warmup_ratio")
     t.add_argument("--weight-decay", type=float, dest="weight_decay")
     t.add_argument("--seed", type=int)

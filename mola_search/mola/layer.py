@@ -48,39 +48,57 @@ class DropoutPool:
 
     `torch.nn.Dropout` draws a fresh Bernoulli mask per call; for SmolLM2 that is 210 masks of
     2048 x 576..1536 per step, a quarter of a CPU step. Here one draw per forward fills a pool of
-    keep-multipliers (0 or 1/(1-p)); a linear's mask is a slice at a random offset. Within a slice
-    every element is kept with probability 1-p, independently; two linears' masks are shifted
-    slices of one sequence, so at any one position they are independent draws unless the offsets
-    coincide. Linears that read the same tensor (q/k/v, gate/up) share one mask, as one dropout on
-    their common input would (PEFT's LoRA draws one per linear, the official MoLA code one per
-    expert). `new_forward()` (MoLAModel calls it before each forward) draws a new pool.
+    keep-multipliers (0 or 1/(1-p)); a linear's mask is a slice of it at an offset that is a hash of
+    the forward's random key and the linear's `key` (its layer and kind). Within a slice every element
+    is kept with probability 1-p, independently; two linears' masks are shifted slices of one sequence,
+    so at any one position they are independent draws unless the offsets coincide. Linears that read
+    the same tensor (q/k/v, gate/up) share one mask, as one dropout on their common input would
+    (PEFT's LoRA draws one per linear, the official MoLA code one per expert).
+
+    A mask depends only on the forward's draw and the key, not on the order of calls or on the global
+    RNG afterwards, so activation checkpointing, which runs a decoder layer's forward again during
+    backward, gets the very masks of the first pass. `new_forward()` (MoLAModel calls it before each
+    forward) makes the next `apply` draw a new pool; `width` (the widest input of the adapted linears)
+    sizes it so that it never has to grow within a forward.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, width: int = 0) -> None:
+        self.width = width
         self._pool: torch.Tensor | None = None
         self._pool_p = 0.0
+        self._key = 0
         self._fresh = True
         self._last: tuple[torch.Tensor, float, torch.Tensor] | None = None
 
     def new_forward(self) -> None:
         self._fresh, self._last = True, None
 
-    def apply(self, x: torch.Tensor, p: float) -> torch.Tensor:
-        """`x` with dropout probability `p` (scaled by 1/(1-p)), as in training mode."""
+    def apply(self, x: torch.Tensor, p: float, key: int = 0) -> torch.Tensor:
+        """`x` with dropout probability `p` (scaled by 1/(1-p)), as in training mode; `key` picks the slice."""
         if self._last is not None and self._last[0] is x and self._last[1] == p:
             return self._last[2]
         n = x.numel()
         pool = self._pool
         if (self._fresh or pool is None or pool.numel() < 2 * n or pool.dtype != x.dtype
                 or pool.device != x.device or self._pool_p != p):
-            size = max(2 * n, pool.numel() if pool is not None else 0)  # the largest input seen: one draw a forward
+            rows = n // x.shape[-1] if x.dim() and x.shape[-1] else n
+            size = max(2 * n, 2 * rows * self.width)  # every input of this forward fits: one draw per forward
             keep = torch.rand(size, device=x.device) >= p
             self._pool, self._pool_p, self._fresh = keep.to(x.dtype) * (1.0 / (1.0 - p)), p, False
+            self._key = int(torch.randint(0, 2**62, ()))  # the CPU generator: no device sync
             pool = self._pool
-        offset = int(torch.randint(0, pool.numel() - n + 1, ()))  # the CPU generator: no device sync
+        offset = _mix(self._key ^ key) % (pool.numel() - n + 1)
         dropped = x * pool[offset:offset + n].view(x.shape)
         self._last = (x, p, dropped)
         return dropped
+
+
+def _mix(z: int) -> int:
+    """splitmix64's finaliser: a well-spread 64-bit hash of an integer."""
+    z = (z + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return z ^ (z >> 31)
 
 
 @dataclass
@@ -92,6 +110,11 @@ class RoutingState:
     (`MoLAConfig.balance_loss`); `balance_terms` collects what the layers recorded in the last training
     forward; `collect_stats` turns on per-expert counters; `fuse_groups` lets an `InputGroup` compute
     its members' input-side matmuls together (off: every linear computes its own, same numbers).
+    `recording` is on while the base model's forward runs and off after it: activation checkpointing
+    runs a layer's forward again during backward, and that replay must compute what the first pass did
+    (the same operations, so the same tensors are saved) without adding balance terms or statistics twice.
+    `keep_token_mask` (set while activation checkpointing is on) keeps `token_mask` past the forward for
+    that replay; the next forward replaces it.
     """
 
     token_mask: torch.Tensor | None = None
@@ -100,6 +123,8 @@ class RoutingState:
     balance_terms: list[BalanceTerm] = field(default_factory=list)
     dropout: DropoutPool = field(default_factory=DropoutPool)
     fuse_groups: bool = True  # linears that read one input compute their routers and A's as one matmul
+    recording: bool = True
+    keep_token_mask: bool = False
 
 
 class InputGroup:
@@ -177,6 +202,7 @@ class MoLALinear(nn.Module):
         self.register_buffer("stat_tokens", torch.zeros((), dtype=torch.float64), persistent=False)
         self.active_experts, self.active_top_k = num_experts, top_k
         self.group: InputGroup | None = None  # set by MoLAModel for q/k/v and gate/up
+        self.dropout_key = _stable_key(f"{layer_index}|{module_kind}")  # which slice of the dropout pool
         self.reset_parameters(init)
 
     def activate(self, experts: int | None = None, top_k: int | None = None) -> None:
@@ -233,7 +259,8 @@ class MoLALinear(nn.Module):
         result = self.base_layer(x)
         dtype = x.dtype  # the base's compute dtype; the fp32 weights are cast to it (autocast's recipe)
         e, r = self.active_experts, self.rank  # a supernet's sub-network uses the first e experts
-        dropped = self.state.dropout.apply(x, self.dropout_p) if self.training and self.dropout_p > 0 else x
+        dropped = (self.state.dropout.apply(x, self.dropout_p, self.dropout_key)
+                   if self.training and self.dropout_p > 0 else x)
         group = self.group if self.group is not None and self.group.enabled and self.state.fuse_groups else None
         parts = group.parts(self, x, dropped) if group is not None else None
         if parts is not None:
@@ -271,8 +298,9 @@ class MoLALinear(nn.Module):
                                    all_p.new_tensor(float(all_p.shape[0])), self.active_top_k)
             else:
                 term = BalanceTerm(self.layer_index, (chosen * m).sum(0), flat_p.sum(0), m.sum(), self.active_top_k)
-            self.state.balance_terms.append(term)
-        if self.state.collect_stats:
+            if self.state.recording:
+                self.state.balance_terms.append(term)
+        if self.state.collect_stats and self.state.recording:
             with torch.no_grad():
                 self.stat_counts[:e] += (chosen * m).sum(0).double()
                 self.stat_weights[:e] += (gates.reshape(-1, e).float() * m).sum(0).double()
@@ -297,8 +325,12 @@ class MoLALinear(nn.Module):
 
 def expert_generator(seed: int, layer: int, module: str, expert: int, part: str) -> torch.Generator:
     """A CPU generator keyed by (seed, layer, module kind, expert, part), stable across processes."""
-    key = hashlib.sha256(f"{seed}|{layer}|{module}|{expert}|{part}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
+    return torch.Generator().manual_seed(_stable_key(f"{seed}|{layer}|{module}|{expert}|{part}"))
+
+
+def _stable_key(text: str) -> int:
+    """A 63-bit integer from `text`, the same in every process (unlike `hash`)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
 
 
 def load_balancing_loss(probs: torch.Tensor, chosen: torch.Tensor, mask: torch.Tensor, top_k: int) -> torch.Tensor:

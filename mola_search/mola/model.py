@@ -130,6 +130,46 @@ class MoLAModel(nn.Module):
         loss = balance_loss(self.state.balance_terms, self.mola_config.balance_loss) if coef else None
         return None if loss is None else coef * loss
 
+    # --- activation checkpointing ---------------------------------------------------
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict[str, Any] | None = None,
+                                        **kwargs: Any) -> None:
+        """Keep only each decoder layer's input for backward and run the layer again there (the base
+        model's activation checkpointing, non-reentrant): about a forward more per step for far fewer
+        activations kept. Training computes the same numbers as without it: a replayed layer gets the same
+        dropout masks and token mask, and records no balance term twice (`RoutingState.recording`).
+
+        The reentrant variant is refused: it runs the first pass without autograd, so the balance loss
+        would reach the routers with no gradient.
+        """
+        options = dict(activation_checkpointing_kwargs or {})
+        if options.get("use_reentrant"):
+            raise UserError("activation checkpointing with use_reentrant=True would train MoLA's routers "
+                            "without the balance loss's gradient; use use_reentrant=False (the default)")
+        options["use_reentrant"] = False
+        base = self.base_model
+        try:
+            if hasattr(base, "activation_checkpointing_enable"):
+                base.activation_checkpointing_enable(activation_checkpointing_kwargs=options, **kwargs)
+            else:  # transformers < 5
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options, **kwargs)
+        except (AttributeError, ValueError) as error:
+            raise UserError(f"{type(base).__name__} does not support activation checkpointing ({error}); "
+                            "train without it") from error
+        self.state.keep_token_mask = True
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None,
+                                      **kwargs: Any) -> None:
+        """`activation_checkpointing_enable` under the name `transformers.Trainer` calls."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        base = self.base_model
+        if hasattr(base, "activation_checkpointing_disable"):
+            base.activation_checkpointing_disable()
+        else:
+            base.gradient_checkpointing_disable()
+        self.state.keep_token_mask = False
+
     # --- parameters ----------------------------------------------------------------
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         return {f"{name}.{p}": getattr(layer, p).detach().contiguous()
@@ -263,6 +303,7 @@ def _track_tokens(state: RoutingState, _module: nn.Module, args: tuple, kwargs: 
     positions it computes are real tokens. With a KV cache the attention mask also covers the cached
     positions, so its last `seq` columns are the ones this call computes."""
     state.balance_terms = []
+    state.recording = True
     state.dropout.new_forward()
     mask = kwargs.get("attention_mask")
     inputs = kwargs.get("input_ids", args[0] if args else None)
@@ -273,7 +314,11 @@ def _track_tokens(state: RoutingState, _module: nn.Module, args: tuple, kwargs: 
 
 
 def _forget_tokens(state: RoutingState, _module: nn.Module, _args: tuple, _output: Any) -> None:
-    state.token_mask = None
+    """After each forward of the base model: stop recording; drop the token mask unless a checkpointed
+    layer's replay during backward still needs it."""
+    state.recording = False
+    if not state.keep_token_mask:
+        state.token_mask = None
 
 
 def _inject(owner: MoLAModel, base_model: nn.Module, config: MoLAConfig) -> None:
@@ -301,6 +346,7 @@ def _inject(owner: MoLAModel, base_model: nn.Module, config: MoLAConfig) -> None
         parent_name, _, child = name.rpartition(".")
         setattr(base_model.get_submodule(parent_name), child, layer)
         owner.mola_layers[name] = layer
+    owner.state.dropout.width = max(layer.base_layer.in_features for layer in owner.mola_layers.values())
     siblings: dict[tuple[str, int], list[MoLALinear]] = {}
     for name, layer in owner.mola_layers.items():
         parent, _, kind = name.rpartition(".")
