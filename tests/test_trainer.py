@@ -422,3 +422,36 @@ def test_generate_mode_decodes_as_the_uncached_loop_did(tok, method):
     assert all(texts)
     res = ev.evaluate_generation(model, tok, examples, max_new_tokens=6)
     assert res.predictions == [ev.parse_choice(t, ex.choices) for t, ex in zip(texts, examples)]
+
+
+def test_activation_checkpointing_trains_to_the_same_weights(tok):
+    runs = []
+    for checkpointing in (False, True):
+        model = mola(tok, dropout=0.1)
+        config = TrainConfig(lr=1e-2, max_steps=3, batch_size=8, micro_batch_size=4, seed=3, log_every=1,
+                             activation_checkpointing=checkpointing)
+        result = train(model, tok, classification(24), config, progress=False)
+        runs.append((result.loss_curve, result.aux_curve, adapter_params(model)))
+        assert model.base_model.is_activation_checkpointing is checkpointing
+    (loss, aux, weights), (loss_ck, aux_ck, weights_ck) = runs
+    assert loss == loss_ck and aux == aux_ck and len(loss) == 3
+    assert all(torch.equal(w, weights_ck[k]) for k, w in weights.items())
+
+
+def test_activation_checkpointing_setting_is_validated():
+    with pytest.raises(UserError, match="activation_checkpointing"):
+        TrainConfig(activation_checkpointing="yes")
+
+
+def test_padding_to_a_width_multiple_changes_no_logit(tok):
+    """Batches are padded to multiples of 16 positions (fewer distinct matmul shapes); the extra left
+    padding is masked and positions restart after it, so in fp32 the answer logits are the same."""
+    model = mola(tok, random_b=True)
+    encoded = [encode_example(tok, ex, 256) for ex in classification(5, seed=4)]
+    tight, padded = collate(encoded, tok.pad_token_id, multiple=1), collate(encoded, tok.pad_token_id)
+    assert padded["input_ids"].shape[1] % 16 == 0 and padded["input_ids"].shape[1] > tight["input_ids"].shape[1]
+    model.eval()
+    with torch.no_grad():
+        a = model(**{k: tight[k] for k in ("input_ids", "attention_mask", "position_ids")}).logits[:, -3:]
+        b = model(**{k: padded[k] for k in ("input_ids", "attention_mask", "position_ids")}).logits[:, -3:]
+    assert torch.allclose(a, b, atol=1e-5)

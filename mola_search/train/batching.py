@@ -51,9 +51,19 @@ def encode_example(tokenizer, example: Example, cutoff_len: int) -> Encoded:
     return Encoded(prompt + answer, [IGNORE] * len(prompt) + answer)
 
 
-def collate(items: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-pad a micro-batch to its longest sequence; positions restart at 0 after the padding."""
-    width = max(len(e.input_ids) for e in items)
+WIDTH_MULTIPLE = 16
+"""Batches are padded to a multiple of this many positions. On a CPU every new (rows x width) shape makes
+oneDNN build and cache new matmul primitives for each linear of the model, forward and backward: with a
+width per batch, a cpu-quick trial's cache held ~0.4 GB; multiples of 16 cut the trial's peak resident
+memory from 1.93 to 1.60 GB at the same speed (README, Performance). Padding is masked out, so only bf16
+rounding (other matmul blocking) changes."""
+
+
+def collate(items: Sequence[Encoded], pad_id: int, multiple: int = WIDTH_MULTIPLE) -> dict[str, torch.Tensor]:
+    """Left-pad a micro-batch to its longest sequence rounded up to `multiple`; positions restart at 0
+    after the padding."""
+    longest = max(len(e.input_ids) for e in items)
+    width = -(-longest // multiple) * multiple
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
