@@ -1,5 +1,5 @@
-"""Time one optimizer step of MoLA (with and without shared-input groups) vs PEFT LoRA vs the per-expert loop,
-against the frozen base's own floor.
+"""Time one optimizer step of MoLA (with and without shared-input groups, with activation checkpointing) vs
+PEFT LoRA vs the per-expert loop, against the frozen base's own floor.
 
     python benchmarks/bench_step.py                 # SmolLM2-135M, batch 16x128, 2 threads, 3 rounds
     python benchmarks/bench_step.py --model tiny-llama --repeats 2   # smoke run
@@ -124,6 +124,8 @@ def main() -> None:
     ap.add_argument("--skip-loop", action="store_true")
     ap.add_argument("--skip-ungrouped", action="store_true",
                     help="leave out MoLA with q/k/v and gate/up computing their input-side matmuls separately")
+    ap.add_argument("--skip-checkpointed", action="store_true",
+                    help="leave out MoLA with activation checkpointing (each decoder layer recomputed in backward)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -156,6 +158,8 @@ def main() -> None:
     variants: dict[str, torch.nn.Module] = {"floor": floor, "peft-lora": lora, "mola": mola}
     if not args.skip_ungrouped:
         variants["mola-ungrouped"] = mola  # the same weights, every linear computing its own input-side matmuls
+    if not args.skip_checkpointed:
+        variants["mola-checkpointed"] = mola  # the same weights, decoder layers recomputed in backward
     if not args.skip_loop:
         variants["mola-loop"] = mola  # the same weights, through the per-expert loop (patched in below)
     optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-6)
@@ -170,12 +174,16 @@ def main() -> None:
             if name == "mola-loop":
                 MoLALinear.forward = lambda self, x: reference_forward(self, x)
             mola.state.fuse_groups = name != "mola-ungrouped"
+            if name == "mola-checkpointed":
+                mola.activation_checkpointing_enable()
             try:
                 _reset_peak_rss()
                 times[name] += time_steps(model, batch, args.repeats, optimizers.get(name))
                 peaks[name] = max(peaks[name], _peak_rss_mb())
             finally:
                 MoLALinear.forward = original
+                if name == "mola-checkpointed":
+                    mola.activation_checkpointing_disable()
             if device.type == "cuda":
                 peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device) / 2**20)
                 torch.cuda.reset_peak_memory_stats(device)
@@ -188,12 +196,14 @@ def main() -> None:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if name != "floor" else 0
         results[name] = {"step_s": med, "x_floor": med / floor_s, "tokens_per_s": tokens / med,
                          "trainable_params": trainable, memory: peaks[name], "steps": times[name]}
-        print(f"{name:<10} step {med:6.3f} s  x{med / floor_s:5.2f} floor  {tokens / med:9.1f} tok/s  "
+        print(f"{name:<17} step {med:6.3f} s  x{med / floor_s:5.2f} floor  {tokens / med:9.1f} tok/s  "
               f"{memory.replace('_mb', '')} {peaks[name]:7.0f} MB  trainable {trainable:,}", flush=True)
     ratios = {"mola_over_floor": results["mola"]["x_floor"], "lora_over_floor": results["peft-lora"]["x_floor"],
               "mola_over_lora": results["mola"]["step_s"] / results["peft-lora"]["step_s"]}
     if "mola-ungrouped" in results:
         ratios["ungrouped_over_mola"] = results["mola-ungrouped"]["step_s"] / results["mola"]["step_s"]
+    if "mola-checkpointed" in results:
+        ratios["checkpointed_over_mola"] = results["mola-checkpointed"]["step_s"] / results["mola"]["step_s"]
     if "mola-loop" in results:
         ratios["loop_over_mola"] = results["mola-loop"]["step_s"] / results["mola"]["step_s"]
     print(" ".join(f"{k}={v:.2f}" for k, v in ratios.items())

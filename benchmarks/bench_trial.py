@@ -43,10 +43,14 @@ def main() -> None:
     ap.add_argument("--shape", default="inverted_triangle")
     ap.add_argument("--data-dir", dest="data_dir")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (a study's --cpus-per-trial)")
+    ap.add_argument("--activation-checkpointing", action="store_true", dest="activation_checkpointing",
+                    help="recompute each decoder layer in backward (the trial's TrainConfig setting)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
-    study = pin_paths(StudyConfig(**{**PRESETS[args.preset], "task": args.task, "data_dir": args.data_dir,
+    preset = PRESETS[args.preset]
+    train = {**preset.get("train", {}), **({"activation_checkpointing": True} if args.activation_checkpointing else {})}
+    study = pin_paths(StudyConfig(**{**preset, "train": train, "task": args.task, "data_dir": args.data_dir,
                                      "cpus_per_trial": args.threads, "preset": args.preset,
                                      **({"model": args.model} if args.model else {})}))
     fidelity = resolve_space(study).fidelity
@@ -88,7 +92,8 @@ def main() -> None:
               # a search trial scores its rungs from inside the training loop (a callback at each rung)
               "train": seconds["train+tokenise"] - seconds["tokenise"] - seconds["score"], "score": seconds["score"]}
     phases["other"] = wall - sum(phases.values())
-    print(f"{args.preset} trial, {args.task}, {args.shape} ({sum(spec.experts)} experts), {args.threads} thread(s): "
+    print(f"{args.preset} trial, {args.task}, {args.shape} ({sum(spec.experts)} experts), {args.threads} thread(s)"
+          + (", activation checkpointing" if args.activation_checkpointing else "") + ": "
           f"{wall:.1f} s (the model's first load and conversion before it: {warm:.1f} s)")
     for name, value in phases.items():
         peak = peaks.get("train+tokenise" if name == "train" else name)  # train's includes the rungs' scoring

@@ -33,3 +33,27 @@ def test_bench_trial_splits_one_trial_into_its_phases(tmp_path: Path) -> None:
     assert sum(phases.values()) == pytest.approx(result["wall_s"], rel=1e-6)
     assert len(result["scores"]) == 2 and result["peak_rss_mb"] > result["phase_peaks_mb"]["load"] * 0.99
     assert "score" in proc.stdout and "peak RSS of the trial process" in proc.stdout
+    # The same trial with activation checkpointing: the very same scores (it trades compute for memory only).
+    again = tmp_path / "checkpointed.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_trial.py"), "--model", "tiny-llama-L4",
+                           "--task", f"custom:{task / 'task.yaml'}", "--activation-checkpointing", "--json", str(again)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(again.read_text())["scores"] == result["scores"]
+    assert "activation checkpointing" in proc.stdout
+
+
+def test_bench_step_times_every_variant_against_the_floor(tmp_path: Path) -> None:
+    out = tmp_path / "step.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--model", "tiny-llama",
+                           "--batch", "2", "--seq", "16", "--repeats", "1", "--rounds", "1", "--threads", "1",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    variants = result["results"]
+    assert set(variants) == {"floor", "peft-lora", "mola", "mola-ungrouped", "mola-checkpointed", "mola-loop"}
+    assert variants["floor"]["x_floor"] == 1.0 and variants["floor"]["trainable_params"] == 0
+    assert all(v["step_s"] > 0 and len(v["steps"]) == 1 for v in variants.values())
+    assert variants["mola-checkpointed"]["trainable_params"] == variants["mola"]["trainable_params"] > 0
+    assert result["ratios"]["checkpointed_over_mola"] == pytest.approx(
+        variants["mola-checkpointed"]["step_s"] / variants["mola"]["step_s"])

@@ -168,6 +168,12 @@ def test_flags_override_config_and_yaml_floats_are_read(tmp_path):
     assert config.target_modules == ("q_proj", "v_proj")
     defaults = cli.config_from_args(cli.build_parser().parse_args([]))
     assert defaults.train.lr == 3e-4 and defaults.budget is None  # None: 5 x layers, resolved later
+    assert not defaults.train.activation_checkpointing
+    assert cli.config_from_args(cli.build_parser().parse_args(["--activation-checkpointing"])).train.activation_checkpointing
+    from mola_search.cli import search
+
+    study = search.study_config_from_args(search.build_parser().parse_args(["--activation-checkpointing"]))
+    assert study.train["activation_checkpointing"] is True
     assert defaults.out.startswith("runs/mrpc-inverted_triangle-")
 
 

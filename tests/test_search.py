@@ -405,3 +405,18 @@ def test_auto_concurrency_takes_the_scarcest_resource(resources, per_trial, expe
 
     cpus, gpus, memory_mb, cpt, gpt = resources
     assert auto_concurrency(cpus, gpus, memory_mb, cpus_per_trial=cpt, gpus_per_trial=gpt, trial_mb=per_trial) == expected
+
+
+@pytest.mark.parametrize(("slots", "checkpointing", "hint"), [
+    ({"cpu": 16, "memory": 10}, False, True),    # memory limits: say what would fit more
+    ({"cpu": 16, "memory": 10}, True, False),    # already checkpointing
+    ({"cpu": 16, "memory": 21}, False, False),   # cores limit: nothing to gain
+    ({"cpu": 8, "memory": 6, "gpu": 4}, False, False),  # the GPUs limit before memory does
+])
+def test_concurrency_line_suggests_checkpointing_only_when_memory_limits(slots, checkpointing, hint) -> None:
+    from mola_search.search.executors import concurrency_line
+
+    n = min(slots.values())
+    line = concurrency_line(max(1, n), slots, 32 * 1024, 3 * 1024, measured=True, checkpointing=checkpointing)
+    assert line.startswith(f"max concurrent {max(1, n)} (auto: {slots['cpu']} CPU slots")
+    assert ("--activation-checkpointing" in line) is hint

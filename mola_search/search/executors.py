@@ -107,10 +107,23 @@ def ray_concurrency(config: StudyConfig, trial_mb: float, measured: bool) -> tup
     n, slots = auto_concurrency(float(resources.get("CPU", 1.0)), float(resources.get("GPU", 0.0)), memory_mb,
                                 cpus_per_trial=config.cpus_per_trial, gpus_per_trial=config.gpus_per_trial,
                                 trial_mb=trial_mb)
-    return n, (f"max concurrent {n} (auto: {slots['cpu']} CPU slots"
-               + (f", {slots['gpu']} GPU slots" if "gpu" in slots else "")
-               + f", {slots['memory']} memory slots: {memory_mb / 1024:.1f} GB for tasks / "
-               f"{trial_mb / 1024:.1f} GB per trial, {'measured' if measured else 'estimated'})")
+    checkpointing = bool(config.train.get("activation_checkpointing"))
+    return n, concurrency_line(n, slots, memory_mb, trial_mb, measured=measured, checkpointing=checkpointing)
+
+
+def concurrency_line(n: int, slots: dict[str, int], memory_mb: float, trial_mb: float, *, measured: bool,
+                     checkpointing: bool) -> str:
+    """What `auto_concurrency` chose and why, for the progress output. When memory rather than cores or GPUs
+    is the limit and trials keep every activation, it says that activation checkpointing would fit more."""
+    line = (f"max concurrent {n} (auto: {slots['cpu']} CPU slots"
+            + (f", {slots['gpu']} GPU slots" if "gpu" in slots else "")
+            + f", {slots['memory']} memory slots: {memory_mb / 1024:.1f} GB for tasks / "
+            f"{trial_mb / 1024:.1f} GB per trial, {'measured' if measured else 'estimated'})")
+    compute = min(v for k, v in slots.items() if k != "memory")
+    if slots["memory"] < compute and not checkpointing:
+        line += (f"; memory, not compute, limits this to {n} of {compute}: --activation-checkpointing trains the "
+                 "same numbers with about half the memory per trial (README, Performance)")
+    return line
 
 
 def check_resources(config: StudyConfig) -> None:
