@@ -2,6 +2,8 @@
 
     python benchmarks/bench_trial.py                      # a cpu-quick trial: MRPC, SmolLM2, inverted_triangle
     python benchmarks/bench_trial.py --task rte --shape rectangle --preset cpu-standard --json out.json
+    python benchmarks/bench_trial.py --activation-checkpointing   # the same trial, decoder layers recomputed
+    python benchmarks/bench_trial.py --width-multiple 1           # batches padded to their longest row only
 
 It calls `search.trial.run_trial` as a study's worker does (the preset's fidelity, the study seed) and times
 the phases by wrapping the functions that do them: `train.run.prepare` (model and data: "load"),
@@ -25,7 +27,7 @@ from mola_search.allocation import resolve_allocation
 from mola_search.search.config import PRESETS, StudyConfig, pin_paths
 from mola_search.search.runner import resolve_space
 from mola_search.search.trial import TrialRequest, run_trial
-from mola_search.train import run, trainer
+from mola_search.train import batching, run, trainer
 
 
 def _peak_rss_mb() -> float:
@@ -45,8 +47,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (a study's --cpus-per-trial)")
     ap.add_argument("--activation-checkpointing", action="store_true", dest="activation_checkpointing",
                     help="recompute each decoder layer in backward (the trial's TrainConfig setting)")
+    ap.add_argument("--width-multiple", type=int, dest="width_multiple",
+                    help=f"pad batches to multiples of this many positions (default {batching.WIDTH_MULTIPLE})")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
+    if args.width_multiple:
+        batching.WIDTH_MULTIPLE = args.width_multiple
 
     preset = PRESETS[args.preset]
     train = {**preset.get("train", {}), **({"activation_checkpointing": True} if args.activation_checkpointing else {})}

@@ -59,9 +59,10 @@ memory from 1.93 to 1.60 GB at the same speed (README, Performance). Padding is 
 rounding (other matmul blocking) changes."""
 
 
-def collate(items: Sequence[Encoded], pad_id: int, multiple: int = WIDTH_MULTIPLE) -> dict[str, torch.Tensor]:
-    """Left-pad a micro-batch to its longest sequence rounded up to `multiple`; positions restart at 0
-    after the padding."""
+def collate(items: Sequence[Encoded], pad_id: int, multiple: int | None = None) -> dict[str, torch.Tensor]:
+    """Left-pad a micro-batch to its longest sequence rounded up to `multiple` (default `WIDTH_MULTIPLE`);
+    positions restart at 0 after the padding."""
+    multiple = multiple or WIDTH_MULTIPLE
     longest = max(len(e.input_ids) for e in items)
     width = -(-longest // multiple) * multiple
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
@@ -105,8 +106,8 @@ def answer_span(batch: dict[str, torch.Tensor]) -> int:
 def tail_logits(model, batch: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
     """Logits of the last `keep` positions, computing the LM head only there when the model allows it."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
-    try:
-        return model(**inputs, logits_to_keep=keep).logits[:, -keep:]
+    try:  # no KV cache: nothing decodes further from these positions
+        return model(**inputs, logits_to_keep=keep, use_cache=False).logits[:, -keep:]
     except TypeError:  # models without logits_to_keep: full logits, then slice
         return model(**inputs).logits[:, -keep:]
 
