@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -183,6 +184,26 @@ def test_storage_accepts_an_rdb_url_and_resume_uses_it(tmp_path: Path, capsys) -
     capsys.readouterr()
     assert search(["export", str(folder)]) == 0
     assert sum(json.loads(capsys.readouterr().out)["experts"]) == 40
+
+
+def test_resume_may_change_the_finalist_seeds_and_keeps_finished_runs(tmp_path: Path) -> None:
+    folder = tmp_path / "seeds"
+    assert search([*BASE, "--trials", "2", "--finalists", "0", "--finalist-seeds", "1", "--out", str(folder)]) == 0
+
+    def runs() -> dict[str, float]:
+        return {str(p.parent.relative_to(folder)): p.stat().st_mtime_ns for p in folder.glob("finalists/**/metrics.json")}
+
+    def seeds() -> set[tuple[str, ...]]:
+        return {tuple(re.findall(r"\d+", f["seeds"])) for f in csv.DictReader((folder / "finalists.csv").open())}
+
+    first = runs()
+    assert len(first) == 2 and seeds() == {("1000",)}  # triangle and inverted_triangle
+    assert search(["--resume", str(folder), "--finalist-seeds", "2"]) == 0
+    second = runs()
+    assert len(second) == 4 and {k: second[k] for k in first} == first  # seed 1001 added, seed 1000 not rerun
+    assert seeds() == {("1000", "1001")} and StudyConfig.load(folder).finalist_seeds == 2
+    assert search(["--resume", str(folder), "--finalist-seeds", "1"]) == 0
+    assert runs() == second and seeds() == {("1000",)}
 
 
 @pytest.mark.parametrize("sampler", ["cmaes", "gp", "random"])

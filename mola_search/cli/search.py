@@ -146,8 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     if "resume" in args:
         folder = Path(args.resume)
         config = StudyConfig.load(folder)
+        # What a resume may change: how much more to search, where to run, and how many fresh seeds the
+        # finalists get (finished finalist runs are kept; more seeds add runs, fewer report the first ones).
         extra = {k: v for k, v in vars(args).items() if k in ("trials", "executor", "address", "cpus_per_trial",
-                                                               "gpus_per_trial", "max_concurrent")}
+                                                               "gpus_per_trial", "max_concurrent", "finalist_seeds")}
         if extra:
             config = StudyConfig.from_dict({**config.to_dict(), **extra})
             config.save(folder)
