@@ -39,7 +39,8 @@ from typing import Any
 from mola_search.allocation import AllocationSpec, run_length
 from mola_search.errors import UserError
 from mola_search.search.config import StudyConfig
-from mola_search.search.folder import ALLOCATION, DUPLICATE_OF, FAILURE, FORCED, METRICS, ORIGIN, RANK, TOP_K, default_storage
+from mola_search.search.folder import (ALLOCATION, DUPLICATE_OF, FAILURE, FORCED, METRICS, ORIGIN, RANK, TOP_K,
+                                       default_storage, trial_spec)
 from mola_search.search.oneshot import ONESHOT_CSV, SUPERNET_DIR
 from mola_search.search.progress import Progress, duration
 from mola_search.search.seeds import Seed
@@ -227,7 +228,7 @@ def score_allocations(config: StudyConfig, space: SearchSpace, supernet: Superne
                                  "rank": list(seed.spec.rank)}
             study.enqueue_trial(params, user_attrs=attrs)
         study.set_user_attr("seeds_enqueued", True)
-    scored = {_key(trial_spec_of(t)): t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    scored = {_key(trial_spec(t)): t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
               if DUPLICATE_OF not in t.user_attrs}
     target = config.oneshot_trials
     if len(scored) < target:
@@ -299,18 +300,13 @@ def score_allocations(config: StudyConfig, space: SearchSpace, supernet: Superne
     return study
 
 
-def trial_spec_of(trial) -> AllocationSpec:
-    a = trial.user_attrs
-    return AllocationSpec(tuple(a[ALLOCATION]), tuple(a[TOP_K]), tuple(a[RANK]), str(a.get(ORIGIN, "")))
-
-
 def ranked_allocations(study) -> list[tuple[AllocationSpec, float]]:
     """Distinct scored allocations, best one-shot score first."""
     from optuna.trial import TrialState
 
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if DUPLICATE_OF not in t.user_attrs]
-    return [(trial_spec_of(t), float(t.value)) for t in sorted(done, key=lambda t: -t.value)]
+    return [(trial_spec(t), float(t.value)) for t in sorted(done, key=lambda t: -t.value)]
 
 
 def write_oneshot_csv(study, folder: Path) -> Path:
