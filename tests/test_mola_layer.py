@@ -229,18 +229,23 @@ def test_bf16_input_computes_the_adapter_in_bf16_close_to_fp32():
     x = torch.randn(3, 7, 24)
     exact = reference_forward(layer, x)
     layer.base_layer.to(torch.bfloat16)
-    seen, linear = [], torch.nn.functional.linear
+    seen, linear, addmm = [], torch.nn.functional.linear, torch.addmm
 
     def recording(inp, weight, bias=None):
         seen.append((inp.dtype, weight.dtype))
         return linear(inp, weight, bias)
 
-    torch.nn.functional.linear = recording
+    def recording_addmm(acc, mat1, mat2):
+        seen.append((acc.dtype, mat1.dtype, mat2.dtype))
+        return addmm(acc, mat1, mat2)
+
+    torch.nn.functional.linear, torch.addmm = recording, recording_addmm
     try:
         low = layer(x.to(torch.bfloat16))
     finally:
-        torch.nn.functional.linear = linear
-    assert len(seen) == 4 and set(seen) == {(torch.bfloat16, torch.bfloat16)}  # base, router, A, B: no fp32 copy
+        torch.nn.functional.linear, torch.addmm = linear, addmm
+    bf16 = torch.bfloat16
+    assert seen[:3] == [(bf16, bf16)] * 3 and seen[3:] == [(bf16, bf16, bf16)]  # base, router, A; B: no fp32 copy
     assert low.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32  # fp32 masters, bf16 compute
     torch.testing.assert_close(low.float(), exact, atol=0.1, rtol=0.05)
     low.float().sum().backward()
