@@ -248,9 +248,11 @@ def _finished(folder: Path) -> int:
 
 
 def kill_mid_study_and_resume(folder: Path, argv: list[str], trials: int, kill_after: int, *,
-                              env: dict[str, str], resume: list[str], timeout: float = 120.0) -> dict[str, int]:
-    """Start `mola-search` as its own process group, SIGKILL the whole group once `kill_after` trials
-    finished, resume it in this process, and check that nothing finished was lost or re-run."""
+                              env: dict[str, str], resume: list[str], timeout: float = 120.0,
+                              sig: int = signal.SIGKILL) -> dict[str, int]:
+    """Start `mola-search` as its own process group, send the whole group `sig` (SIGKILL; SIGINT as a
+    terminal's Ctrl-C does) once `kill_after` trials finished, resume it in this process, and check that
+    nothing finished was lost or re-run."""
     log = (folder.parent / f"{folder.name}.log").open("w")
     proc = subprocess.Popen([*MOLA_SEARCH, *argv, "--out", str(folder), "--trials", str(trials)], env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -260,14 +262,20 @@ def kill_mid_study_and_resume(folder: Path, argv: list[str], trials: int, kill_a
             assert proc.poll() is None, (folder.parent / f"{folder.name}.log").read_text()[-3000:]
             assert time.time() < deadline, "the study did not get going"
             time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
-    assert proc.returncode == -signal.SIGKILL
+    output = (folder.parent / f"{folder.name}.log").read_text()
+    if sig == signal.SIGINT:  # stopped, said so, and summarised nothing it did not finish
+        assert proc.returncode == 130, output[-3000:]
+        assert f"mola-search --resume {folder}" in output and "done in" not in output
+        assert not (folder / "summary.md").exists()
+    else:
+        assert proc.returncode == -sig
     before = {t.number: t for t in load_study(folder).trials}
     finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     done_before = {n: t for n, t in before.items() if t.state in finished}

@@ -10,6 +10,7 @@ connects with `--address`, so trials are scheduled over both nodes like on a rea
 from __future__ import annotations
 
 import os
+import signal
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -132,6 +133,20 @@ def test_kill_9_of_a_ray_study_then_resume_loses_and_reruns_nothing(cluster, tmp
     finally:
         _disconnect()
     assert figures["trained_after_resume"] == 10 and figures["duplicates_trained"] == 0
+
+
+def test_ctrl_c_stops_a_ray_study_which_resume_then_finishes(cluster, tmp_path: Path) -> None:
+    """Tune's own SIGINT handler would end the phase quietly and let the study summarise runs it never
+    finished; Ctrl-C must stop the study instead, and `--resume` continue it."""
+    env = {**os.environ, "MOLA_SYNTHETIC_DELAY": "0.5"}
+    env.pop("MOLA_SEARCH_FAULTS", None)
+    try:
+        figures = kill_mid_study_and_resume(tmp_path / "interrupted", [*BASE, "--address", cluster.address],
+                                            trials=8, kill_after=3, env=env, resume=[], timeout=150,
+                                            sig=signal.SIGINT)
+    finally:
+        _disconnect()
+    assert figures["trained_after_resume"] == 8 and figures["duplicates_trained"] == 0
 
 
 def test_relative_data_dir_and_out_reach_ray_trials_and_finalists(cluster, tmp_path: Path, monkeypatch,

@@ -141,7 +141,6 @@ def main(argv: list[str] | None = None) -> int:
                 "compare": _analysis("compare_main")}[argv[0]](argv[1:])
     args = build_parser().parse_args(argv)
     from mola_search.search.config import StudyConfig
-    from mola_search.search.runner import run_study
 
     if "resume" in args:
         folder = Path(args.resume)
@@ -153,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         if extra:
             config = StudyConfig.from_dict({**config.to_dict(), **extra})
             config.save(folder)
-        run_study(config, folder, resume=True, summarize=_summarize)
-        return 0
+        return _run(config, folder, resume=True)
     config = study_config_from_args(args)
     name = config.study_name or f"{_slug(config.task)}-b{config.budget or 'auto'}-{time.strftime('%Y%m%d-%H%M%S')}"
     folder = Path(config.out or f"runs/{name}")
@@ -162,7 +160,18 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{folder} already holds a study; continue it with `mola-search --resume {folder}` "
                         "or choose another --out")
     config = StudyConfig.from_dict({**config.to_dict(), "out": str(folder), "study_name": name})
-    run_study(config, folder, summarize=_summarize)
+    return _run(config, folder)
+
+
+def _run(config, folder: Path, resume: bool = False) -> int:
+    from mola_search.search.runner import run_study
+
+    try:
+        run_study(config, folder, resume=resume, summarize=_summarize)
+    except KeyboardInterrupt:
+        print(f"mola-search: interrupted; finished trials and runs are kept: `mola-search --resume {folder}` "
+              "continues the study", file=sys.stderr)
+        return 130
     return 0
 
 

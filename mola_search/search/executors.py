@@ -66,6 +66,9 @@ def init_ray(config: StudyConfig) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Ctrl-C stops the study (KeyboardInterrupt: "interrupted", exit 130, `--resume` continues it). Tune's own
+    # handler would instead end the phase quietly, and the study would go on to summarise runs it never finished.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
     # Workers on a running cluster are started by its raylets, not by this process: hand them this
     # process's MOLA_* settings (data/cache folders, test hooks such as MOLA_SEARCH_FAULTS).
