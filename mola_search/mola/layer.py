@@ -275,7 +275,7 @@ class MoLALinear(nn.Module):
         weights = (gates * self.scaling).to(dtype)  # the LoRA scaling folded into the (tokens x experts) gates
         hidden = (hidden.reshape(*hidden.shape[:-1], e, r) * weights.unsqueeze(-1)).flatten(-2)
         # result + hidden @ B^T as one addmm: the sum happens inside the matmul, not as a separate pass over
-        # (tokens x d_out) forward and backward (a third of a linear's adapter cost on a CPU, bench_step.py).
+        # (tokens x d_out) forward and backward (README, Performance: bench_step.py before and after).
         flat = result.reshape(-1, result.shape[-1])
         return torch.addmm(flat, hidden.reshape(-1, e * r), lora_b.reshape(-1, e * r).to(dtype).t()).view_as(result)
 

@@ -53,10 +53,10 @@ def encode_example(tokenizer, example: Example, cutoff_len: int) -> Encoded:
 
 WIDTH_MULTIPLE = 16
 """Batches are padded to a multiple of this many positions. On a CPU every new (rows x width) shape makes
-oneDNN build and cache new matmul primitives for each linear of the model, forward and backward: with a
-width per batch, a cpu-quick trial's cache held ~0.4 GB; multiples of 16 cut the trial's peak resident
-memory from 1.93 to 1.60 GB at the same speed (README, Performance). Padding is masked out, so only bf16
-rounding (other matmul blocking) changes."""
+oneDNN build and cache new matmul primitives for each linear of the model, forward and backward: with
+activation checkpointing, multiples of 16 cut a cpu-quick trial's peak resident memory from 2,554 to 1,789 MB
+and were not slower (`benchmarks/bench_trial.py --activation-checkpointing [--width-multiple 1]`, README,
+Performance). Padding is masked out, so only bf16 rounding (other matmul blocking) changes."""
 
 
 def collate(items: Sequence[Encoded], pad_id: int, multiple: int | None = None) -> dict[str, torch.Tensor]:
