@@ -200,7 +200,8 @@ def test_dropout_pool_keeps_each_element_with_probability_1_minus_p_and_scales_i
     assert torch.allclose(dropped[kept], torch.full_like(dropped[kept], 1 / (1 - p)))
     # rows are not copies of each other (a slice of iid draws, not a repeated pattern)
     assert (kept[0] != kept[1]).any() and (kept[:, 0] != kept[:, 1]).any()
-    assert pool.apply(x, p) is dropped  # the same input (q, k and v read one tensor): one shared mask
+    assert pool.mask(x, p, key=5) is pool.mask(x, p)  # the same input (q, k and v read one tensor): one shared mask
+    assert torch.equal(pool.mask(x, p), dropped)
     other = pool.apply(x.clone(), p, key=1)
     assert not torch.equal(other != 0, kept)  # another linear: another slice
     replay = pool.apply(x.clone(), p, key=0)
@@ -229,27 +230,82 @@ def test_bf16_input_computes_the_adapter_in_bf16_close_to_fp32():
     x = torch.randn(3, 7, 24)
     exact = reference_forward(layer, x)
     layer.base_layer.to(torch.bfloat16)
-    seen, linear, addmm = [], torch.nn.functional.linear, torch.addmm
+    seen, linear, addmm_ = [], torch.nn.functional.linear, torch.Tensor.addmm_
 
     def recording(inp, weight, bias=None):
         seen.append((inp.dtype, weight.dtype))
         return linear(inp, weight, bias)
 
-    def recording_addmm(acc, mat1, mat2):
+    def recording_addmm_(acc, mat1, mat2):
         seen.append((acc.dtype, mat1.dtype, mat2.dtype))
-        return addmm(acc, mat1, mat2)
+        return addmm_(acc, mat1, mat2)
 
-    torch.nn.functional.linear, torch.addmm = recording, recording_addmm
+    torch.nn.functional.linear, torch.Tensor.addmm_ = recording, recording_addmm_
     try:
         low = layer(x.to(torch.bfloat16))
     finally:
-        torch.nn.functional.linear, torch.addmm = linear, addmm
+        torch.nn.functional.linear, torch.Tensor.addmm_ = linear, addmm_
     bf16 = torch.bfloat16
-    assert seen[:3] == [(bf16, bf16)] * 3 and seen[3:] == [(bf16, bf16, bf16)]  # base, router, A; B: no fp32 copy
+    assert seen == [(bf16, bf16)] * 2 + [(bf16, bf16, bf16)]  # base, router+A; B into the base output: no fp32 copy
     assert low.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32  # fp32 masters, bf16 compute
     torch.testing.assert_close(low.float(), exact, atol=0.1, rtol=0.05)
     low.float().sum().backward()
     assert layer.lora_A.grad.dtype == torch.float32 and torch.isfinite(layer.lora_A.grad).all()
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_input_side_backward_is_the_gradient_of_its_forward(dropout):
+    """`_InputSide` writes its own backward (one input-gradient buffer, recomputed dropout): check it against
+    numerical differentiation, with two bases (one with a bias, one trainable) and the mask of a dropout."""
+    from mola_search.mola.layer import _InputSide
+
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape, grad=True):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_(grad)
+
+    x = rand(6, 5)
+    mask = (torch.rand(6, 5, generator=gen) > 0.3).double() / 0.7 if dropout else None
+    routers, experts = rand(4, 5), rand(8, 5)
+    bases = (rand(3, 5, grad=False), rand(3, grad=False), rand(2, 5), None)
+    assert torch.autograd.gradcheck(lambda *t: _InputSide.apply(t[0], mask, *t[1:]), (x, routers, experts, *bases))
+
+
+def test_output_side_backward_is_the_gradient_of_its_forward():
+    """`_OutputSide` (gated experts added into the base output in place) against numerical differentiation."""
+    from mola_search.mola.layer import _OutputSide
+
+    gen = torch.Generator().manual_seed(0)
+    result, hidden, lora_b = (torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True)
+                              for s in ((6, 4), (6, 3 * 2), (4, 3 * 2)))
+    gates = torch.rand(6, 3, generator=gen, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda res, *t: _OutputSide.apply(res.clone(), *t), (result, hidden, gates, lora_b))
+
+
+def test_a_base_that_is_not_a_plain_linear_is_called_and_trains_the_same():
+    """A quantised base (any nn.Linear subclass) runs its own forward; outputs and gradients are unchanged."""
+    class CustomLinear(nn.Linear):
+        calls = 0
+
+        def forward(self, x):
+            CustomLinear.calls += 1
+            return super().forward(x)
+
+    def run(custom: bool):
+        layer = _layer(4, 2)
+        if custom:
+            plain, layer.base_layer = layer.base_layer, CustomLinear(24, 20)
+            layer.base_layer.load_state_dict(plain.state_dict())
+            layer.base_layer.requires_grad_(False)
+        layer.train()
+        x = torch.randn(3, 7, 24, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        out = layer(x)
+        out.pow(2).sum().backward()
+        return out.detach(), x.grad, layer.lora_A.grad, layer.router.grad, layer.lora_B.grad
+
+    for got, want in zip(run(True), run(False)):
+        torch.testing.assert_close(got, want)
+    assert CustomLinear.calls == 1
 
 
 def _grads(model: MoLAModel) -> dict[str, torch.Tensor]:

@@ -13,6 +13,11 @@ The adapter computes in the dtype of its input (the frozen base's: bf16 on a GPU
 CPU with bf16 matmuls), with fp32 master weights cast per forward, as autocast does: no
 fp32 copy of every activation. Dropout masks come from a `DropoutPool` (one random draw per
 forward, see there): on a CPU, one Bernoulli draw per adapted linear was a quarter of a step.
+
+Two autograd functions carry a linear's work: `_InputSide` (base outputs, router logits and A
+projections of everything reading one input, with one input-gradient buffer in backward) and
+`_OutputSide` (the gated experts added into the base output in place). Their backward passes are
+checked against numerical differentiation in `tests/test_mola_layer.py`.
 """
 
 from __future__ import annotations
@@ -68,13 +73,14 @@ class DropoutPool:
         self._pool_p = 0.0
         self._key = 0
         self._fresh = True
-        self._last: tuple[torch.Tensor, float, torch.Tensor] | None = None
+        self._last: tuple[torch.Tensor, float, torch.Tensor] | None = None  # (input, p, its mask)
 
     def new_forward(self) -> None:
         self._fresh, self._last = True, None
 
-    def apply(self, x: torch.Tensor, p: float, key: int = 0) -> torch.Tensor:
-        """`x` with dropout probability `p` (scaled by 1/(1-p)), as in training mode; `key` picks the slice."""
+    def mask(self, x: torch.Tensor, p: float, key: int = 0) -> torch.Tensor:
+        """The keep-multipliers (0 or 1/(1-p), `x`'s shape and dtype) of dropout with probability `p` on
+        `x`, as in training mode; `key` picks the slice. The same tensor `x` gets the same mask again."""
         if self._last is not None and self._last[0] is x and self._last[1] == p:
             return self._last[2]
         n = x.numel()
@@ -88,9 +94,13 @@ class DropoutPool:
             self._key = int(torch.randint(0, 2**62, ()))  # the CPU generator: no device sync
             pool = self._pool
         offset = _mix(self._key ^ key) % (pool.numel() - n + 1)
-        dropped = x * pool[offset:offset + n].view(x.shape)
-        self._last = (x, p, dropped)
-        return dropped
+        mask = pool[offset:offset + n].view(x.shape)
+        self._last = (x, p, mask)
+        return mask
+
+    def apply(self, x: torch.Tensor, p: float, key: int = 0) -> torch.Tensor:
+        """`x` with dropout probability `p` (scaled by 1/(1-p)), as in training mode; `key` picks the slice."""
+        return x * self.mask(x, p, key)
 
 
 def _mix(z: int) -> int:
@@ -127,31 +137,159 @@ class RoutingState:
     keep_token_mask: bool = False
 
 
+class _InputSide(torch.autograd.Function):
+    """Everything that reads the input `x` of one adapted linear, or of a shared-input group, as one autograd
+    node: each member's frozen base output x W^T + b, the router logits x R^T and the expert projections
+    (x * mask) A^T, with R and A the members' weights stacked.
+
+    These are the same products autograd would record one by one, but its backward would compute an input
+    gradient per product (and the mask's multiply) and add them up pass by pass, keep the dropped input for
+    the A's gradient, and form weight gradients as x^T g, a transposed operand CPU matmuls handle slowly.
+    This backward accumulates the input gradient in one buffer (`addmm_`, `addcmul_`), recomputes x * mask
+    instead of keeping it, and computes weight gradients as g^T x with the thin g^T made contiguous.
+
+    apply(x (tokens x d_in), mask (x's shape: keep-multipliers) or None, routers, experts,
+          W_1, b_1, ..., W_n, b_n) -> (base output 1, ..., base output n, logits, hidden)
+    """
+
+    @staticmethod
+    def forward(ctx, x, mask, routers, experts, *bases):
+        weights, biases = bases[0::2], bases[1::2]
+        results = tuple(F.linear(x, w, b) for w, b in zip(weights, biases))
+        if mask is None:  # routers and A's read the same tensor: one matmul
+            both = F.linear(x, torch.cat((routers, experts)))
+            logits, hidden = both.split((routers.shape[0], experts.shape[0]), dim=-1)
+        else:
+            logits, hidden = F.linear(x, routers), F.linear(x * mask, experts)
+        ctx.save_for_backward(x, mask, routers, experts, *weights)
+        ctx.has_bias = tuple(b is not None for b in biases)
+        return (*results, logits, hidden)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, mask, routers, experts, *weights = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g_results = grads[:-2]
+        g_logits = grads[-2] if grads[-2] is not None else x.new_zeros(x.shape[0], routers.shape[0])
+        g_hidden = grads[-1] if grads[-1] is not None else x.new_zeros(x.shape[0], experts.shape[0])
+        g_adapter = torch.cat((g_logits, g_hidden), dim=-1) if mask is None else None
+        grad_x = None
+        if need[0]:
+            for g, w in zip(g_results, weights):
+                if g is not None:
+                    grad_x = g @ w if grad_x is None else grad_x.addmm_(g, w)
+            if mask is None:
+                w = torch.cat((routers, experts))
+                grad_x = g_adapter @ w if grad_x is None else grad_x.addmm_(g_adapter, w)
+            else:
+                grad_x = g_logits @ routers if grad_x is None else grad_x.addmm_(g_logits, routers)
+                grad_x.addcmul_(g_hidden @ experts, mask)
+        grad_routers = grad_experts = None
+        if mask is None and (need[2] or need[3]):
+            grad_routers, grad_experts = (g_adapter.t().contiguous() @ x).split((routers.shape[0], experts.shape[0]))
+        else:
+            if need[2]:
+                grad_routers = g_logits.t().contiguous() @ x
+            if need[3]:
+                grad_experts = g_hidden.t().contiguous() @ (x * mask)
+        grad_bases = []
+        for i, (g, has_bias) in enumerate(zip(g_results, ctx.has_bias)):  # frozen in MoLA; trainable if unfrozen
+            grad_w = g.t() @ x if need[4 + 2 * i] and g is not None else None
+            grad_b = g.sum(0) if has_bias and need[5 + 2 * i] and g is not None else None
+            grad_bases += [grad_w, grad_b]
+        return (grad_x, None, grad_routers, grad_experts, *grad_bases)
+
+
+def input_side(members: Sequence["MoLALinear"], x: torch.Tensor,
+               mask: torch.Tensor | None) -> list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]:
+    """(base output or None, router logits, A projection) of each of `members` (linears reading `x`), all
+    flattened to (tokens, features); `mask` is the dropout's keep-multipliers for `x` (None: no dropout).
+
+    The base output is None where a member's base is not a plain `nn.Linear` (a quantised layer, say): that
+    member calls its own base.
+    """
+    x2 = x.reshape(-1, x.shape[-1])
+    mask2 = None if mask is None else mask.reshape(x2.shape)
+    dtype = x.dtype  # the base's compute dtype; fp32 master weights are cast to it (autocast's recipe)
+    routers = [m.router[:m.active_experts] for m in members]
+    experts = [m.lora_A[:m.active_experts].reshape(-1, m.lora_A.shape[-1]) for m in members]
+    plain = all(type(m.base_layer) is nn.Linear for m in members)
+    bases = [t for m in members for t in (m.base_layer.weight, m.base_layer.bias)] if plain else []
+    *results, logits, hidden = _InputSide.apply(
+        x2, mask2, (torch.cat(routers) if len(members) > 1 else routers[0]).to(dtype),
+        (torch.cat(experts) if len(members) > 1 else experts[0]).to(dtype), *bases)
+    if len(members) > 1:
+        logits = logits.split([r.shape[0] for r in routers], dim=-1)
+        hidden = hidden.split([a.shape[0] for a in experts], dim=-1)
+    else:
+        logits, hidden = (logits,), (hidden,)
+    return list(zip(results if plain else [None] * len(members), logits, hidden))
+
+
+class _OutputSide(torch.autograd.Function):
+    """The output side of one adapted linear, in place on its base output: result += (hidden * gates) B^T.
+
+    `hidden` is the A projection (tokens, experts * rank), `weights` the scaled gates (tokens, experts), zero
+    for unselected experts. Autograd would record the gating as a broadcast multiply, which a CPU runs on
+    bf16 several times slower than an elementwise one, and B's gradient as g^T (hidden * gates) with the
+    large g transposed; here the gates are expanded to hidden's shape and the gradient is (hidden * gates)^T g
+    with the thin operand made contiguous. The base output is this layer's own new tensor, which no backward
+    needs, so the experts' sum is added inside the B matmul rather than as another pass over it.
+
+    apply(result (tokens, d_out), hidden, weights, lora_b (d_out, experts * rank)) -> result, modified
+    """
+
+    @staticmethod
+    def forward(ctx, result, hidden, weights, lora_b):
+        gated = hidden * _expand_gates(weights, hidden.shape[1])
+        result.addmm_(gated, lora_b.t())
+        ctx.mark_dirty(result)
+        ctx.save_for_backward(hidden, weights, lora_b, gated)
+        return result
+
+    @staticmethod
+    def backward(ctx, g):
+        hidden, weights, lora_b, gated = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g_gated = g @ lora_b
+        grad_hidden = g_gated * _expand_gates(weights, hidden.shape[1]) if need[1] else None
+        grad_weights = (g_gated * hidden).view(*weights.shape, -1).sum(-1) if need[2] else None
+        grad_b = (gated.t().contiguous() @ g).t() if need[3] else None
+        return g, grad_hidden, grad_weights, grad_b
+
+
+def _expand_gates(weights: torch.Tensor, width: int) -> torch.Tensor:
+    """(tokens, experts) gates repeated over each expert's rank: (tokens, width), contiguous."""
+    tokens, experts = weights.shape
+    return weights.unsqueeze(-1).expand(tokens, experts, width // experts).reshape(tokens, width)
+
+
 class InputGroup:
     """Adapted linears of one decoder layer that read the same input tensor (q/k/v; gate/up).
 
-    Their router logits and their A projections are computed once for the group, as one matmul over the
-    stacked weights of every member (two when dropout is on: the routers read the input, the A's its
-    dropped version), and each member takes its slice. Mathematically this is each member's own
-    computation; on a CPU it replaces 4-6 skinny matmuls, their backward and the accumulation of as many
-    input gradients by one or two. The first member called with a tensor computes for all; a member
-    called with another tensor than its group's (an architecture whose projections read different
-    inputs) switches the group off for good and every member computes alone.
+    The first member called with a tensor computes for all (`input_side`: their base outputs, router logits
+    and A projections as one autograd node, routers and A's stacked into one or two matmuls) and each
+    member takes its part. Mathematically this is each member's own computation; on a CPU it replaces 4-6
+    skinny matmuls, their backward and the accumulation of as many input gradients by one or two. A member
+    called with another tensor than its group's (an architecture whose projections read different inputs)
+    switches the group off for good and every member computes alone.
     """
 
     def __init__(self, members: Sequence["MoLALinear"]) -> None:
         self.members = list(members)
         self.enabled = len(self.members) > 1
         self._x: torch.Tensor | None = None
-        self._parts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._parts: dict[int, tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = {}
 
-    def parts(self, member: "MoLALinear", x: torch.Tensor, dropped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(router logits, A projection) of `member` for input `x`, or None when the group cannot serve."""
+    def parts(self, member: "MoLALinear", x: torch.Tensor,
+              mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] | None:
+        """`member`'s part of `input_side` for input `x`, or None when the group cannot serve."""
         if self._x is not x:
             if self._parts:  # members of the last input never came: they read other tensors
                 self.enabled, self._x, self._parts = False, None, {}
                 return None
-            self._compute(x, dropped)
+            self._x = x
+            self._parts = {id(m): part for m, part in zip(self.members, input_side(self.members, x, mask))}
         out = self._parts.pop(id(member), None)
         if out is None:  # the same member twice on one tensor: not a shared-input group
             self.enabled, self._x, self._parts = False, None, {}
@@ -159,21 +297,6 @@ class InputGroup:
         if not self._parts:
             self._x = None  # every member served: hold no activations past this forward
         return out
-
-    def _compute(self, x: torch.Tensor, dropped: torch.Tensor) -> None:
-        dtype = x.dtype
-        routers = [m.router[:m.active_experts] for m in self.members]
-        experts = [m.lora_A[:m.active_experts].reshape(-1, m.lora_A.shape[-1]) for m in self.members]
-        n_router = [r.shape[0] for r in routers]
-        n_hidden = [a.shape[0] for a in experts]
-        if dropped is x:  # no dropout: routers and A's in one matmul
-            both = F.linear(x, torch.cat(routers + experts).to(dtype)).split(n_router + n_hidden, dim=-1)
-            logits, hidden = both[:len(routers)], both[len(routers):]
-        else:
-            logits = F.linear(x, torch.cat(routers).to(dtype)).split(n_router, dim=-1)
-            hidden = F.linear(dropped, torch.cat(experts).to(dtype)).split(n_hidden, dim=-1)
-        self._x = x
-        self._parts = {id(m): (lg, h) for m, lg, h in zip(self.members, logits, hidden)}
 
 
 class MoLALinear(nn.Module):
@@ -249,35 +372,29 @@ class MoLALinear(nn.Module):
         return self._gates(F.linear(x, self.router[:self.active_experts].to(x.dtype)))
 
     def _gates(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = logits.float().softmax(dim=-1)
-        top_w, top_i = probs.topk(self.active_top_k, dim=-1)
-        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-        gates = torch.zeros_like(probs).scatter(-1, top_i, top_w)
-        return probs, gates
+        # In (experts, tokens) layout: a softmax and top-k over a short last dimension (N of 1-8 experts) run
+        # an order of magnitude slower on a CPU than over the first, with the tokens contiguous.
+        probs = logits.reshape(-1, logits.shape[-1]).t().float().contiguous().softmax(dim=0)
+        top_w, top_i = probs.topk(self.active_top_k, dim=0)
+        top_w = top_w / top_w.sum(dim=0, keepdim=True)
+        gates = torch.zeros_like(probs).scatter(0, top_i, top_w)
+        return probs.t().reshape(logits.shape), gates.t().reshape(logits.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
-        dtype = x.dtype  # the base's compute dtype; the fp32 weights are cast to it (autocast's recipe)
         e, r = self.active_experts, self.rank  # a supernet's sub-network uses the first e experts
-        dropped = (self.state.dropout.apply(x, self.dropout_p, self.dropout_key)
-                   if self.training and self.dropout_p > 0 else x)
+        mask = (self.state.dropout.mask(x, self.dropout_p, self.dropout_key)
+                if self.training and self.dropout_p > 0 else None)
         group = self.group if self.group is not None and self.group.enabled and self.state.fuse_groups else None
-        parts = group.parts(self, x, dropped) if group is not None else None
-        if parts is not None:
-            logits, hidden = parts
-        else:
-            logits = F.linear(x, self.router[:e].to(dtype))
-            hidden = F.linear(dropped, self.lora_A[:e].reshape(e * r, -1).to(dtype))
+        parts = group.parts(self, x, mask) if group is not None else None
+        result, logits, hidden = parts if parts is not None else input_side([self], x, mask)[0]
         probs, gates = self._gates(logits)
         if self.training or self.state.collect_stats:
             self._record(probs, gates)
-        lora_b = self.lora_B if e == self.num_experts else self.lora_B[:, :e]
-        weights = (gates * self.scaling).to(dtype)  # the LoRA scaling folded into the (tokens x experts) gates
-        hidden = (hidden.reshape(*hidden.shape[:-1], e, r) * weights.unsqueeze(-1)).flatten(-2)
-        # result + hidden @ B^T as one addmm: the sum happens inside the matmul, not as a separate pass over
-        # (tokens x d_out) forward and backward (README, Performance: bench_step.py before and after).
-        flat = result.reshape(-1, result.shape[-1])
-        return torch.addmm(flat, hidden.reshape(-1, e * r), lora_b.reshape(-1, e * r).to(dtype).t()).view_as(result)
+        lora_b = (self.lora_B if e == self.num_experts else self.lora_B[:, :e]).reshape(-1, e * r).to(x.dtype)
+        weights = (gates * self.scaling).to(x.dtype)  # the LoRA scaling folded into the (tokens x experts) gates
+        if result is None:  # a base that is not a plain nn.Linear: its own forward, its output left untouched
+            result = self.base_layer(x).reshape(-1, lora_b.shape[0]).clone()
+        return _OutputSide.apply(result, hidden, weights, lora_b).view(*x.shape[:-1], lora_b.shape[0])
 
     def _record(self, probs: torch.Tensor, gates: torch.Tensor) -> None:
         """Balance-loss sums (training) and selection statistics (on demand), padding excluded.
