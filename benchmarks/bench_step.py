@@ -1,5 +1,5 @@
-"""Time one optimizer step of MoLA (with and without shared-input groups, with activation checkpointing) vs
-PEFT LoRA vs the per-expert loop, against the frozen base's own floor.
+"""Time one optimizer step of MoLA (with and without shared-input groups, without dropout, with activation
+checkpointing) vs PEFT LoRA vs the per-expert loop, against the frozen base's own floor.
 
     python benchmarks/bench_step.py                 # SmolLM2-135M, batch 16x128, 2 threads, 3 rounds
     python benchmarks/bench_step.py --model tiny-llama --repeats 2   # smoke run
@@ -124,6 +124,8 @@ def main() -> None:
     ap.add_argument("--skip-loop", action="store_true")
     ap.add_argument("--skip-ungrouped", action="store_true",
                     help="leave out MoLA with q/k/v and gate/up computing their input-side matmuls separately")
+    ap.add_argument("--skip-no-dropout", action="store_true",
+                    help="leave out MoLA with lora_dropout 0 (what dropout costs; LoRA keeps its 0.05)")
     ap.add_argument("--skip-checkpointed", action="store_true",
                     help="leave out MoLA with activation checkpointing (each decoder layer recomputed in backward)")
     ap.add_argument("--json", help="also write the results here")
@@ -158,6 +160,8 @@ def main() -> None:
     variants: dict[str, torch.nn.Module] = {"floor": floor, "peft-lora": lora, "mola": mola}
     if not args.skip_ungrouped:
         variants["mola-ungrouped"] = mola  # the same weights, every linear computing its own input-side matmuls
+    if not args.skip_no_dropout:
+        variants["mola-no-dropout"] = mola  # the same weights, every adapted linear with dropout 0
     if not args.skip_checkpointed:
         variants["mola-checkpointed"] = mola  # the same weights, decoder layers recomputed in backward
     if not args.skip_loop:
@@ -174,6 +178,8 @@ def main() -> None:
             if name == "mola-loop":
                 MoLALinear.forward = lambda self, x: reference_forward(self, x)
             mola.state.fuse_groups = name != "mola-ungrouped"
+            for layer in mola.mola_layers.values():
+                layer.dropout_p = 0.0 if name == "mola-no-dropout" else config.lora_dropout
             if name == "mola-checkpointed":
                 mola.activation_checkpointing_enable()
             try:
@@ -202,6 +208,8 @@ def main() -> None:
               "mola_over_lora": results["mola"]["step_s"] / results["peft-lora"]["step_s"]}
     if "mola-ungrouped" in results:
         ratios["ungrouped_over_mola"] = results["mola-ungrouped"]["step_s"] / results["mola"]["step_s"]
+    if "mola-no-dropout" in results:
+        ratios["no_dropout_over_mola"] = results["mola-no-dropout"]["step_s"] / results["mola"]["step_s"]
     if "mola-checkpointed" in results:
         ratios["checkpointed_over_mola"] = results["mola-checkpointed"]["step_s"] / results["mola"]["step_s"]
     if "mola-loop" in results:

@@ -1,4 +1,5 @@
-"""benchmarks/bench_trial.py runs a real trial end to end (here on a tiny model and a generated task)."""
+"""benchmarks/bench_trial.py runs a real trial end to end (here on a tiny model and a generated task); bench_step.py
+and bench_ops.py run on tiny sizes."""
 
 from __future__ import annotations
 
@@ -51,9 +52,26 @@ def test_bench_step_times_every_variant_against_the_floor(tmp_path: Path) -> Non
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     variants = result["results"]
-    assert set(variants) == {"floor", "peft-lora", "mola", "mola-ungrouped", "mola-checkpointed", "mola-loop"}
+    assert set(variants) == {"floor", "peft-lora", "mola", "mola-ungrouped", "mola-no-dropout", "mola-checkpointed",
+                             "mola-loop"}
     assert variants["floor"]["x_floor"] == 1.0 and variants["floor"]["trainable_params"] == 0
     assert all(v["step_s"] > 0 and len(v["steps"]) == 1 for v in variants.values())
     assert variants["mola-checkpointed"]["trainable_params"] == variants["mola"]["trainable_params"] > 0
+    assert result["ratios"]["no_dropout_over_mola"] == pytest.approx(
+        variants["mola-no-dropout"]["step_s"] / variants["mola"]["step_s"])
     assert result["ratios"]["checkpointed_over_mola"] == pytest.approx(
         variants["mola-checkpointed"]["step_s"] / variants["mola"]["step_s"])
+
+
+def test_bench_ops_times_both_layouts_of_every_choice(tmp_path: Path) -> None:
+    out = tmp_path / "ops.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_ops.py"), "--tokens", "64", "--widths",
+                           "32", "--repeats", "1", "--inner", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"weight gradient, d_in 32", "A matmul vs base projection, d_in 32", "gating",
+                            "routing softmax", "routing top-k"}
+    for name, row in results.items():
+        a, b = (v for key, v in row.items() if key != "ratio")
+        assert a > 0 and b > 0 and row["ratio"] == pytest.approx(a / b), name
