@@ -233,7 +233,7 @@ class _OutputSide(torch.autograd.Function):
     for unselected experts. Autograd would record the gating as a broadcast multiply, which a CPU runs on
     bf16 several times slower than an elementwise one, and B's gradient as g^T (hidden * gates) with the
     large g transposed; here the gates are expanded to hidden's shape and the gradient is (hidden * gates)^T g
-    with the thin operand made contiguous. The base output is this layer's own new tensor, which no backward
+    with the thin operand made contiguous (both timed by benchmarks/bench_ops.py). The base output is this layer's own new tensor, which no backward
     needs, so the experts' sum is added inside the B matmul rather than as another pass over it.
 
     apply(result (tokens, d_out), hidden, weights, lora_b (d_out, experts * rank)) -> result, modified
@@ -372,8 +372,8 @@ class MoLALinear(nn.Module):
         return self._gates(F.linear(x, self.router[:self.active_experts].to(x.dtype)))
 
     def _gates(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # In (experts, tokens) layout: a softmax and top-k over a short last dimension (N of 1-8 experts) run
-        # an order of magnitude slower on a CPU than over the first, with the tokens contiguous.
+        # In (experts, tokens) layout: a softmax over a short last dimension (N of 1-8 experts) runs an order of
+        # magnitude slower on a CPU than over the first, with the tokens contiguous (benchmarks/bench_ops.py).
         probs = logits.reshape(-1, logits.shape[-1]).t().float().contiguous().softmax(dim=0)
         top_w, top_i = probs.topk(self.active_top_k, dim=0)
         top_w = top_w / top_w.sum(dim=0, keepdim=True)
