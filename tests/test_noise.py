@@ -149,6 +149,16 @@ def test_line_says_whether_the_search_can_separate() -> None:
     assert estimate_noise({"a": {0: 1.0}}).line().startswith("noise floor: not estimated")
 
 
+def test_an_interval_of_0_to_0_says_why_it_is_not_certainty() -> None:
+    """Equal allocation means: the inverted F test's upper bound is 0 too, which reads as certainty unless said."""
+    equal = estimate_noise(_table({"a": [0.1, 0.5, 0.3], "b": [0.3, 0.1, 0.5], "c": [0.5, 0.3, 0.1]}))
+    assert equal.share_ci == (0.0, 0.0) and not equal.can_separate
+    assert ("(95% CI 0-0%: the allocations agree more closely than seed noise alone would make them) over 3 "
+            "allocations x 3 seeds") in equal.line()
+    spread = estimate_noise(_table({"a": [0.1, 0.5, 0.3], "b": [0.3, 0.1, 0.6], "c": [0.6, 0.4, 0.2]}))
+    assert spread.share_ci[1] > 0 and "agree more closely" not in spread.line()
+
+
 # ------------------------------------------------------------------------------------ incomplete and degenerate
 
 

@@ -106,8 +106,12 @@ class NoiseFloor:
                     f"it can separate allocations at this fidelity")
         low, high = self.share_ci
         verdict = "can" if self.can_separate else "cannot"
+        # An upper bound of 0 is no certainty that the share is 0: the allocations' means agree more closely than
+        # seed noise alone would make them, and the inverted F test has no larger share left to admit.
+        degenerate = ": the allocations agree more closely than seed noise alone would make them" if high <= 0 else ""
         return (f"noise floor: allocations explain {_pct(self.allocation_share)} of score variance "
-                f"({_pct(self.level)} CI {_pct(low, sign=False)}-{_pct(high)}) over {a} allocations x {b} seeds, "
+                f"({_pct(self.level)} CI {_pct(low, sign=False)}-{_pct(high)}{degenerate}) over {a} allocations x "
+                f"{b} seeds, "
                 f"seed-paired residual sd {math.sqrt(self.residual_var):.2g} {self.metric} "
                 f"(differences below {self.min_detectable_difference:.2g} are noise); "
                 f"at this fidelity the search {verdict} separate them")
