@@ -38,7 +38,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=2048, help="rows of every activation (batch x sequence)")
     ap.add_argument("--widths", default="576,1536", help="input widths d_in (SmolLM2: hidden 576, MLP 1536)")
-    ap.add_argument("--base-out", type=int, default=576, help="the base projection's output width (SmolLM2's o/down: 576)")
+    ap.add_argument("--base-out", type=int, default=576,
+                    help="the base projection's output width (SmolLM2's o and down: 576)")
     ap.add_argument("--experts", type=int, default=5)
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--rank", type=int, default=8)

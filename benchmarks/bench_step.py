@@ -13,7 +13,8 @@ forward and backward to the input embeddings: what any adapter method pays.
 The variants run interleaved, `--rounds` times (`--repeats` timed steps after a
 warm-up step each), so a busy machine slows them alike; we report the median
 step, its ratio to the floor, and each variant's peak resident memory (the
-process's high-water mark, reset before each variant via /proc/self/clear_refs).
+process's high-water mark, reset before each variant via /proc/self/clear_refs). `--profile N` adds one
+profiled floor and MoLA step and the N operators that add the most self CPU time over the floor.
 """
 
 from __future__ import annotations
@@ -75,6 +76,28 @@ def time_steps(model: torch.nn.Module, batch: dict[str, torch.Tensor], repeats: 
     return times
 
 
+def profile_step(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                 opt: torch.optim.Optimizer | None = None) -> dict[str, float]:
+    """Self CPU milliseconds per operator of one optimizer step (after a warm-up step), from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    time_steps(model, batch, 0, opt)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        time_steps(model, batch, 0, opt)
+    return {event.key: event.self_cpu_time_total / 1e3 for event in prof.key_averages()}
+
+
+def where_mola_spends(floor_ms: dict[str, float], mola_ms: dict[str, float], top: int) -> dict[str, object]:
+    """MoLA's profiled step against the floor's: the operators that add the most self CPU time."""
+    extra = {op: mola_ms.get(op, 0.0) - floor_ms.get(op, 0.0) for op in set(floor_ms) | set(mola_ms)}
+    total_extra = sum(mola_ms.values()) - sum(floor_ms.values())
+    ranked = sorted(extra.items(), key=lambda kv: -kv[1])[:top]
+    return {"floor_total_ms": sum(floor_ms.values()), "mola_total_ms": sum(mola_ms.values()),
+            "extra_ms": total_extra,
+            "top": [{"op": op, "extra_ms": ms, "share": ms / total_extra} for op, ms in ranked],
+            "floor_ms": floor_ms, "mola_ms": mola_ms}
+
+
 def _reset_peak_rss() -> bool:
     try:
         Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
@@ -128,6 +151,9 @@ def main() -> None:
                     help="leave out MoLA with lora_dropout 0 (what dropout costs; LoRA keeps its 0.05)")
     ap.add_argument("--skip-checkpointed", action="store_true",
                     help="leave out MoLA with activation checkpointing (each decoder layer recomputed in backward)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also profile one floor and one MoLA step (torch.profiler) and list the N operators that "
+                         "add the most time over the floor")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -216,11 +242,23 @@ def main() -> None:
         ratios["loop_over_mola"] = results["mola-loop"]["step_s"] / results["mola"]["step_s"]
     print(" ".join(f"{k}={v:.2f}" for k, v in ratios.items())
           + ("" if can_reset or device.type == "cuda" else " (peak RSS could not be reset: process-wide peaks)"))
+    profiled = None
+    if args.profile:
+        mola.state.fuse_groups = True  # MoLA as the table's row has it: groups on, the configured dropout
+        for layer in mola.mola_layers.values():
+            layer.dropout_p = config.lora_dropout
+        profiled = where_mola_spends(profile_step(floor, batch), profile_step(mola, batch, optimizers["mola"]),
+                                     args.profile)
+        print(f"profiled step (self CPU, inflated by the profiler): floor {profiled['floor_total_ms']:.0f} ms, MoLA "
+              f"{profiled['mola_total_ms']:.0f} ms, {profiled['extra_ms']:.0f} ms more; the operators adding most:")
+        for row in profiled["top"]:
+            print(f"  {row['op']:<58} +{row['extra_ms']:7.1f} ms  {100 * row['share']:5.1f} %")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "device": str(device), "layers": layers,
                                                "allocation": list(config.experts), "threads": args.threads,
                                                "dtype": str(next(floor.base.parameters()).dtype),
-                                               "results": results, "ratios": ratios}, indent=2) + "\n")
+                                               "results": results, "ratios": ratios, "profile": profiled},
+                                              indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,8 @@ def test_bench_step_times_every_variant_against_the_floor(tmp_path: Path) -> Non
     out = tmp_path / "step.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--model", "tiny-llama",
                            "--batch", "2", "--seq", "16", "--repeats", "1", "--rounds", "1", "--threads", "1",
-                           "--json", str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                           "--profile", "4", "--json", str(out)], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     variants = result["results"]
@@ -57,6 +58,12 @@ def test_bench_step_times_every_variant_against_the_floor(tmp_path: Path) -> Non
     assert variants["floor"]["x_floor"] == 1.0 and variants["floor"]["trainable_params"] == 0
     assert all(v["step_s"] > 0 and len(v["steps"]) == 1 for v in variants.values())
     assert variants["mola-checkpointed"]["trainable_params"] == variants["mola"]["trainable_params"] > 0
+    profile = result["profile"]  # MoLA's own operators, backward included, and none of them in the floor
+    assert "_InputSideBackward" in profile["mola_ms"] and "_InputSideBackward" not in profile["floor_ms"]
+    assert len(profile["top"]) == 4 and profile["extra_ms"] == pytest.approx(
+        sum(profile["mola_ms"].values()) - sum(profile["floor_ms"].values()))
+    extras = [row["extra_ms"] for row in profile["top"]]
+    assert extras == sorted(extras, reverse=True)
     assert result["ratios"]["no_dropout_over_mola"] == pytest.approx(
         variants["mola-no-dropout"]["step_s"] / variants["mola"]["step_s"])
     assert result["ratios"]["checkpointed_over_mola"] == pytest.approx(

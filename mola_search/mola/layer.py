@@ -231,10 +231,11 @@ class _OutputSide(torch.autograd.Function):
 
     `hidden` is the A projection (tokens, experts * rank), `weights` the scaled gates (tokens, experts), zero
     for unselected experts. Autograd would record the gating as a broadcast multiply, which a CPU runs on
-    bf16 several times slower than an elementwise one, and B's gradient as g^T (hidden * gates) with the
+    bf16 nearly three times slower than an elementwise one, and B's gradient as g^T (hidden * gates) with the
     large g transposed; here the gates are expanded to hidden's shape and the gradient is (hidden * gates)^T g
-    with the thin operand made contiguous (both timed by benchmarks/bench_ops.py). The base output is this layer's own new tensor, which no backward
-    needs, so the experts' sum is added inside the B matmul rather than as another pass over it.
+    with the thin operand made contiguous (both timed by benchmarks/bench_ops.py). The base output is this
+    layer's own new tensor, which no backward needs, so the experts' sum is added inside the B matmul rather
+    than as another pass over it.
 
     apply(result (tokens, d_out), hidden, weights, lora_b (d_out, experts * rank)) -> result, modified
     """
