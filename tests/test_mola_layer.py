@@ -308,6 +308,25 @@ def test_a_base_that_is_not_a_plain_linear_is_called_and_trains_the_same():
     assert CustomLinear.calls == 1
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_an_fp32_base_under_autocast_computes_in_autocast_dtype_and_trains(dropout):
+    """The trainer runs a CUDA forward under bf16 autocast, whatever the base's dtype; here the CPU's autocast
+    stands in. The layer must compute in bf16 (as autocast would), backward included, and keep fp32 masters."""
+    layer = _layer(4, 2)
+    layer.dropout_p = dropout
+    layer.train()
+    x = torch.randn(3, 7, 24, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    out.float().pow(2).sum().backward()
+    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+    for param in (layer.lora_A, layer.lora_B, layer.router):
+        assert param.grad.dtype == torch.float32 and torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0
+    if not dropout:
+        torch.testing.assert_close(out.float(), reference_forward(layer, x).detach(), atol=0.1, rtol=0.05)
+
+
 def _grads(model: MoLAModel) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

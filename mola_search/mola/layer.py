@@ -208,13 +208,14 @@ def input_side(members: Sequence["MoLALinear"], x: torch.Tensor,
     The base output is None where a member's base is not a plain `nn.Linear` (a quantised layer, say): that
     member calls its own base.
     """
-    x2 = x.reshape(-1, x.shape[-1])
-    mask2 = None if mask is None else mask.reshape(x2.shape)
-    dtype = x.dtype  # the base's compute dtype; fp32 master weights are cast to it (autocast's recipe)
+    dtype = compute_dtype(x)  # the base's dtype, or autocast's; fp32 master weights are cast to it
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+    mask2 = None if mask is None else mask.reshape(x2.shape).to(dtype)
     routers = [m.router[:m.active_experts] for m in members]
     experts = [m.lora_A[:m.active_experts].reshape(-1, m.lora_A.shape[-1]) for m in members]
     plain = all(type(m.base_layer) is nn.Linear for m in members)
-    bases = [t for m in members for t in (m.base_layer.weight, m.base_layer.bias)] if plain else []
+    bases = [None if t is None else t.to(dtype)
+             for m in members for t in (m.base_layer.weight, m.base_layer.bias)] if plain else []
     *results, logits, hidden = _InputSide.apply(
         x2, mask2, (torch.cat(routers) if len(members) > 1 else routers[0]).to(dtype),
         (torch.cat(experts) if len(members) > 1 else experts[0]).to(dtype), *bases)
@@ -263,6 +264,16 @@ def _expand_gates(weights: torch.Tensor, width: int) -> torch.Tensor:
     """(tokens, experts) gates repeated over each expert's rank: (tokens, width), contiguous."""
     tokens, experts = weights.shape
     return weights.unsqueeze(-1).expand(tokens, experts, width // experts).reshape(tokens, width)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear computes in on `x`: autocast's where it is on (a CUDA forward of the trainer), else x's.
+
+    The autograd functions above take their inputs already in this dtype: autocast would cast their forward's
+    matmuls but not the in-place `addmm_`, nor anything in their backward."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 class InputGroup:
@@ -391,10 +402,11 @@ class MoLALinear(nn.Module):
         probs, gates = self._gates(logits)
         if self.training or self.state.collect_stats:
             self._record(probs, gates)
-        lora_b = (self.lora_B if e == self.num_experts else self.lora_B[:, :e]).reshape(-1, e * r).to(x.dtype)
-        weights = (gates * self.scaling).to(x.dtype)  # the LoRA scaling folded into the (tokens x experts) gates
+        dtype = hidden.dtype  # compute_dtype(x)
+        lora_b = (self.lora_B if e == self.num_experts else self.lora_B[:, :e]).reshape(-1, e * r).to(dtype)
+        weights = (gates * self.scaling).to(dtype)  # the LoRA scaling folded into the (tokens x experts) gates
         if result is None:  # a base that is not a plain nn.Linear: its own forward, its output left untouched
-            result = self.base_layer(x).reshape(-1, lora_b.shape[0]).clone()
+            result = self.base_layer(x).reshape(-1, lora_b.shape[0]).to(dtype, copy=True)
         return _OutputSide.apply(result, hidden, weights, lora_b).view(*x.shape[:-1], lora_b.shape[0])
 
     def _record(self, probs: torch.Tensor, gates: torch.Tensor) -> None:
