@@ -32,6 +32,11 @@ MODEL = "tiny-llama-L8"
 SEEDS = (*SEED_SHAPES, "alphalora")
 BASE = ["--task", "mrpc", "--model", MODEL, "--objective", "synthetic:upper", "--executor", "local", "--no-pilot"]
 MOLA_SEARCH = [sys.executable, "-c", "from mola_search.cli.search import entry; raise SystemExit(entry())"]
+# As a terminal's foreground job runs it: a test runner started in the background (`cmd &` in a script) ignores
+# SIGINT, and its children would inherit that and never see a Ctrl-C.
+MOLA_SEARCH_FOREGROUND = [sys.executable, "-c",
+                          "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+                          "from mola_search.cli.search import entry; raise SystemExit(entry())"]
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -254,8 +259,8 @@ def kill_mid_study_and_resume(folder: Path, argv: list[str], trials: int, kill_a
     terminal's Ctrl-C does) once `kill_after` trials finished, resume it in this process, and check that
     nothing finished was lost or re-run."""
     log = (folder.parent / f"{folder.name}.log").open("w")
-    proc = subprocess.Popen([*MOLA_SEARCH, *argv, "--out", str(folder), "--trials", str(trials)], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen([*MOLA_SEARCH_FOREGROUND, *argv, "--out", str(folder), "--trials", str(trials)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + timeout
         while _finished(folder) < kill_after:
