@@ -98,6 +98,13 @@ def where_mola_spends(floor_ms: dict[str, float], mola_ms: dict[str, float], top
             "floor_ms": floor_ms, "mola_ms": mola_ms}
 
 
+def _configure(mola: MoLAModel, variant: str, dropout: float) -> None:
+    """The shared MoLA model set up as `variant`: groups off for "mola-ungrouped", dropout 0 for "mola-no-dropout"."""
+    mola.state.fuse_groups = variant != "mola-ungrouped"
+    for layer in mola.mola_layers.values():
+        layer.dropout_p = 0.0 if variant == "mola-no-dropout" else dropout
+
+
 def _reset_peak_rss() -> bool:
     try:
         Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
@@ -203,9 +210,7 @@ def main() -> None:
         for name, model in variants.items():
             if name == "mola-loop":
                 MoLALinear.forward = lambda self, x: reference_forward(self, x)
-            mola.state.fuse_groups = name != "mola-ungrouped"
-            for layer in mola.mola_layers.values():
-                layer.dropout_p = 0.0 if name == "mola-no-dropout" else config.lora_dropout
+            _configure(mola, name, config.lora_dropout)
             if name == "mola-checkpointed":
                 mola.activation_checkpointing_enable()
             try:
@@ -244,9 +249,7 @@ def main() -> None:
           + ("" if can_reset or device.type == "cuda" else " (peak RSS could not be reset: process-wide peaks)"))
     profiled = None
     if args.profile:
-        mola.state.fuse_groups = True  # MoLA as the table's row has it: groups on, the configured dropout
-        for layer in mola.mola_layers.values():
-            layer.dropout_p = config.lora_dropout
+        _configure(mola, "mola", config.lora_dropout)  # MoLA as the table's row has it
         profiled = where_mola_spends(profile_step(floor, batch), profile_step(mola, batch, optimizers["mola"]),
                                      args.profile)
         print(f"profiled step (self CPU, inflated by the profiler): floor {profiled['floor_total_ms']:.0f} ms, MoLA "

@@ -31,12 +31,12 @@ from mola_search.search.seeds import SEED_SHAPES
 MODEL = "tiny-llama-L8"
 SEEDS = (*SEED_SHAPES, "alphalora")
 BASE = ["--task", "mrpc", "--model", MODEL, "--objective", "synthetic:upper", "--executor", "local", "--no-pilot"]
-MOLA_SEARCH = [sys.executable, "-c", "from mola_search.cli.search import entry; raise SystemExit(entry())"]
+_ENTRY = "from mola_search.cli.search import entry; raise SystemExit(entry())"
+MOLA_SEARCH = [sys.executable, "-c", _ENTRY]
 # As a terminal's foreground job runs it: a test runner started in the background (`cmd &` in a script) ignores
 # SIGINT, and its children would inherit that and never see a Ctrl-C.
 MOLA_SEARCH_FOREGROUND = [sys.executable, "-c",
-                          "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
-                          "from mola_search.cli.search import entry; raise SystemExit(entry())"]
+                          "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n" + _ENTRY]
 
 
 # ------------------------------------------------------------------------------------------ helpers

@@ -402,7 +402,7 @@ class MoLALinear(nn.Module):
         probs, gates = self._gates(logits)
         if self.training or self.state.collect_stats:
             self._record(probs, gates)
-        dtype = hidden.dtype  # compute_dtype(x)
+        dtype = hidden.dtype  # what input_side computed in: compute_dtype(x)
         lora_b = (self.lora_B if e == self.num_experts else self.lora_B[:, :e]).reshape(-1, e * r).to(dtype)
         weights = (gates * self.scaling).to(dtype)  # the LoRA scaling folded into the (tokens x experts) gates
         if result is None:  # a base that is not a plain nn.Linear: its own forward, its output left untouched

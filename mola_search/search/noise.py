@@ -110,9 +110,8 @@ class NoiseFloor:
         # seed noise alone would make them, and the inverted F test has no larger share left to admit.
         degenerate = ": the allocations agree more closely than seed noise alone would make them" if high <= 0 else ""
         return (f"noise floor: allocations explain {_pct(self.allocation_share)} of score variance "
-                f"({_pct(self.level)} CI {_pct(low, sign=False)}-{_pct(high)}{degenerate}) over {a} allocations x "
-                f"{b} seeds, "
-                f"seed-paired residual sd {math.sqrt(self.residual_var):.2g} {self.metric} "
+                f"({_pct(self.level)} CI {_pct(low, sign=False)}-{_pct(high)}{degenerate}) "
+                f"over {a} allocations x {b} seeds, seed-paired residual sd {math.sqrt(self.residual_var):.2g} {self.metric} "
                 f"(differences below {self.min_detectable_difference:.2g} are noise); "
                 f"at this fidelity the search {verdict} separate them")
 
