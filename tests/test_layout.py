@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mola_search"
 
 # Lower layers never import higher ones: allocation -> mola -> train -> search -> analysis -> cli.
 LAYERS = [
-    {"errors", "hub"},
+    {"_io", "errors", "hub"},
     {"allocation"},
     {"models", "tasks"},
     {"mola"},
