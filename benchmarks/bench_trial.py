@@ -5,7 +5,7 @@
     python benchmarks/bench_trial.py --activation-checkpointing   # the same trial, decoder layers recomputed
     python benchmarks/bench_trial.py --width-multiple 1           # batches padded to their longest row only
 
-It calls `search.trial.run_trial` as a study's worker does (the preset's fidelity, the study seed) and times
+It calls `trial.run_trial` as a study's worker does (the preset's fidelity, the study seed) and times
 the phases by wrapping the functions that do them: `train.run.prepare` (model and data: "load"),
 `train.trainer.encode_example` ("tokenise"), `train.trainer.train` minus its tokenising ("train") and
 `train.run.evaluate` ("score", one validation pass per rung). Peak RSS is the process's high-water mark
@@ -25,8 +25,8 @@ from pathlib import Path
 
 from mola_search.allocation import resolve_allocation
 from mola_search.search.config import PRESETS, StudyConfig, pin_paths
-from mola_search.search.runner import resolve_space
-from mola_search.search.trial import TrialRequest, run_trial
+from mola_search.search.context import resolve_space
+from mola_search.trial import TrialRequest, run_trial
 from mola_search.train import batching, run, trainer
 
 
@@ -90,7 +90,7 @@ def main() -> None:
     spec = type(spec).build(spec.experts, [min(2, e) for e in spec.experts], 8, source=args.shape)
     request = TrialRequest(0, spec.experts, spec.top_k, spec.rank, f"seed:{args.shape}", train_seed=study.seed)
     start = time.perf_counter()
-    outcome = run_trial(study, fidelity, request, lambda *_: False, layers)
+    outcome = run_trial(study.trial_settings(), fidelity, request, lambda *_: False, layers)
     wall = time.perf_counter() - start
     if outcome.failure:
         sys.exit(f"bench_trial: the trial failed: {outcome.failure}")

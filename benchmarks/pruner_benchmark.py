@@ -5,7 +5,7 @@
     python benchmarks/pruner_benchmark.py --out runs/pruner_benchmark.json
 
 Each repeat r runs one Optuna study per pruner (`mola_search.search.pruning`: asha,
-wilcoxon, none) on the synthetic objective (`mola_search.search.synthetic`) whose
+wilcoxon, none) on the synthetic objective (`mola_search.trial.synthetic`) whose
 noise-free value and noise are known: in-memory storage, a RandomSampler seeded with r
 over the ``blocks`` encoding, so every pruner sees the *same* proposals in a repeat (a
 paired comparison). Every trial trains with the study seed r (common random numbers, as
@@ -48,7 +48,7 @@ from optuna.trial import TrialState
 
 from mola_search.search.pruning import PRUNERS, make_pruner, report_rung
 from mola_search.search.space import load_space
-from mola_search.search.synthetic import SyntheticObjective
+from mola_search.trial.synthetic import SyntheticObjective
 
 # Realistic noise at full fidelity and 64 training examples (the objective's values of random
 # `blocks` allocations spread with sd ~0.2; the top 10% lie within ~0.07 of the best proposal).

@@ -6,8 +6,8 @@
     python benchmarks/sampler_benchmark.py --within 0.03        # a looser target (within 3%)
 
 Each run is a real study: `StudyDriver` (seeds enqueued first, duplicate cache, Optuna
-samplers as `mola-search` sets them up) driven by `run_local`, the in-process executor,
-on a synthetic objective whose optimum is known (`mola_search.search.synthetic`). Only the
+samplers as `mola-search` sets them up) driven by `LocalExecutor`, the in-process executor,
+on a synthetic objective whose optimum is known (`mola_search.trial.synthetic`). Only the
 storage differs from `mola-search`: an in-memory Optuna storage instead of a sqlite file,
 so a 100-trial study takes seconds.
 
@@ -50,13 +50,13 @@ from typing import Any
 import optuna
 
 from mola_search.search.config import StudyConfig
-from mola_search.search.executors import run_local
+from mola_search.search.executors import LocalExecutor
 from mola_search.search.progress import Progress
 from mola_search.search.seeds import Seed, all_seeds
 from mola_search.search.space import Fidelity, load_space
-from mola_search.search.folder import ALLOCATION
-from mola_search.search.study import StudyDriver
-from mola_search.search.synthetic import make_synthetic
+from mola_search.search.study import StudyDriver, StudyFolder
+from mola_search.search.study.records import ALLOCATION
+from mola_search.trial.synthetic import make_synthetic
 
 SAMPLERS = ("tpe", "cmaes", "random")
 WITHIN = 0.01  # default target: within 1% of the reference value
@@ -130,10 +130,12 @@ def run_one(method: str, seeded: bool, objective_name: str, encoding: str, rep: 
     tracker = Tracker(config.trials, objective)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:  # the driver wants a folder; nothing is written to it
-        driver = StudyDriver(config, Path(tmp), space, num_layers, budget, use, tracker,
+        folder = StudyFolder(tmp)
+        driver = StudyDriver(config, folder, space, num_layers, budget, use, tracker,
                              storage=optuna.storages.InMemoryStorage())
         tracker.driver = driver
-        run_local(driver, space.fidelity)  # stops early when the sampler only repeats trained allocations
+        # stops early when the sampler only repeats trained allocations
+        LocalExecutor(config, folder, num_layers).search(driver, space.fidelity)
     return {"method": method, "seeded": seeded or seeds_only, "objective": objective_name, "encoding": encoding,
             "rep": rep, "trained": len(tracker.curve), "curve": [round(v, 6) for v in tracker.curve],
             "best_value": max(tracker.curve, default=0.0), "seconds": round(time.perf_counter() - started, 2)}

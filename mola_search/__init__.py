@@ -20,7 +20,7 @@ __all__ = ["AllocationSpec", "MoLAConfig", "MoLAModel", "ObjectiveTrial", "Study
 
 _LAZY = {"MoLAConfig": "mola_search.mola", "MoLAModel": "mola_search.mola", "get_mola_model": "mola_search.mola",
          "StudyConfig": "mola_search.search.config", "run_study": "mola_search.search.runner",
-         "ObjectiveTrial": "mola_search.search.objective"}
+         "ObjectiveTrial": "mola_search.trial.objective"}
 
 
 def __getattr__(name: str) -> Any:

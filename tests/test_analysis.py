@@ -160,7 +160,7 @@ def _sparse_study(trials: int = 40, seed: int = 0, layers: int = 8, budget: int 
     import optuna
 
     from mola_search.search.space import SearchSpace
-    from mola_search.search.synthetic import make_synthetic
+    from mola_search.trial.synthetic import make_synthetic
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = SearchSpace.builtin("per_layer")

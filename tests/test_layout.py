@@ -11,13 +11,14 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mola_search"
 
-# Lower layers never import higher ones: allocation -> mola -> train -> search -> analysis -> cli.
+# Lower layers never import higher ones: allocation -> mola -> train -> trial -> search -> analysis -> cli.
 LAYERS = [
-    {"_io", "errors", "hub"},
-    {"allocation"},
+    {"_io", "_checks", "errors", "hub"},
+    {"allocation", "stats"},
     {"models", "tasks"},
     {"mola"},
     {"methods", "train"},
+    {"trial"},
     {"search"},
     {"analysis", "bench"},
     {"cli", "(root)"},
@@ -125,3 +126,64 @@ def test_library_errors_speak_in_parameters_not_flags() -> None:
                 if re.search(r"(?<![\w-])--[a-z]", re.sub(r"`[^`]*`", "", text)):
                     offenders.append(f"{module}:{node.lineno}")
     assert offenders == []
+
+
+# Inside search/, rooms follow the same rule: a room imports only rooms listed before it.
+SEARCH_ROOMS = [
+    {"samplers", "progress", "space", "seeds"},
+    {"config", "pruning", "study"},
+    {"executors"},
+    {"context"},
+    {"pilot", "strategies", "final"},
+    {"outputs"},
+    {"runner", "(search)"},
+]
+
+
+def _room(module: str) -> int | None:
+    parts = module.split(".")
+    if parts[:2] != ["mola_search", "search"]:
+        return None
+    top = parts[2] if len(parts) > 2 else "(search)"
+    return next(i for i, names in enumerate(SEARCH_ROOMS) if top in names)
+
+
+def test_search_rooms_import_only_rooms_below_them() -> None:
+    graph = _graph()
+    upward = sorted(f"{a} -> {b}" for a, targets in graph.items() for b in targets
+                    if _room(a) is not None and _room(b) is not None and _room(b) > _room(a))
+    assert upward == []
+
+
+# The study folder's files: named only by mola_search.search.study.folder (the one owner of the folder). A path
+# is built from the bare name, so a string constant equal to a name is the mark of a path made elsewhere; prose
+# that mentions a file (a help text, a message) is not.
+STUDY_FILES = ("study.json", "study.db", "noise.json", "trials.csv", "finalists.csv", "best_allocation.json",
+               "oneshot.json", "oneshot.csv", "racing.json")
+OWNER = PACKAGE / "search" / "study" / "folder.py"
+
+
+def _literals(path: Path) -> list[tuple[int, str]]:
+    """String constants in code (docstrings, which may name files to explain them, are left out)."""
+    tree = ast.parse(path.read_text())
+    docs = {id(node.body[0].value) for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body
+            and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [(node.lineno, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs]
+
+
+def test_the_study_folder_files_are_named_by_one_module() -> None:
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path == OWNER:
+            continue
+        in_search = path.is_relative_to(PACKAGE / "search") or path == PACKAGE / "cli" / "search.py"
+        names = set(STUDY_FILES) | ({"summary.md", "metrics.json"} if in_search else set())  # summary, run metrics
+        offenders += [f"{path.relative_to(PACKAGE)}:{line} {text!r}" for line, text in _literals(path)
+                      if text.strip() in names]
+    assert offenders == []
+
+
+def test_the_file_name_check_finds_the_owners_literals() -> None:
+    assert {text for _, text in _literals(OWNER)} >= set(STUDY_FILES) - {"racing.json"}

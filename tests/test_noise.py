@@ -10,9 +10,12 @@ import pytest
 from scipy import stats
 
 from mola_search.errors import UserError
-from mola_search.search.noise import NOISE_FILE, NoiseFloor, estimate_noise, read_noise, read_rounds, write_noise
+from mola_search.search.study import StudyFolder
+from mola_search.stats.noise import NoiseFloor, estimate_noise
+
+NOISE_FILE = "noise.json"
 from mola_search.search.seeds import paper_seeds
-from mola_search.search.synthetic import SyntheticObjective
+from mola_search.trial.synthetic import SyntheticObjective
 
 PILOT = ("triangle", "inverted_triangle", "rectangle")
 SHAPES = {s.name: s.spec.experts for s in paper_seeds(30, 150, 1, 8)}
@@ -220,21 +223,21 @@ def test_noise_json_round_trip_with_rounds(tmp_path) -> None:
     rounds = [estimate_noise(_pilot(_objective(0.3), pilot, range(3), train_examples=n), fidelity={"n": n})
               for n in (64, 128)]
     chosen = estimate_noise(_pilot(_objective(0.3), pilot, range(3), train_examples=256), fidelity={"n": 256})
-    assert read_noise(tmp_path) is None and read_rounds(tmp_path) == []
-    path = write_noise(tmp_path, chosen, rounds)
+    assert StudyFolder(tmp_path).read_noise() is None and StudyFolder(tmp_path).read_noise_rounds() == []
+    path = StudyFolder(tmp_path).write_noise(chosen, rounds)
     assert path == tmp_path / NOISE_FILE
     raw = json.loads(path.read_text())
     assert set(raw["scores"]["triangle"]) == {"0", "1", "2"}
     assert raw["line"] == chosen.line() and raw["allocation_share"] == chosen.allocation_share
     assert [r["fidelity"] for r in raw["rounds"]] == [{"n": 64}, {"n": 128}, {"n": 256}]
-    assert read_noise(tmp_path) == chosen
-    assert read_rounds(tmp_path) == [*rounds, chosen]
-    write_noise(tmp_path, chosen, [*rounds, chosen])  # already last: not repeated
-    assert len(read_rounds(tmp_path)) == 3
+    assert StudyFolder(tmp_path).read_noise() == chosen
+    assert StudyFolder(tmp_path).read_noise_rounds() == [*rounds, chosen]
+    StudyFolder(tmp_path).write_noise(chosen, [*rounds, chosen])  # already last: not repeated
+    assert len(StudyFolder(tmp_path).read_noise_rounds()) == 3
 
     degenerate = estimate_noise(_table({"a": [0.1, 0.3, 0.2], "b": [0.4, 0.6, 0.5]}))
-    write_noise(tmp_path, degenerate)
-    assert read_noise(tmp_path) == degenerate  # inf F survives as null + zero residual
+    StudyFolder(tmp_path).write_noise(degenerate)
+    assert StudyFolder(tmp_path).read_noise() == degenerate  # inf F survives as null + zero residual
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -245,4 +248,4 @@ def test_noise_json_round_trip_with_rounds(tmp_path) -> None:
 def test_corrupt_noise_json_is_a_user_error(tmp_path, text: str, message: str) -> None:
     (tmp_path / NOISE_FILE).write_text(text)
     with pytest.raises(UserError, match=message):
-        read_noise(tmp_path)
+        StudyFolder(tmp_path).read_noise()

@@ -12,7 +12,7 @@ import pytest
 
 from mola_search.errors import UserError
 from mola_search.search.config import StudyConfig
-from mola_search.search.objective import ObjectiveTrial, import_objective, objective_name
+from mola_search.trial.objective import ObjectiveTrial, import_objective, objective_name
 from mola_search.search.runner import run_study
 
 MODEL = "tiny-llama-L8"

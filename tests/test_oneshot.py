@@ -95,7 +95,7 @@ def test_sub_networks_outside_the_supernet_are_refused() -> None:
 
 def test_sandwich_steps_train_the_extremes_and_draws_at_the_budget() -> None:
     from mola_search.search.space import load_space
-    from mola_search.search.supernet import Sandwich
+    from mola_search.search.strategies.oneshot.supernet import Sandwich
 
     space = load_space("blocks")
     sandwich = Sandwich(space, num_layers=8, budget=30, seed=0)
@@ -116,18 +116,18 @@ def test_sandwich_steps_train_the_extremes_and_draws_at_the_budget() -> None:
 
 
 def test_a_space_without_max_experts_cannot_have_a_supernet() -> None:
-    from mola_search.search.space import SearchSpace
-    from mola_search.search.supernet import Sandwich
+    from mola_search.search.space import make_space
+    from mola_search.search.strategies.oneshot.supernet import Sandwich
 
     with pytest.raises(UserError, match="max_experts"):
-        Sandwich(SearchSpace(encoding="blocks", max_experts=None), 8, 30, 0)
+        Sandwich(make_space("blocks", max_experts=None), 8, 30, 0)
 
 
 # ------------------------------------------------------------------------------------------ trust
 
 
 def test_kendall_tau_on_hand_made_rankings() -> None:
-    from mola_search.search.oneshot import kendall_tau
+    from mola_search.stats.rank import kendall_tau
 
     assert kendall_tau([1, 2, 3, 4, 5], [10, 20, 30, 40, 50])["tau"] == pytest.approx(1.0)
     assert kendall_tau([1, 2, 3, 4, 5], [5, 4, 3, 2, 1])["tau"] == pytest.approx(-1.0)
@@ -143,7 +143,7 @@ def test_kendall_tau_on_hand_made_rankings() -> None:
 
 
 def test_the_verdict_follows_the_interval() -> None:
-    from mola_search.search.oneshot import Trust
+    from mola_search.search.strategies.oneshot.trust import Trust
 
     agree = Trust(trial_fidelity={"tau": 0.7, "low": 0.3, "high": 0.9, "n": 12})
     assert agree.trustworthy and agree.recommendation == "one-shot" and "usable" in agree.line()
@@ -156,19 +156,20 @@ def test_the_verdict_follows_the_interval() -> None:
 
 
 def test_trust_round_trips_through_oneshot_json(tmp_path: Path) -> None:
-    from mola_search.search.oneshot import Trust, read_trust, write_trust
+    from mola_search.search.strategies.oneshot.trust import Trust
+    from mola_search.search.study import StudyFolder
 
     trust = Trust(trial_fidelity={"tau": 0.2, "low": math.nan, "high": math.nan, "n": 3},
                   pairs=[{"experts": [2, 3], "origin": "oneshot:top1", "oneshot": -0.5, "standalone": -0.6}])
-    write_trust(tmp_path, trust)
+    StudyFolder(tmp_path).write_oneshot(trust.to_dict())
     raw = json.loads((tmp_path / "oneshot.json").read_text())
     assert raw["trial_fidelity"]["low"] is None and raw["recommendation"] == "standalone"
-    back = read_trust(tmp_path)
+    back = Trust.from_dict(StudyFolder(tmp_path).read_oneshot())
     assert back.pairs == trust.pairs and math.isnan(back.trial_fidelity["low"]) and back.line() == trust.line()
 
 
 def test_checks_are_the_top_then_evenly_spread_ranks_without_trained_ones() -> None:
-    from mola_search.search.oneshot import check_seeds
+    from mola_search.search.strategies.oneshot.trust import check_seeds
 
     specs = [AllocationSpec.build([e, 10 - e], 1, 4) for e in range(1, 10)]
     ranked = [(s, -i / 10) for i, s in enumerate(specs)] + [(specs[0], -5.0)]  # a duplicate, scored lower
@@ -185,7 +186,7 @@ def test_checks_are_the_top_then_evenly_spread_ranks_without_trained_ones() -> N
 
 
 def test_signals_become_allocations_at_the_budget() -> None:
-    from mola_search.search.signals import router_usage, signal_spec
+    from mola_search.search.strategies.oneshot.signals import router_usage, signal_spec
 
     stats = [{"layer": 0, "share": [0.25, 0.25, 0.25, 0.25]}, {"layer": 0, "share": [0.5, 0.5, 0.0, 0.0]},
              {"layer": 1, "share": [1.0, 0.0, 0.0, 0.0]}, {"layer": 2, "share": [0.0, 0.0, 0.0, 0.0]}]
@@ -197,7 +198,7 @@ def test_signals_become_allocations_at_the_budget() -> None:
 
 
 def test_saliency_is_the_base_models_and_leaves_the_model_as_it_was(tokenizer) -> None:
-    from mola_search.search.signals import redundancy, saliency
+    from mola_search.search.strategies.oneshot.signals import redundancy, saliency
     from mola_search.tasks import Example
 
     supernet, _ = _supernet()
@@ -238,7 +239,11 @@ def test_one_shot_study_scores_checks_finalises_and_resumes_without_redoing_anyt
 
     from mola_search.cli.common import run_main
     from mola_search.cli.search import main
-    from mola_search.search.oneshot import read_trust
+    from mola_search.search.strategies.oneshot.trust import Trust
+    from mola_search.search.study import StudyFolder
+
+    def read_trust(folder):
+        return Trust.from_dict(StudyFolder(folder).read_oneshot())
 
     folder = tmp_path / "study"
     assert run_main("mola-search", main, [*STUDY, "--out", str(folder)]) == 0
@@ -309,11 +314,11 @@ def test_a_converged_sampler_does_not_stop_the_one_shot_scoring(tmp_path: Path, 
 
     import optuna
 
-    from mola_search.search import study as study_module
-    from mola_search.search import supernet as one
     from mola_search.search.config import StudyConfig
     from mola_search.search.progress import Progress
     from mola_search.search.space import load_space
+    from mola_search.search.strategies.oneshot import scoring, supernet as one
+    from mola_search.search.study import StudyFolder
     from mola_search.train import run
 
     class Stuck(optuna.samplers.BaseSampler):
@@ -326,7 +331,7 @@ def test_a_converged_sampler_does_not_stop_the_one_shot_scoring(tmp_path: Path, 
         def sample_independent(self, study, trial, name, distribution):
             return 0.5
 
-    monkeypatch.setattr(study_module, "make_sampler", lambda name, seed: Stuck())
+    monkeypatch.setattr(scoring, "make_sampler", lambda name, seed: Stuck())
     current: dict[str, AllocationSpec] = {}
 
     @contextlib.contextmanager
@@ -339,8 +344,11 @@ def test_a_converged_sampler_does_not_stop_the_one_shot_scoring(tmp_path: Path, 
         (e - 4) ** 2 for e in current["spec"].experts) / 100.0, "accuracy": 0.5})
     net = one.Supernet(model, types.SimpleNamespace(splits={"validation": [None] * 8}), {})
     config = StudyConfig(task="mrpc", model="tiny-llama-L8", strategy="one-shot", oneshot_trials=12, pilot=False)
-    study = one.score_allocations(config, load_space("blocks"), net, 8, 30, [], tmp_path, Progress(1))
-    distinct = one.ranked_allocations(study)
+    progress = Progress(1)
+    handle = types.SimpleNamespace(config=config, folder=StudyFolder(tmp_path), space=load_space("blocks"),
+                                   num_layers=8, budget=30, message=progress.message)
+    study = scoring.score_allocations(handle, net, [])
+    distinct = scoring.ranked_allocations(study)
     assert len(distinct) == 12
     origins = [t.user_attrs["origin"] for t in study.trials if "duplicate_of" not in t.user_attrs]
     assert origins[0] == "tpe" and origins.count("random") == 11  # the stuck point once, then random draws

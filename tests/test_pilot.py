@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from mola_search.search.config import FINALIST_SEED_BASE, PILOT_SHAPES, StudyConfig
-from mola_search.search.noise import read_noise, read_rounds
-from mola_search.search.outputs import Finalist, choose_best
+from mola_search.search.study import StudyFolder
+from mola_search.search.study import Finalist, choose_best
 from mola_search.allocation import AllocationSpec
 from test_search import MODEL, MOLA_SEARCH, load_study, read_trials, search
 
@@ -50,7 +50,7 @@ def test_pilot_runs_first_writes_noise_json_and_counts_as_trials(piloted: Path, 
     origins = [t.user_attrs["origin"] for t in study.trials if not t.user_attrs.get("pilot")]
     assert not set(origins) & {f"seed:{s}" for s in PILOT_SHAPES}
     assert len([r for r in read_trials(piloted) if r["duplicate_of"] == ""]) == 14
-    floor = read_noise(piloted)
+    floor = StudyFolder(piloted).read_noise()
     assert floor is not None and sorted(floor.allocations) == sorted(PILOT_SHAPES) and floor.seeds == (0, 1, 2)
     for t in pilot:  # noise.json holds exactly the scores the pilot trials recorded
         assert floor.scores[t.user_attrs["origin"][5:]][t.user_attrs["train_seed"]] == pytest.approx(t.value)
@@ -104,14 +104,14 @@ def test_auto_fidelity_doubles_until_the_allocations_separate(tmp_path: Path, mo
     folder = tmp_path / "auto"
     assert search([*PILOT, "--trials", "10", "--finalist-seeds", "0", "--auto-fidelity", "--noise-threshold", "0.8",
                    "--max-train-examples", "16", "--out", str(folder)]) == 0
-    rounds = read_rounds(folder)
+    rounds = StudyFolder(folder).read_noise_rounds()
     assert len(rounds) >= 2
     assert all(r.allocation_share < 0.8 for r in rounds[:-1]) and rounds[-1].allocation_share >= 0.8
     sizes = [r.fidelity["max_train_examples"] for r in rounds]
     assert sizes == [16 * 2 ** i for i in range(len(rounds))]
     chosen = load_study(folder).user_attrs["fidelity"]
     assert chosen["max_train_examples"] == sizes[-1]
-    assert read_noise(folder).fidelity == rounds[-1].fidelity
+    assert StudyFolder(folder).read_noise().fidelity == rounds[-1].fidelity
     out = capsys.readouterr().out
     assert out.count("auto-fidelity: allocation share below") == len(rounds) - 1
 
@@ -122,7 +122,7 @@ def test_auto_fidelity_stops_at_the_time_budget(tmp_path: Path, monkeypatch, cap
     folder = tmp_path / "budget"
     assert search([*PILOT, "--trials", "10", "--finalist-seeds", "0", "--auto-fidelity", "--noise-threshold", "0.99",
                    "--max-train-examples", "16", "--time-budget", "0.01", "--out", str(folder)]) == 0
-    assert len(read_rounds(folder)) == 1
+    assert len(StudyFolder(folder).read_noise_rounds()) == 1
     assert "past --time-budget" in capsys.readouterr().out
 
 

@@ -11,11 +11,11 @@ import pytest
 from optuna.trial import TrialState
 
 from mola_search.errors import UserError
-from mola_search.search.folder import TRAIN_SEED
+from mola_search.search.study.records import TRAIN_SEED
 from mola_search.search.pruning import (EXAMPLE_STRIDE, PRUNERS, SameSeedWilcoxonPruner, example_step, make_pruner,
                                        report_rung)
 from mola_search.search.seeds import paper_seeds
-from mola_search.search.synthetic import SyntheticObjective
+from mola_search.trial.synthetic import SyntheticObjective
 
 SHAPES = {s.name: s.spec.experts for s in paper_seeds(30, 150, 1, 8)}
 OBJECTIVE = SyntheticObjective("upper", 30, 150, 1, 8, noise=0.0, seed_sd=0.0, example_sd=0.3)

@@ -114,9 +114,10 @@ def make_study(folder: Path, trials: Sequence[dict], finalists: Sequence[dict] =
             run.mkdir(parents=True)
             (run / "metrics.json").write_text(json.dumps(metrics))
     if noise is not None:
-        from mola_search.search.noise import estimate_noise, write_noise
+        from mola_search.search.study import StudyFolder
+        from mola_search.stats.noise import estimate_noise
 
-        write_noise(folder, estimate_noise(noise), [estimate_noise(sc, fidelity=fid) for sc, fid in noise_rounds])
+        StudyFolder(folder).write_noise(estimate_noise(noise), [estimate_noise(sc, fidelity=fid) for sc, fid in noise_rounds])
     if best is not None:
         (folder / "best_allocation.json").write_text(json.dumps(best))
     if finished:

@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 from mola_search.cli.common import run_main
 from mola_search.cli.search import main
 from mola_search.search.config import StudyConfig
-from mola_search.search.runner import resolve_space
+from mola_search.search.context import resolve_space
 from mola_search.search.seeds import SEED_SHAPES
 
 MODEL = "tiny-llama-L8"
@@ -435,7 +435,7 @@ def test_relative_paths_are_pinned_in_the_driver(tmp_path: Path, monkeypatch) ->
     ((2, 0, 2 * 1024, 1, 0), 3 * 1024, (1, {"cpu": 2, "memory": 0})),        # nothing fits: still one at a time
 ])
 def test_auto_concurrency_takes_the_scarcest_resource(resources, per_trial, expected) -> None:
-    from mola_search.search.executors import auto_concurrency
+    from mola_search.search.executors._cluster import auto_concurrency
 
     cpus, gpus, memory_mb, cpt, gpt = resources
     assert auto_concurrency(cpus, gpus, memory_mb, cpus_per_trial=cpt, gpus_per_trial=gpt, trial_mb=per_trial) == expected
@@ -448,7 +448,7 @@ def test_auto_concurrency_takes_the_scarcest_resource(resources, per_trial, expe
     ({"cpu": 8, "memory": 6, "gpu": 4}, False, False),  # the GPUs limit before memory does
 ])
 def test_concurrency_line_suggests_checkpointing_only_when_memory_limits(slots, checkpointing, hint) -> None:
-    from mola_search.search.executors import concurrency_line
+    from mola_search.search.executors._cluster import concurrency_line
 
     n = min(slots.values())
     line = concurrency_line(max(1, n), slots, 32 * 1024, 3 * 1024, measured=True, checkpointing=checkpointing)

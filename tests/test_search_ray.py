@@ -19,7 +19,7 @@ import pytest
 from optuna.trial import TrialState
 
 from mola_search.search.config import StudyConfig
-from mola_search.search.runner import resolve_space
+from mola_search.search.context import resolve_space
 from test_search import MODEL, key, kill_mid_study_and_resume, load_study, read_trials, search, trained
 
 BASE = ["--task", "mrpc", "--model", MODEL, "--objective", "synthetic:upper", "--executor", "ray",

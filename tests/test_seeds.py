@@ -12,8 +12,8 @@ import torch
 from mola_search.allocation import AllocationSpec
 from mola_search.errors import UserError
 from mola_search.models import tiny_llama
-from mola_search.search import alphalora
-from mola_search.search.alphalora import (
+from mola_search.search.seeds import alphalora
+from mola_search.search.seeds.alphalora import (
     alphalora_allocation,
     cached_layer_alphas,
     hill_alpha,

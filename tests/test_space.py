@@ -14,6 +14,7 @@ from mola_search.search.space import (
     ENCODINGS,
     Fidelity,
     SearchSpace,
+    make_space,
     builtin_space_names,
     builtin_space_path,
     load_space,
@@ -37,9 +38,9 @@ def _random_params(space: SearchSpace, num_layers: int, rng: random.Random) -> d
 
 
 def _spaces() -> list[SearchSpace]:
-    return [SearchSpace("blocks"), SearchSpace("blocks", blocks=3, max_experts=None),
-            SearchSpace("per_layer", min_experts=2, max_experts=6),
-            SearchSpace("profile", knots=5, search_top_k=True, search_rank=True)]
+    return [make_space("blocks"), make_space("blocks", blocks=3, max_experts=None),
+            make_space("per_layer", min_experts=2, max_experts=6),
+            make_space("profile", knots=5, search_top_k=True, search_rank=True)]
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -69,7 +70,7 @@ def test_unknown_builtin_is_a_user_error() -> None:
 
 
 def test_to_dict_round_trips() -> None:
-    space = SearchSpace("profile", knots=6, search_rank=True, rank_choices=(2, 4),
+    space = make_space("profile", knots=6, search_rank=True, rank_choices=(2, 4),
                         fidelity=Fidelity(max_train_examples=None, epochs=2, rungs=(0.5, 1.0)))
     assert SearchSpace.from_dict(space.to_dict()) == space
 
@@ -131,7 +132,7 @@ def test_from_dict_accepts_yaml_shapes() -> None:
 
 
 def test_check_budget_reports_the_feasible_range() -> None:
-    space = SearchSpace("blocks", min_experts=2, max_experts=8)
+    space = make_space("blocks", min_experts=2, max_experts=8)
     space.check_budget(30, 60)
     space.check_budget(30, 240)
     for budget in (59, 241):
@@ -140,23 +141,23 @@ def test_check_budget_reports_the_feasible_range() -> None:
         assert str(caught.value) == (f"budget {budget} is infeasible for 30 layers with 2..8 experts per layer: "
                                      f"choose a budget in [60, 240]")
     with pytest.raises(UserError, match="choose a budget >= 30"):
-        SearchSpace("per_layer", max_experts=None).check_budget(30, 29)
+        make_space("per_layer", max_experts=None).check_budget(30, 29)
     with pytest.raises(UserError, match="4 blocks but the model has 3 layers"):
-        SearchSpace("blocks").check_budget(3, 6)
+        make_space("blocks").check_budget(3, 6)
 
 
 # ------------------------------------------------------------------------------------------ parameters
 
 
 def test_param_names_per_encoding() -> None:
-    assert SearchSpace("blocks").param_names(30) == ["w_block0", "w_block1", "w_block2", "w_block3"]
-    assert SearchSpace("profile", knots=3).param_names(30) == ["w_knot0", "w_knot1", "w_knot2"]
-    per_layer = SearchSpace("per_layer").param_names(12)
+    assert make_space("blocks").param_names(30) == ["w_block0", "w_block1", "w_block2", "w_block3"]
+    assert make_space("profile", knots=3).param_names(30) == ["w_knot0", "w_knot1", "w_knot2"]
+    per_layer = make_space("per_layer").param_names(12)
     assert per_layer[:2] == ["w_layer00", "w_layer01"] and len(per_layer) == 12
     assert sorted(per_layer) == per_layer  # zero padding: name order is depth order
-    assert SearchSpace("per_layer").param_names(120)[5] == "w_layer005"
-    assert sorted(SearchSpace("blocks", blocks=12).param_names(30)) == SearchSpace("blocks", blocks=12).param_names(30)
-    searched = SearchSpace("blocks", search_top_k=True, search_rank=True)
+    assert make_space("per_layer").param_names(120)[5] == "w_layer005"
+    assert sorted(make_space("blocks", blocks=12).param_names(30)) == make_space("blocks", blocks=12).param_names(30)
+    searched = make_space("blocks", search_top_k=True, search_rank=True)
     assert searched.param_names(30)[-2:] == ["top_k", "rank"]
 
 
@@ -171,7 +172,7 @@ def test_suggest_equals_decode_and_defines_every_parameter(space: SearchSpace) -
 
 
 def test_suggest_in_a_real_study_records_decodable_params() -> None:
-    space = SearchSpace("blocks", search_top_k=True)
+    space = make_space("blocks", search_top_k=True)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     specs = {}
 
@@ -201,7 +202,7 @@ def test_every_point_is_feasible(space: SearchSpace) -> None:
 
 @pytest.mark.parametrize("encoding", ENCODINGS)
 def test_all_zero_weights_are_an_even_split(encoding: str) -> None:
-    space = SearchSpace(encoding)
+    space = make_space(encoding)
     params = {name: 0.0 for name in space.weight_names(10)}
     assert space.decode(params, 10, 50).experts == (5,) * 10
     assert sorted(space.decode(params, 10, 53).experts) == [5] * 7 + [6] * 3
@@ -209,16 +210,16 @@ def test_all_zero_weights_are_an_even_split(encoding: str) -> None:
 
 def test_decode_refuses_parameters_of_another_space() -> None:
     with pytest.raises(UserError, match="lack 'w_block0'"):
-        SearchSpace("blocks").decode({"w_knot0": 1.0}, 8, 16)
+        make_space("blocks").decode({"w_knot0": 1.0}, 8, 16)
     with pytest.raises(UserError, match="'w_block1' is 1.5"):
-        SearchSpace("blocks").decode({"w_block0": 1, "w_block1": 1.5, "w_block2": 0, "w_block3": 0}, 8, 16)
+        make_space("blocks").decode({"w_block0": 1, "w_block1": 1.5, "w_block2": 0, "w_block3": 0}, 8, 16)
     with pytest.raises(UserError, match=r"searches top_k over \[1, 2, 3\]"):
-        SearchSpace("blocks", search_top_k=True).decode(
+        make_space("blocks", search_top_k=True).decode(
             {"w_block0": 1, "w_block1": 1, "w_block2": 0, "w_block3": 0, "top_k": 5}, 8, 16)
 
 
 def test_searched_top_k_and_rank_are_applied_and_capped_per_layer() -> None:
-    space = SearchSpace("blocks", search_top_k=True, search_rank=True)
+    space = make_space("blocks", search_top_k=True, search_rank=True)
     params = {"w_block0": 0.0, "w_block1": 0.0, "w_block2": 0.0, "w_block3": 1.0, "top_k": 3, "rank": 16}
     spec = space.decode(params, 8, 16)
     assert spec.experts == (1, 1, 1, 1, 1, 1, 5, 5)
@@ -228,11 +229,11 @@ def test_searched_top_k_and_rank_are_applied_and_capped_per_layer() -> None:
 
 
 def test_layer_weights_expand_blocks_and_interpolate_knots() -> None:
-    blocks = SearchSpace("blocks").layer_weights({"w_block0": 0.1, "w_block1": 0.2, "w_block2": 0.3,
+    blocks = make_space("blocks").layer_weights({"w_block0": 0.1, "w_block1": 0.2, "w_block2": 0.3,
                                                   "w_block3": 0.4}, 30)
     assert block_sizes(30, 4) == [8, 8, 7, 7]
     assert blocks == [0.1] * 8 + [0.2] * 8 + [0.3] * 7 + [0.4] * 7
-    profile = SearchSpace("profile", knots=3).layer_weights({"w_knot0": 0.0, "w_knot1": 1.0, "w_knot2": 0.5}, 5)
+    profile = make_space("profile", knots=3).layer_weights({"w_knot0": 0.0, "w_knot1": 1.0, "w_knot2": 0.5}, 5)
     assert profile == pytest.approx([0.0, 0.5, 1.0, 0.75, 0.5])
 
 
@@ -243,7 +244,7 @@ def test_layer_weights_expand_blocks_and_interpolate_knots() -> None:
 @pytest.mark.parametrize("max_experts", [None, 8])
 def test_blocks_encode_reproduces_the_paper_shapes_exactly(num_layers: int, budget: int,
                                                            max_experts: int | None) -> None:
-    space = SearchSpace("blocks", max_experts=max_experts, top_k=1)
+    space = make_space("blocks", max_experts=max_experts, top_k=1)
     for shape in PAPER_SHAPES:
         experts = shape_allocation(shape, num_layers, budget, 1, max_experts)
         spec = AllocationSpec.build(experts, 1, 8)
@@ -254,14 +255,14 @@ def test_blocks_encode_reproduces_the_paper_shapes_exactly(num_layers: int, budg
 
 
 def test_blocks_encode_of_the_paper_table_at_32_layers() -> None:
-    space = SearchSpace("blocks", top_k=2)
+    space = make_space("blocks", top_k=2)
     triangle = AllocationSpec.build([8] * 8 + [6] * 8 + [4] * 8 + [2] * 8, 2, 8)
     params, exact = space.encode(triangle)
     assert exact and params == {"w_block0": 1.0, "w_block1": 0.75, "w_block2": 0.5, "w_block3": 0.25}
 
 
 def test_blocks_encode_flags_a_non_blocky_allocation() -> None:
-    space = SearchSpace("blocks", top_k=1)
+    space = make_space("blocks", top_k=1)
     spec = AllocationSpec.build([1, 5, 1, 5, 1, 5, 1, 5], 1, 8)
     params, exact = space.encode(spec)
     assert not exact
@@ -275,26 +276,26 @@ def test_per_layer_encode_reproduces_random_feasible_allocations() -> None:
         low = rng.randint(1, 3)
         high = rng.choice([None, low, low + 2, 8, 16])
         experts = [rng.randint(low, high or 20) for _ in range(num_layers)]
-        space = SearchSpace("per_layer", min_experts=low, max_experts=high, top_k=1)
+        space = make_space("per_layer", min_experts=low, max_experts=high, top_k=1)
         params, exact = space.encode(AllocationSpec.build(experts, 1, 8))
         assert exact
         assert list(space.decode(params, num_layers, sum(experts)).experts) == experts
 
 
 def test_encode_recovers_searched_top_k_and_rank() -> None:
-    space = SearchSpace("per_layer", search_top_k=True, search_rank=True)
+    space = make_space("per_layer", search_top_k=True, search_rank=True)
     experts = [1, 2, 3, 4]
     spec = AllocationSpec.build(experts, per_layer_top_k(experts, 3), 16)
     params, exact = space.encode(spec)
     assert exact and params["top_k"] == 3 and params["rank"] == 16
     _, exact = space.encode(AllocationSpec.build(experts, 1, 32))  # 32 is not a rank choice
     assert not exact
-    _, exact = SearchSpace("per_layer", top_k=2).encode(AllocationSpec.build(experts, 1, 8))
+    _, exact = make_space("per_layer", top_k=2).encode(AllocationSpec.build(experts, 1, 8))
     assert not exact  # fixed top_k 2 cannot give top_k 1 on a 4-expert layer
 
 
 def test_profile_encode_is_honest_about_exactness() -> None:
-    space = SearchSpace("profile", top_k=1)
+    space = make_space("profile", top_k=1)
     for shape in PAPER_SHAPES:
         spec = AllocationSpec.build(shape_allocation(shape, 30, 150, 1, 8), 1, 8)
         params, exact = space.encode(spec)
@@ -310,6 +311,6 @@ def test_profile_encode_is_honest_about_exactness() -> None:
 
 
 def test_encode_of_an_allocation_outside_the_bounds_is_not_exact() -> None:
-    space = SearchSpace("per_layer", max_experts=4)
+    space = make_space("per_layer", max_experts=4)
     params, exact = space.encode(AllocationSpec.build([8, 8, 8, 8], 2, 8))
     assert not exact and set(params) == set(space.weight_names(4))

@@ -13,8 +13,8 @@ import pytest
 from mola_search.allocation import round_to_budget
 from mola_search.errors import UserError
 from mola_search.search.seeds import paper_seeds
-from mola_search.search.space import SearchSpace
-from mola_search.search.synthetic import SYNTHETIC_NAMES, SyntheticObjective, is_synthetic, make_synthetic
+from mola_search.search.space import make_space
+from mola_search.trial.synthetic import SYNTHETIC_NAMES, SyntheticObjective, is_synthetic, make_synthetic
 
 
 def _feasible(num_layers: int, budget: int, low: int, high: int) -> list[tuple[int, ...]]:
@@ -120,7 +120,7 @@ def test_a_seeded_optuna_search_beats_the_paper_seeds() -> None:
     """End to end: blocks space + enqueued paper seeds + TPE improve on the best seed."""
     num_layers, budget = 12, 48
     objective = make_synthetic("synthetic:upper", num_layers, budget, 1, 8, noise=0.0)
-    space = SearchSpace("blocks")
+    space = make_space("blocks")
     seeds = paper_seeds(num_layers, budget, 1, 8)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))

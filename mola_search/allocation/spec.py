@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mola_search._io import atomic_write_text, dumps
 from mola_search.allocation.rounding import Bound, as_count, expand_bound
 from mola_search.allocation.shapes import SHAPES, normalize_shape, parse_counts, shape_allocation
 from mola_search.errors import UserError
@@ -113,27 +113,19 @@ class AllocationSpec:
 def save_spec(spec: AllocationSpec, path: str | os.PathLike[str], **metadata: Any) -> Path:
     """Write the spec as JSON with `metadata` (score, model, task, ...) merged in at the top level.
 
-    The file is replaced atomically so a crashed trial never leaves half a spec behind.
+    The file is replaced atomically so a crashed trial never leaves half a spec behind, and is strict
+    JSON: a NaN or infinite value in the metadata is written as null.
     """
     clashes = sorted(set(metadata) & set(_SPEC_KEYS))
     if clashes:
         raise UserError(f"metadata key(s) {', '.join(clashes)} would overwrite spec fields: "
                         f"rename them (reserved: {', '.join(_SPEC_KEYS)})")
     try:
-        text = json.dumps({**spec.to_dict(), **metadata}, indent=2)
+        text = dumps({**spec.to_dict(), **metadata})
     except (TypeError, ValueError) as exc:
         raise UserError(f"spec metadata is not JSON-serialisable ({exc}): "
                         f"pass str, number, bool, None, list or dict values") from None
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text + "\n")
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    target = atomic_write_text(path, text)
     return target
 
 

@@ -26,9 +26,9 @@ from mola_search.analysis.importance import (EffectEstimate, Importances, block_
                                              optuna_importances, param_depths, verdicts)
 from mola_search.analysis.results import EXAMPLES_X_SEEDS, Paired, ResultTable, result_table
 from mola_search.analysis.studydata import FinalistRecord, StudyData, load_study, require_completed
+from mola_search.search.study import StudyFolder
 from mola_search.allocation import run_length
 
-REPORT_DIR = "report"
 
 
 @dataclass
@@ -93,7 +93,7 @@ def build_report(folder: str | Path, out: str | Path | None = None, *, n_boot: i
     """Write the report of the study in `folder`; returns the path of index.html."""
     data = load_study(folder)
     require_completed(data)
-    out = Path(out) if out else data.folder / REPORT_DIR
+    out = Path(out) if out else StudyFolder(data.folder).report_dir
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.png"):  # figures of an earlier report that this one may not redraw
         old.unlink()
@@ -200,10 +200,14 @@ def _noise_section(data: StudyData) -> Section:
 
 def _oneshot_section(data: StudyData) -> list[Section]:
     """One-shot studies: how far the supernet's ranking agreed with standalone training (oneshot.json)."""
-    from mola_search.search.oneshot import read_trust
+    from mola_search.search.strategies.oneshot.trust import Trust
 
-    trust = read_trust(data.folder)
-    if trust is None:
+    raw = StudyFolder(data.folder).read_oneshot()
+    if raw is None:
+        return []
+    try:
+        trust = Trust.from_dict(raw)
+    except TypeError:
         return []
     s = Section("One-shot search: can its ranking be trusted?", anchor="oneshot")
     s.add(Para(_cap(trust.line()) + ".", "" if trust.trustworthy else "warning"))
@@ -495,7 +499,7 @@ def _mean_runs(series: Sequence[Sequence[float]]) -> list[float]:
 
 
 def _provenance_section(data: StudyData, started: float) -> Section:
-    from mola_search.search.outputs import provenance
+    from mola_search.search.study.best import provenance
 
     c = data.config
     s = Section("8. Provenance", anchor="provenance")

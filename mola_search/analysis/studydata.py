@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from mola_search.errors import UserError
-from mola_search.search import folder as layout
+from mola_search.search.study import Origin, StudyFolder
+from mola_search.search.study import records
+from mola_search.search.study.folder import NOISE_JSON
 
 MIN_COMPLETED = 2  # below this there is nothing to compare, let alone estimate
 DEFAULT_METRIC = "gold_logprob"
@@ -60,11 +62,11 @@ class TrialRecord:
 
     @property
     def is_seed(self) -> bool:
-        return self.origin.startswith("seed:")
+        return Origin(self.origin).is_seed
 
     @property
     def seed_name(self) -> str:
-        return self.origin[5:] if self.is_seed else ""
+        return Origin(self.origin).name if self.is_seed else ""
 
     @property
     def last_score(self) -> float | None:
@@ -100,16 +102,16 @@ class FinalistRecord:
 
     @property
     def is_seed(self) -> bool:
-        return self.origin.startswith("seed:")
+        return Origin(self.origin).is_seed
 
     @property
     def seed_name(self) -> str:
-        return self.origin[5:] if self.is_seed else ""
+        return Origin(self.origin).name if self.is_seed else ""
 
     @property
     def name(self) -> str:
         """Seed name ("rectangle") or "trial <n> (<sampler>)"."""
-        return self.origin[5:] if self.is_seed else f"trial {self.number} ({self.origin})"
+        return self.seed_name if self.is_seed else f"trial {self.number} ({self.origin})"
 
     @property
     def val_mean(self) -> float:
@@ -142,7 +144,7 @@ class FinalistRecord:
         return [self.dirs[s] for s in sorted(self.dirs)]
 
     def adapters(self) -> list[Path]:
-        return [p / "adapter" for p in self.run_folders() if (p / "adapter" / "adapter_config.json").is_file()]
+        return [StudyFolder.run_adapter(p) for p in self.run_folders() if StudyFolder.is_adapter(StudyFolder.run_adapter(p))]
 
 
 def selection_key(f: FinalistRecord, on: str = "validation") -> tuple[float, float]:
@@ -170,7 +172,7 @@ class StudyData:
     notes: list[str] = field(default_factory=list)
     finished: bool = True
     metric: str = "accuracy"                 # what trial values and finalist scores are
-    noise: Any = None                        # mola_search.search.noise.NoiseFloor, when noise.json exists
+    noise: Any = None                        # mola_search.stats.NoiseFloor, when the pilot ran
     noise_rounds: list[Any] = field(default_factory=list)   # --auto-fidelity history (last = chosen)
     noise_note: str = ""                     # why there is no noise floor, when there is none
 
@@ -237,7 +239,7 @@ class StudyData:
 
     def finalist_for_seed(self, seed_name: str) -> FinalistRecord | None:
         for f in self.finalists:
-            if f.origin == f"seed:{seed_name}" and f.test:
+            if f.origin == Origin.seed(seed_name).text and f.test:
                 return f
         return None
 
@@ -253,19 +255,19 @@ def load_study(folder: str | Path) -> StudyData:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder: pass a study folder written by `mola-search`, e.g. runs/<study>")
-    config = StudyConfig.load(folder)  # "not a mola-search study folder" when study.json is missing
-    study = layout.open_study(folder, config)
+    handle = StudyFolder(folder)
+    config = StudyConfig.load(folder)  # "not a mola-search study folder" when there are no settings
+    study = handle.open_optuna(config.storage, config.study_name)
     trials = [_trial_record(t) for t in study.get_trials(deepcopy=False)]
-    num_layers = study.user_attrs.get(layout.NUM_LAYERS) or next(
+    num_layers = study.user_attrs.get(records.NUM_LAYERS) or next(
         (len(t.allocation) for t in trials if t.allocation), 0)
-    budget = study.user_attrs.get(layout.BUDGET) or next((sum(t.allocation) for t in trials if t.allocation), None)
+    budget = study.user_attrs.get(records.BUDGET) or next((sum(t.allocation) for t in trials if t.allocation), None)
     space = _space(config)
-    best = layout.read_json(folder / layout.BEST_ALLOCATION)
-    data = StudyData(folder, config, study, int(num_layers), budget, trials, [], best, space)
-    runs = layout.finalist_runs(folder)
+    data = StudyData(folder, config, study, int(num_layers), budget, trials, [], handle.read_best(), space)
+    runs = handle.finalist_runs()
     data.metric = _metric(data, runs)
-    data.finalists = _finalists(folder, runs, {t.number: t for t in trials}, data.metric)
-    data.noise, data.noise_rounds, data.noise_note = _noise(folder)
+    data.finalists = _finalists(handle, runs, {t.number: t for t in trials}, data.metric)
+    data.noise, data.noise_rounds, data.noise_note = _noise(handle)
     _status(data)
     return data
 
@@ -286,20 +288,20 @@ def _trial_record(t: Any) -> TrialRecord:
         v = a.get(key)
         return tuple(int(x) for x in v) if isinstance(v, (list, tuple)) and v else None
 
-    dup = a.get(layout.DUPLICATE_OF)
-    metrics = a.get(layout.METRICS)
-    seed = a.get(layout.TRAIN_SEED)
+    dup = a.get(records.DUPLICATE_OF)
+    metrics = a.get(records.METRICS)
+    seed = a.get(records.TRAIN_SEED)
     return TrialRecord(
         number=t.number, state=t.state.name, value=float(value) if value is not None else None,
         intermediate={int(k): float(v) for k, v in t.intermediate_values.items() if v == v},
-        origin=str(a.get(layout.ORIGIN, "")), allocation=ints(layout.ALLOCATION), top_k=ints(layout.TOP_K),
-        rank=ints(layout.RANK),
+        origin=str(a.get(records.ORIGIN, "")), allocation=ints(records.ALLOCATION), top_k=ints(records.TOP_K),
+        rank=ints(records.RANK),
         params=dict(t.params), duplicate_of=int(dup) if dup is not None and dup != "" else None,
-        failure=str(a.get(layout.FAILURE, "") or ""), wall_time_s=_float(a.get(layout.WALL_TIME)),
-        node=str(a.get(layout.NODE, "")),
+        failure=str(a.get(records.FAILURE, "") or ""), wall_time_s=_float(a.get(records.WALL_TIME)),
+        node=str(a.get(records.NODE, "")),
         start=t.datetime_start, complete=t.datetime_complete,
         train_seed=int(seed) if isinstance(seed, (int, float)) and not isinstance(seed, bool) else None,
-        pilot=bool(a.get(layout.PILOT, False)),
+        pilot=bool(a.get(records.PILOT, False)),
         metrics={k: v for k, v in ((k, _float(v)) for k, v in metrics.items()) if v is not None}
         if isinstance(metrics, dict) else {})
 
@@ -320,14 +322,15 @@ def _metric(data: StudyData, runs: list) -> str:
     return configured if new or not old else "accuracy"
 
 
-def _finalists(data_folder: Path, runs: list, by_number: dict[int, TrialRecord], metric: str) -> list[FinalistRecord]:
+def _finalists(handle: StudyFolder, runs: list, by_number: dict[int, TrialRecord],
+               metric: str) -> list[FinalistRecord]:
     out = []
     for label, seeds in runs:
-        number, origin = layout.parse_finalist_label(label)
+        number, origin = handle.parse_finalist_label(label)
         trial = by_number.get(number)
         origin = trial.origin if trial and trial.origin else origin
-        rec = FinalistRecord(label, number, origin, trial.allocation if trial else None,
-                             data_folder / layout.FINALISTS_DIR / label, metric)
+        rec = FinalistRecord(label, number, origin, trial.allocation if trial else None, handle.finalist_dir(label),
+                             metric)
         for seed, run, metrics in seeds:
             test, val = metrics.get("test") or {}, metrics.get("validation") or {}
             score = _float(test.get(metric))
@@ -351,15 +354,13 @@ def _finalists(data_folder: Path, runs: list, by_number: dict[int, TrialRecord],
     return out
 
 
-def _noise(folder: Path) -> tuple[Any, list[Any], str]:
-    """noise.json via the search's reader: (chosen estimate, --auto-fidelity rounds, why there is none)."""
-    if not (folder / "noise.json").is_file():
-        return None, [], ("no noise floor was measured (the study has no noise.json): differences between "
+def _noise(handle: StudyFolder) -> tuple[Any, list[Any], str]:
+    """The pilot's noise floor: (chosen estimate, auto-fidelity rounds, why there is none)."""
+    if not handle.has_noise():
+        return None, [], (f"no noise floor was measured (the study has no {NOISE_JSON}): differences between "
                           "allocations cannot be told apart from seed-to-seed variation")
-    from mola_search.search.noise import read_noise, read_rounds
-
     try:
-        noise, rounds = read_noise(folder), read_rounds(folder)
+        noise, rounds = handle.read_noise(), handle.read_noise_rounds()
     except UserError as exc:
         return None, [], f"no noise floor: {exc}"
     return noise, rounds, ""
@@ -383,9 +384,9 @@ def _status(data: StudyData) -> None:
             notes.append(f"{len(short)} finalist(s) have fewer than {expected} finished seeds "
                          f"({', '.join(f'{f.label}: {len(f.test)}' for f in short[:4])}); "
                          "means and tests use the seeds that finished")
-        elif not data.finalists and not (data.folder / "summary.md").is_file():
+        elif not data.finalists and not StudyFolder(data.folder).has_summary():
             notes.append("no finalist has finished yet: the result table shows single search trials")
-    if not (data.folder / "summary.md").is_file():
+    if not StudyFolder(data.folder).has_summary():
         notes.append("the study has not written summary.md yet (still running, or interrupted before the end)")
     data.notes = notes
     data.finished = not notes

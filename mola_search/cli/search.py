@@ -156,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     config = study_config_from_args(args)
     name = config.study_name or f"{_slug(config.task)}-b{config.budget or 'auto'}-{time.strftime('%Y%m%d-%H%M%S')}"
     folder = Path(config.out or f"runs/{name}")
-    if (folder / "study.json").exists():
+    from mola_search.search.study import StudyFolder
+
+    if StudyFolder(folder).is_study():
         raise UserError(f"{folder} already holds a study; continue it with `mola-search --resume {folder}` "
                         "or choose another --out")
     config = StudyConfig.from_dict({**config.to_dict(), "out": str(folder), "study_name": name})
@@ -188,7 +190,9 @@ def export_main(argv: list[str]) -> int:
     p.add_argument("--format", choices=["json", "mola-flags"], default="json")
     p.add_argument("--output", help="write here instead of stdout")
     args = p.parse_args(argv)
-    spec, meta = best_spec(Path(args.study))
+    from mola_search.search.study.best import exported_best
+
+    spec, meta = exported_best(Path(args.study))
     if args.format == "json":
         text = json.dumps({**spec.to_dict(), **meta}, indent=2) + "\n"
     else:  # refused (one line, exit 2) when the official code cannot run the study's model
@@ -218,25 +222,6 @@ def _analysis(name: str):
 
         return getattr(analysis, name)(argv)
     return run
-
-
-def best_spec(folder: Path):
-    """The exported best: best_allocation.json when it exists, else the best completed study-seed trial."""
-    from mola_search.allocation import load_spec_with_metadata
-    from mola_search.search import folder as layout
-    from mola_search.search.config import StudyConfig
-
-    config = StudyConfig.load(folder)  # raises "not a study folder"
-    path = folder / layout.BEST_ALLOCATION
-    if path.is_file():
-        return load_spec_with_metadata(path)
-    best = layout.best_search_trial(layout.open_study(folder, config), config.seed)
-    if best is None:
-        raise UserError(f"study {folder} has no completed trial with the study seed yet: nothing to export "
-                        f"(run or resume it: mola-search --resume {folder})")
-    return layout.trial_spec(best), {"validation_score": best.value, "trial": best.number,
-                                     "chosen_by": "validation score of one search trial (study seed)",
-                                     "model": config.model, "task": config.task}
 
 
 def _slug(text: str) -> str:

@@ -14,19 +14,21 @@ from pathlib import Path
 from typing import Any
 
 from mola_search.errors import UserError
-from mola_search.search.synthetic import SYNTHETIC_NAMES, SYNTHETIC_PREFIX
+from mola_search.search.samplers import SAMPLERS
+from mola_search.trial.settings import TrialSettings
+from mola_search.trial.synthetic import SYNTHETIC_NAMES, SYNTHETIC_PREFIX
 
-SAMPLERS = ("tpe", "cmaes", "gp", "random")
 PRUNERS = ("asha", "wilcoxon", "none")
 # Must match mola_search.train.evaluate.METRICS (not imported: this module stays free of torch).
 METRICS = ("gold_logprob", "margin", "accuracy", "f1", "mcc")
-STUDY_FILE = "study.json"
 # Finalists train with seeds FINALIST_SEED_BASE + i: never a seed a search or pilot trial used, so no
 # finalist run can reproduce the run that selected it.
 FINALIST_SEED_BASE = 1000
 PILOT_SHAPES = ("triangle", "inverted_triangle", "rectangle")
-# Must match mola_search.search.oneshot.STRATEGIES.
+# The names of mola_search.search.strategies.STRATEGIES and .executors.EXECUTORS (tests/test_config.py checks
+# they agree): listed here so that validating a config imports neither.
 STRATEGIES = ("standalone", "one-shot")
+EXECUTORS = ("ray", "local")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # A whole search (6 seeds + 4 TPE trials, then 7 finalists x 3 seeds = 31 fine-tunes) in under half
@@ -121,8 +123,8 @@ class StudyConfig:
                             f"{SYNTHETIC_PREFIX} or " + ", ".join(f"{SYNTHETIC_PREFIX}:{n}" for n in SYNTHETIC_NAMES))
         if self.sampler not in SAMPLERS:
             raise UserError(f"unknown sampler '{self.sampler}': choose one of {', '.join(SAMPLERS)}")
-        if self.executor not in ("ray", "local"):
-            raise UserError(f"unknown executor '{self.executor}': use 'ray' or 'local'")
+        if self.executor not in EXECUTORS:
+            raise UserError(f"unknown executor '{self.executor}': use {' or '.join(repr(e) for e in EXECUTORS)}")
         if self.scheduler not in PRUNERS:
             raise UserError(f"unknown pruner '{self.scheduler}': use {', '.join(PRUNERS)}")
         if self.metric not in METRICS:
@@ -187,6 +189,11 @@ class StudyConfig:
             d["finalist_shapes"] = list(self.finalist_shapes)
         return d
 
+    def final_runs(self) -> int:
+        """Fine-tunes the finalist stage will spend (a forecast for `time_budget`)."""
+        shapes = len(self.finalist_shapes) if self.finalist_shapes is not None else len(self.seed_names)
+        return (shapes + self.finalist_top_n) * self.finalist_seeds
+
     def finalist_train_seeds(self) -> list[int]:
         """The finalists' training seeds: disjoint from every search and pilot seed."""
         return [FINALIST_SEED_BASE + self.seed + i for i in range(self.finalist_seeds)]
@@ -195,19 +202,26 @@ class StudyConfig:
         """The pilot's seeds; the first is the study seed every search trial trains with."""
         return [self.seed + i for i in range(self.pilot_seeds)]
 
-    def save(self, folder: Path) -> None:
-        (folder / STUDY_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+    def trial_settings(self) -> TrialSettings:
+        """What each of this study's trials needs to know of it."""
+        return TrialSettings(task=self.task, model=self.model, objective=self.objective, metric=self.metric,
+                             dtype=self.dtype, device=self.device, data_dir=self.data_dir, train=dict(self.train),
+                             cpus=self.cpus_per_trial, gpus=self.gpus_per_trial,
+                             final_train_examples=self.finalist_train_examples,
+                             final_eval_examples=self.finalist_eval_examples)
+
+    def save(self, folder: str | Path) -> None:
+        """Write study.json into `folder` (`StudyFolder.write_config`)."""
+        from mola_search.search.study.folder import StudyFolder
+
+        StudyFolder(folder).write_config(self.to_dict())
 
     @classmethod
     def load(cls, folder: str | Path) -> "StudyConfig":
-        path = Path(folder) / STUDY_FILE
-        if not path.is_file():
-            raise UserError(f"{folder} is not a mola-search study folder ({STUDY_FILE} is missing); "
-                            "pass the folder a previous `mola-search` run wrote, e.g. runs/<study>")
-        try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path} is not valid JSON: {exc.msg}") from None
+        """The settings a study in `folder` started with; a folder that is not a study is a one-line UserError."""
+        from mola_search.search.study.folder import StudyFolder
+
+        return cls.from_dict(StudyFolder(folder).read_config())
 
 
 def apply_preset(name: str | None, overrides: dict[str, Any]) -> StudyConfig:

@@ -30,7 +30,7 @@ Three choices (`PRUNERS`):
 
   The test pairs *examples*: it treats the validation set as the only randomness. The
   run-to-run noise of training (same seed, different allocation: the residual of
-  `mola_search.search.noise`) shifts all of a run's examples together and is invisible
+  `mola_search.stats.noise`) shifts all of a run's examples together and is invisible
   to it, so with a noisy objective it is confident about differences that are noise.
 * ``none``: `NopPruner`: every trial runs all rungs.
 
@@ -48,7 +48,7 @@ from collections.abc import Sequence
 import optuna
 
 from mola_search.errors import UserError
-from mola_search.search.folder import trial_seed
+from mola_search.search.study.records import trial_seed
 
 PRUNERS: tuple[str, ...] = ("asha", "wilcoxon", "none")
 EXAMPLE_STRIDE = 1_000_000  # steps reserved per rung for per-example reports (validation sets are smaller)

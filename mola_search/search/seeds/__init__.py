@@ -55,7 +55,7 @@ def alphalora_seed(model: "nn.Module", num_layers: int, budget: int, min_experts
                    max_experts: Bound | None = None, top_k: int = 2, rank: int = 8, beta: float = 2.5,
                    cache_file: str | os.PathLike[str] | None = None) -> Seed:
     """The AlphaLoRA allocation of `model` (counts ∝ α^β of each layer's weight spectra)."""
-    from mola_search.search.alphalora import alphalora_allocation, cached_layer_alphas, layer_alphas
+    from mola_search.search.seeds.alphalora import alphalora_allocation, cached_layer_alphas, layer_alphas
 
     alphas = layer_alphas(model) if cache_file is None else cached_layer_alphas(model, cache_file)
     _check_depth(alphas, num_layers)

@@ -47,9 +47,12 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -351,3 +354,52 @@ def _generator(*key: object) -> np.random.Generator:
     """A generator that is a fixed function of `key` (stable across processes, unlike hash())."""
     digest = hashlib.blake2b("|".join(map(repr, key)).encode(), digest_size=16).digest()
     return np.random.default_rng(int.from_bytes(digest, "little"))
+
+
+def synthetic_trial(settings: Any, fidelity: Any, request: Any, report: Any, num_layers: int, outcome: Any) -> None:
+    """The seeded synthetic model in place of a fine-tune (objective ``synthetic[:name]``): the same reports
+    and the same files as a real trial, in microseconds. A finalist also gets a test split: the same run
+    (same expected score), other examples with their own sampling noise."""
+    from mola_search._io import write_json
+    from mola_search.trial import _hooks
+    from mola_search.trial.objective import TrialPruned
+
+    objective = make_synthetic(settings.objective, num_layers, sum(request.experts), min_experts=request.min_experts,
+                               max_experts=request.max_experts, **_hooks.synthetic_noise())
+    delay = _hooks.synthetic_delay()
+    train_n = (settings.final_train_examples if request.final else None) or fidelity.max_train_examples
+    n_val = (settings.final_eval_examples if request.final else None) or fidelity.max_eval_examples or 200
+    rungs = (1.0,) if request.final else fidelity.rungs
+    for i, fraction in enumerate(rungs, start=1):
+        if delay:
+            time.sleep(delay)
+        examples = objective.observe_examples(request.experts, seed=request.train_seed, fidelity=fraction, n=n_val,
+                                              train_examples=train_n)
+        score = _hooks.nan_fault(request.number, math.fsum(examples) / len(examples))
+        outcome.scores.append(score)
+        outcome.example_scores.append(examples)
+        outcome.metrics = {settings.metric: score}
+        if report(i, score, i == len(rungs), examples):
+            raise TrialPruned
+    if request.final:
+        outcome.test_score, outcome.metrics = _final_metrics(objective, settings, request, outcome, n_val)
+        if request.out:
+            write_json(Path(request.out) / "metrics.json", outcome.metrics)
+
+
+def _final_metrics(objective: SyntheticObjective, settings: Any, request: Any, outcome: Any,
+                   n_val: int) -> tuple[float, dict[str, Any]]:
+    rng = random.Random(f"test|{settings.objective}|{list(request.experts)}|{request.train_seed}")
+    test_mean = outcome.scores[-1] + rng.gauss(0.0, objective.noise)
+    test = [test_mean + objective.example_sd * rng.gauss(0.0, 1.0) for _ in range(n_val)]
+    shift = test_mean - math.fsum(test) / len(test)
+    test = [v + shift for v in test]
+    ids = [f"ex{j}" for j in range(n_val)]
+    key = "correct" if settings.metric == "accuracy" else settings.metric
+    metrics: dict[str, Any] = {
+        split: {settings.metric: math.fsum(values) / len(values), "n": len(values),
+                "per_example": {"ids": ids, key: values}}
+        for split, values in (("validation", outcome.example_scores[-1]), ("test", test))}
+    metrics.update({"allocation": list(request.experts), "objective": settings.objective,
+                    "train_seed": request.train_seed})
+    return test_mean, metrics

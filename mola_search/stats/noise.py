@@ -45,18 +45,17 @@ far more often than `level`, e.g. 99% instead of 95%.)
 at p < (1 - level) / 2 (the lower tail of the same two-sided interval), so the verdict
 and the printed interval never disagree.
 
-Call order: pilot scores -> `estimate_noise` -> `write_noise` (study folder, noise.json,
-with the `--auto-fidelity` rounds) -> later `read_noise` / `read_rounds` (report).
+Call order: pilot scores -> `estimate_noise` -> `NoiseFloor.to_dict` (the study folder keeps it as
+noise.json with the auto-fidelity rounds: `mola_search.search.study.StudyFolder.write_noise`) ->
+`NoiseFloor.from_dict` when a report reads it back.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -64,7 +63,6 @@ from scipy import optimize, stats
 
 from mola_search.errors import UserError
 
-NOISE_FILE = "noise.json"
 DEFAULT_METRIC = "gold_logprob"
 _MAX_EXACT_SUBSETS = 12  # allocations; above this the complete sub-table is found greedily
 _FLOAT_FIELDS = ("allocation_share", "seed_share", "allocation_var", "seed_var", "residual_var",
@@ -233,50 +231,6 @@ def estimate_noise(scores: Mapping[str, Mapping[int, float]], *, metric: str = D
         notes=tuple(notes), **base)
 
 
-def write_noise(folder: str | Path, floor: NoiseFloor, rounds: Sequence[NoiseFloor] = ()) -> Path:
-    """Write ``folder/noise.json``: the chosen estimate at top level plus ``"rounds"``.
-
-    ``rounds`` is the `--auto-fidelity` history in order; the chosen `floor` is appended
-    when it is not already the last round, so ``rounds[-1]`` is always the chosen one.
-    """
-    history = list(rounds)
-    if not history or history[-1] != floor:
-        history.append(floor)
-    path = Path(folder) / NOISE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {**floor.to_dict(), "rounds": [r.to_dict() for r in history]}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
-    tmp.replace(path)
-    return path
-
-
-def read_noise(folder: str | Path) -> NoiseFloor | None:
-    """The chosen estimate of ``folder/noise.json``; None when there is none (no pilot ran)."""
-    raw = _load(folder)
-    if raw is None:
-        return None
-    try:
-        return NoiseFloor.from_dict(raw)
-    except UserError as exc:
-        raise UserError(f"{Path(folder) / NOISE_FILE}: {exc}") from None
-
-
-def read_rounds(folder: str | Path) -> list[NoiseFloor]:
-    """Every `--auto-fidelity` round of ``folder/noise.json``, last = chosen; [] when there is no file."""
-    raw = _load(folder)
-    if raw is None:
-        return []
-    rounds = raw.get("rounds", [raw])
-    if not isinstance(rounds, list):
-        raise UserError(f"{Path(folder) / NOISE_FILE}: 'rounds' is a {type(rounds).__name__}, expected a list "
-                        f"of noise estimates")
-    try:
-        return [NoiseFloor.from_dict(r) for r in rounds]
-    except UserError as exc:
-        raise UserError(f"{Path(folder) / NOISE_FILE}: {exc}") from None
-
-
 # ------------------------------------------------------------------------------------------ internals
 
 
@@ -359,19 +313,6 @@ def _complete_subtable(table: dict[str, dict[int, float]]) -> tuple[list[str], l
     if dropped_names and best[0] > 0:
         notes.append(f"dropped allocation(s) {', '.join(dropped_names)}: missing scores at the kept seeds")
     return kept, seeds, notes
-
-
-def _load(folder: str | Path) -> dict[str, Any] | None:
-    path = Path(folder) / NOISE_FILE
-    if not path.is_file():
-        return None
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path} is not readable JSON ({exc}): delete it to re-run the pilot, or restore it") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path} holds a {type(raw).__name__}: expected a JSON object written by write_noise")
-    return raw
 
 
 def _json_float(value: float) -> float | None:

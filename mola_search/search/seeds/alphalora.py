@@ -18,7 +18,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mola_search._io import write_json
 from mola_search.allocation import round_to_budget
 from mola_search.allocation.rounding import Bound
 from mola_search.errors import UserError
@@ -166,7 +166,7 @@ def cached_layer_alphas(model: nn.Module, cache_file: str | os.PathLike[str],
     if cached is not None and cached.get("fingerprint") == fingerprint:
         return [float(a) for a in cached["alphas"]]
     alphas = layer_alphas(model, target_modules)
-    _write_json(path, {"version": _CACHE_VERSION, "fingerprint": fingerprint, "alphas": alphas})
+    write_json(path, {"version": _CACHE_VERSION, "fingerprint": fingerprint, "alphas": alphas})
     return alphas
 
 
@@ -192,19 +192,6 @@ def _read_cache(path: Path) -> dict[str, Any] | None:
     if not isinstance(data, dict) or data.get("version") != _CACHE_VERSION or not isinstance(data.get("alphas"), list):
         return None
     return data
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomic replace, so parallel trials never read half a cache file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(data, stream, indent=2)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -18,29 +17,19 @@ from optuna.trial import TrialState
 
 from mola_search.allocation import AllocationSpec
 from mola_search.search.config import StudyConfig
-from mola_search.search.folder import (ALLOCATION, BUDGET, DUPLICATE_OF, FAILURE, FORCED, METRICS, NODE, NUM_LAYERS,
-                                       ORIGIN, PEAK_RSS, PILOT, RANK, RUNG_SCORES, TOP_K, TRAIN_SEED, WALL_TIME,
-                                       best_search_trial,
-                                       default_storage, trial_seed)
 from mola_search.search.progress import Progress
-from mola_search.search.outputs import write_trials_csv
 from mola_search.search.pruning import make_pruner, report_rung
+from mola_search.search.samplers import make_sampler
 from mola_search.search.seeds import Seed
 from mola_search.search.space import SearchSpace
-from mola_search.search.trial import TrialOutcome, TrialRequest
+from mola_search.search.study.folder import StudyFolder
+from mola_search.search.study.records import (BUDGET, DUPLICATE_OF, FAILURE, FORCED, METRICS, NODE, NUM_LAYERS, ORIGIN,
+                                              PEAK_RSS, PILOT, RETRY_OF, RUNG_SCORES, SEED_EXACT, SEEDS_ENQUEUED,
+                                              TRAIN_SEED, WALL_TIME, best_search_trial, forced, forced_spec,
+                                              spec_attrs, trial_seed)
+from mola_search.trial import TrialOutcome, TrialRequest
 
 MAX_DUPLICATE_ASKS = 25
-
-
-def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
-    """Optuna's samplers, set up for parallel trials (TPE: multivariate + constant liar)."""
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=5)
-    if name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
-    if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed)
-    return optuna.samplers.RandomSampler(seed=seed)
 
 
 @dataclass
@@ -59,7 +48,7 @@ class StudyDriver:
     executors do) -> read `study`.
     """
 
-    def __init__(self, config: StudyConfig, folder: Path, space: SearchSpace, num_layers: int, budget: int,
+    def __init__(self, config: StudyConfig, folder: StudyFolder, space: SearchSpace, num_layers: int, budget: int,
                  seeds: list[Seed] | None = None, progress: Progress | None = None,
                  storage: str | optuna.storages.BaseStorage | None = None,
                  objective: Callable[..., Any] | None = None, trial_mb: float = 4096.0,
@@ -77,7 +66,7 @@ class StudyDriver:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.study = optuna.create_study(
             study_name=config.study_name or folder.name,
-            storage=storage if storage is not None else config.storage or default_storage(folder),
+            storage=storage if storage is not None else folder.storage_url(config.storage),
             sampler=make_sampler(config.sampler, config.seed), direction="maximize", load_if_exists=True,
             pruner=make_pruner(config.scheduler, reduction_factor=max(2, int(config.asha_reduction_factor)),
                                reference_seed=config.seed))
@@ -102,7 +91,7 @@ class StudyDriver:
         stale = [t for t in self.study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
         for t in stale:
             attrs = {k: v for k, v in t.user_attrs.items() if k in (ORIGIN, FORCED, TRAIN_SEED, PILOT)}
-            self.study.enqueue_trial(t.params, user_attrs={**attrs, "retry_of": t.number})
+            self.study.enqueue_trial(t.params, user_attrs={**attrs, RETRY_OF: t.number})
             self.study._storage.set_trial_user_attr(  # Optuna has no public setter for a trial it did not hand out
                 t._trial_id, FAILURE, "interrupted: the study process ended before this trial finished; re-queued")
             self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
@@ -110,18 +99,17 @@ class StudyDriver:
 
     def enqueue_seeds(self, seeds: list[Seed]) -> None:
         """Queue the seeded allocations (once per study); those the pilot already trained are skipped."""
-        if self.study.user_attrs.get("seeds_enqueued"):
+        if self.study.user_attrs.get(SEEDS_ENQUEUED):
             return
         for seed in seeds:
             if self._twin(-1, seed.spec, self.config.seed) is not None:
                 continue
             params, exact = self.space.encode(seed.spec)
-            attrs: dict[str, Any] = {ORIGIN: seed.label, "seed_exact_in_encoding": exact}
+            attrs: dict[str, Any] = {ORIGIN: seed.label, SEED_EXACT: exact}
             if not exact:  # train the seed itself; the sampler learns from its nearest point
-                attrs[FORCED] = {"experts": list(seed.spec.experts), "top_k": list(seed.spec.top_k),
-                                 "rank": list(seed.spec.rank)}
+                attrs[FORCED] = forced(seed.spec)
             self.study.enqueue_trial(params, user_attrs=attrs)
-        self.study.set_user_attr("seeds_enqueued", True)
+        self.study.set_user_attr(SEEDS_ENQUEUED, True)
         self.study.set_user_attr(NUM_LAYERS, self.num_layers)
         self.study.set_user_attr(BUDGET, self.budget)
 
@@ -133,9 +121,8 @@ class StudyDriver:
             spec = self._spec_for(trial)
             origin = trial.user_attrs.get(ORIGIN) or self.config.sampler
             trial.set_user_attr(ORIGIN, origin)
-            trial.set_user_attr(ALLOCATION, list(spec.experts))
-            trial.set_user_attr(TOP_K, list(spec.top_k))
-            trial.set_user_attr(RANK, list(spec.rank))
+            for key, value in spec_attrs(spec).items():
+                trial.set_user_attr(key, value)
             train_seed = int(trial.user_attrs.get(TRAIN_SEED, self.config.seed))
             trial.set_user_attr(TRAIN_SEED, train_seed)
             twin = self._twin(trial.number, spec, train_seed)
@@ -155,12 +142,11 @@ class StudyDriver:
         encoding's parameters (the sampler learns from it) and every user attr a trial has.
         """
         params, _ = self.space.encode(spec)
-        forced = {"experts": list(spec.experts), "top_k": list(spec.top_k), "rank": list(spec.rank)}
-        self.study.enqueue_trial(params, user_attrs={ORIGIN: origin, FORCED: forced, TRAIN_SEED: train_seed,
+        self.study.enqueue_trial(params, user_attrs={ORIGIN: origin, FORCED: forced(spec), TRAIN_SEED: train_seed,
                                                      **attrs}, skip_if_exists=False)
         trial = self.study.ask()
         spec = self._spec_for(trial)
-        for key, value in ((ALLOCATION, list(spec.experts)), (TOP_K, list(spec.top_k)), (RANK, list(spec.rank))):
+        for key, value in spec_attrs(spec).items():
             trial.set_user_attr(key, value)
         request = TrialRequest(trial.number, spec.experts, spec.top_k, spec.rank, origin, train_seed=train_seed)
         proposal = Proposal(trial, request, time.time() - outcome.wall_time_s)
@@ -172,11 +158,9 @@ class StudyDriver:
         return self.study.trials[trial.number]
 
     def _spec_for(self, trial: optuna.trial.Trial) -> AllocationSpec:
-        forced = trial.user_attrs.get(FORCED)
         spec = self.space.suggest(trial, self.num_layers, self.budget)  # also records params for the sampler
-        if forced:
-            return AllocationSpec(tuple(forced["experts"]), tuple(forced["top_k"]), tuple(forced["rank"]), spec.source)
-        return spec
+        exact = forced_spec(trial)
+        return AllocationSpec(exact.experts, exact.top_k, exact.rank, spec.source) if exact else spec
 
     def _twin(self, number: int, spec: AllocationSpec, train_seed: int) -> optuna.trial.FrozenTrial | None:
         """A trial that already trained (or is training) the same allocation with the same seed."""
@@ -185,8 +169,7 @@ class StudyDriver:
                 continue
             if t.state in (TrialState.FAIL, TrialState.WAITING):
                 continue
-            if (t.user_attrs.get(ALLOCATION) == list(spec.experts) and t.user_attrs.get(TOP_K) == list(spec.top_k)
-                    and t.user_attrs.get(RANK) == list(spec.rank)
+            if (all(t.user_attrs.get(k) == v for k, v in spec_attrs(spec).items())
                     and trial_seed(t, self.config.seed) == train_seed):
                 return t
         return None
@@ -244,7 +227,7 @@ class StudyDriver:
 
     def _write_csv(self) -> None:
         if self.live_csv:
-            write_trials_csv(self.study, self.folder)
+            self.folder.write_trials_csv(self.study)
 
     def _best(self) -> tuple[int, float] | None:
         best = best_search_trial(self.study, self.config.seed)  # compared under CRN: study-seed trials only
