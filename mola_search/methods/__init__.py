@@ -26,7 +26,7 @@ Methods (``METHODS``), one module each:
 * ``llama-adapter`` (`llama_adapter.py`): PEFT's adaption prompt (LLaMA-Adapter): ``adapter_len = 10``
   prompt vectors with a zero-init gate in the top ``min(8, layers)`` attention modules.
   Trainable per adapted layer: ``adapter_len * hidden_size + 1``. PEFT supports only the
-  model types in ``ADAPTION_PROMPT_TYPES`` (llama, mistral, gpt2); others raise a
+  model types in ``adaption_prompt_types()`` (llama, mistral, gpt2); others raise a
   ``UserError`` saying so. Its parameters take the attention weights' dtype, so a bf16/fp16
   base is upcast to fp32 (otherwise bf16 rounding swallows the updates); ``method_info`` says so.
 * ``full`` (`full.py`): every base parameter is trained; the base is upcast to fp32 (AdamW on bf16/fp16
