@@ -105,6 +105,18 @@ def test_bad_input_is_one_line_exit_2(name, files, capsys):
     assert not (files / "run").exists()
 
 
+@needs_data
+def test_init_from_a_folder_of_an_unknown_kind_is_one_line_exit_2(files, capsys):
+    """The kind record decides how a folder loads; a kind no class is registered for is refused in one line."""
+    folder = files / "odd-adapter"
+    folder.mkdir()
+    (folder / "mola_method.json").write_text(json.dumps({"kind": "adapterx"}))
+    code, _, err = run_cli(capsys, TINY + ["--max-train-examples", "4", "--max-eval-examples", "1", "--max-steps", "0",
+                                           "--init-from", str(folder), "--no-progress", "--threads", "1"])
+    assert_one_line_error(code, err, f"--init-from {folder} holds a 'adapterx' adapter",
+                          "known kinds: mola, lora, prompt-tuning, llama-adapter, full")
+
+
 def test_missing_data_files_is_one_line_exit_2(files, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # else the loader falls back to the Hub (and retries)
     code, _, err = run_cli(capsys, ["--model", "tiny-llama", "--task", "mrpc", "--data-dir", str(files / "empty"),
@@ -257,7 +269,9 @@ def test_full_tiny_run_writes_the_run_folder_and_the_adapter_reloads(tmp_path, c
     assert summary["out"] == str(out_dir)
 
     assert (out_dir / "allocation.json").is_file() and (out_dir / "adapter").is_dir()
+    assert json.loads((out_dir / "adapter" / "mola_method.json").read_text())["kind"] == "mola"  # the kind record
     metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert "method_info" not in metrics  # MoLA's setup is its allocation; only the baselines add method_info
     for split in ("validation", "test"):
         assert 0.0 <= metrics[split]["accuracy"] <= 1.0 and metrics[split]["n"] == 8
         assert summary[split]["accuracy"] == metrics[split]["accuracy"]

@@ -12,10 +12,11 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "mola_search"
 
 # Lower layers never import higher ones: allocation -> mola -> train -> trial -> search -> analysis -> cli.
+# `adapter` (the contract MoLA and the baselines share) sits below `mola` so MoLAModel can subclass it.
 LAYERS = [
     {"_io", "_checks", "errors", "hub"},
     {"allocation", "stats"},
-    {"models", "tasks"},
+    {"adapter", "models", "tasks"},
     {"mola"},
     {"methods", "train"},
     {"trial"},

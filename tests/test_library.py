@@ -5,6 +5,7 @@ Every model here is a tiny random LLaMA built in code (no download), so a Traine
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -212,7 +213,10 @@ def test_save_pretrained_writes_only_the_adapter_and_from_pretrained_reproduces_
     assert not torch.allclose(expected, bare, atol=1e-3)  # the adapter changes the output
     model.save_pretrained(tmp_path / "adapter", note="unit")
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json",
-                                                                          "adapter_model.safetensors"]
+                                                                          "adapter_model.safetensors",
+                                                                          "mola_method.json"]  # the kind record
+    record = json.loads((tmp_path / "adapter" / "mola_method.json").read_text())
+    assert record["kind"] == "mola" and record["metadata"] == {"note": "unit"}
     saved = (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size
     assert saved < 4 * model.num_trainable() + 10_000  # the adapter's fp32 tensors, no base weights
     reloaded = MoLAModel.from_pretrained(llama(), tmp_path / "adapter").eval()

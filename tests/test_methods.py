@@ -7,11 +7,15 @@ q 64->64, k 64->32, v 64->32, o 64->64, gate 64->128, up 64->128, down 128->64.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from mola_search.errors import UserError
-from mola_search.methods import METHODS, build_baseline, load_adapter_into, resolve_lora_rank
+from mola_search.methods import (ADAPTERS, METHOD_FILE, METHODS, Adapter, adapter_kind, build_baseline,
+                                  load_adapter_into, register, resolve_lora_rank)
+from mola_search.methods.base import known_kinds
 from mola_search.models import tiny_llama
 from mola_search.mola import MoLAConfig, MoLAModel
 from mola_search.train.run import RunConfig, count_parameters, resolve_spec
@@ -126,21 +130,131 @@ def test_lora_starts_at_base():
         torch.testing.assert_close(model(ids, mask, pos).logits, ref)
 
 
-@pytest.mark.parametrize("method", ["lora", "prompt-tuning", "llama-adapter", "full"])
-def test_save_and_init_from_roundtrip(method, tmp_path):
-    model = build_baseline(cfg(method), tiny_llama(2))
+def _built(kind: str):
+    """A fresh adapter of `kind` on a tiny model: the same arguments build the same starting weights."""
+    if kind == "mola":
+        return MoLAModel(tiny_llama(2), MoLAConfig(experts=(2, 3), top_k=(1, 2), rank=(4, 4)))
+    return build_baseline(cfg(kind), tiny_llama(2))
+
+
+def _logits(model):
+    ids, mask, pos = _batch()
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+
+
+def test_the_registry_holds_every_method_under_its_kind():
+    assert list(known_kinds()) == list(METHODS)
+    for kind, cls in ADAPTERS.items():
+        assert issubclass(cls, Adapter) and cls.kind == kind
+        model = _built(kind)
+        assert type(model) is cls
+        assert model.num_trainable() == trainable(model) > 0
+        if kind != "mola":  # only MoLA adds a term to the loss (its load balancing)
+            assert model.auxiliary_loss() is None and model.method_info["method"] == kind
+
+
+@pytest.mark.parametrize("kind", sorted(ADAPTERS))
+def test_every_kind_round_trips_save_and_load(kind, tmp_path):
+    model = _built(kind)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.01)
     model.save_adapter(tmp_path / "adapter", task="mrpc")
-    assert (tmp_path / "adapter" / "mola_method.json").is_file()
-    fresh = build_baseline(cfg(method), tiny_llama(2))
+    record = json.loads((tmp_path / "adapter" / METHOD_FILE).read_text())
+    assert record["kind"] == kind and record["metadata"] == {"task": "mrpc"}
+    assert record["trainable_params"] == model.num_trainable() and record["base_params"] == model.num_base()
+    fresh = _built(kind)
+    assert not torch.allclose(_logits(fresh), _logits(model))  # so the comparison below means something
     load_adapter_into(fresh, tmp_path)  # a run folder holding adapter/ is accepted too
-    ids, mask, pos = _batch()
-    model.eval(), fresh.eval()
+    torch.testing.assert_close(_logits(fresh), _logits(model))
+
+
+class _Probe(Adapter):
+    """A kind of adapter only this test knows: it saves one file and remembers what it was asked to load."""
+
+    kind = "probe"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(3))
+        self.loaded_from = None
+
+    def write_adapter_files(self, folder, metadata):
+        (folder / "probe.txt").write_text("probe")
+
+    def load_adapter(self, folder):
+        self.loaded_from = folder
+
+
+def test_loading_dispatches_on_the_recorded_kind_not_on_file_names(tmp_path, monkeypatch):
+    monkeypatch.setitem(ADAPTERS, "probe", _Probe)
+    _Probe().save_adapter(tmp_path / "adapter")
+    assert adapter_kind(tmp_path / "adapter") == ("probe", tmp_path / "adapter")
+    # a MoLA config beside the record changes nothing: the record decides
+    MoLAConfig(experts=(1, 1), top_k=(1, 1), rank=(4, 4)).save(tmp_path / "adapter")
+    probe = _Probe()
+    load_adapter_into(probe, tmp_path / "adapter")
+    assert probe.loaded_from == tmp_path / "adapter"
+    with pytest.raises(UserError, match="holds a 'probe' adapter but this run's method is 'mola'"):
+        load_adapter_into(_built("mola"), tmp_path / "adapter")
+
+
+def _without_kind(folder, keep_record: bool) -> None:
+    """Make `folder` look as it did before the kind record had its "kind" key."""
+    record = folder / METHOD_FILE
+    if keep_record:
+        old = json.loads(record.read_text())
+        old.pop("kind")
+        record.write_text(json.dumps(old))
+    else:
+        record.unlink()
+
+
+@pytest.mark.parametrize("kind, keep_record", [("mola", False), ("lora", False), ("prompt-tuning", True),
+                                               ("full", True)])
+def test_folders_saved_before_the_kind_record_still_load(kind, keep_record, tmp_path):
+    """MoLA folders with only adapter_config.json, PEFT folders with only PEFT's (peft_type), and baseline
+    folders whose mola_method.json named the method but had no "kind": the legacy fallback reads them."""
+    model = _built(kind)
     with torch.no_grad():
-        torch.testing.assert_close(fresh(ids, mask, pos).logits, model(ids, mask, pos).logits)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01)
+    model.save_adapter(tmp_path)
+    _without_kind(tmp_path, keep_record)
+    assert adapter_kind(tmp_path) == (kind, tmp_path)
+    fresh = _built(kind)
+    load_adapter_into(fresh, tmp_path)
+    torch.testing.assert_close(_logits(fresh), _logits(model))
+
+
+def test_an_unknown_or_unreadable_kind_is_a_one_line_user_error(tmp_path):
+    target = _built("lora")
+    (tmp_path / METHOD_FILE).write_text(json.dumps({"kind": "adapterx"}))
+    with pytest.raises(UserError) as caught:
+        load_adapter_into(target, tmp_path)
+    assert str(caught.value) == (f"`init_from` {tmp_path} holds a 'adapterx' adapter, a kind mola-search does "
+                                 "not know; known kinds: mola, lora, prompt-tuning, llama-adapter, full")
+    (tmp_path / METHOD_FILE).write_text("{not json")
+    with pytest.raises(UserError, match=r"mola_method.json is not valid JSON \(Expecting"):
+        load_adapter_into(target, tmp_path)
+    (tmp_path / METHOD_FILE).write_text("[]")
+    with pytest.raises(UserError, match="holds a JSON list, not an object"):
+        load_adapter_into(target, tmp_path)
+    (tmp_path / METHOD_FILE).unlink()
+    with pytest.raises(UserError, match="not an adapter folder"):
+        load_adapter_into(target, tmp_path)
+
+
+def test_register_refuses_a_class_without_a_kind_and_a_second_class_for_a_kind():
+    with pytest.raises(TypeError, match="with a `kind`"):
+        register(type("NoKind", (Adapter,), {}))
+    with pytest.raises(ValueError, match="'lora' is registered already"):
+        register(type("OtherLora", (Adapter,), {"kind": "lora"}))
+    assert ADAPTERS["lora"].__name__ == "LoraModel"
 
 
 def test_init_from_mismatches(tmp_path):

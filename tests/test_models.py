@@ -213,9 +213,11 @@ def test_dtype_names():
 
 
 def test_auto_dtype_follows_cpu_bf16_support(monkeypatch):
-    monkeypatch.setattr(models, "cpu_supports_bf16", lambda: False)
+    from mola_search.models import devices  # resolve_dtype looks the probe up in its own module
+
+    monkeypatch.setattr(devices, "cpu_supports_bf16", lambda: False)
     assert resolve_dtype("auto", "cpu") is torch.float32
-    monkeypatch.setattr(models, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(devices, "cpu_supports_bf16", lambda: True)
     assert resolve_dtype("auto", "cpu") is torch.bfloat16
     assert resolve_dtype("auto", "meta") is torch.float32
 
@@ -420,3 +422,11 @@ def test_unreachable_hub_fails_fast(monkeypatch):
     with pytest.raises(UserError, match="unknown model 'nobody/no-such-model'"):
         load_base_model("nobody/no-such-model")
     assert time.perf_counter() - start < 15
+
+
+def test_the_models_package_exports_what_it_lists():
+    """`models` is a package of one module per job; its `__all__` is the public surface callers import."""
+    assert sorted(models.__all__) == sorted(set(models.__all__))
+    missing = [name for name in models.__all__ if not hasattr(models, name)]
+    assert missing == []
+    assert {"load_base_model", "tiny_llama", "decoder_layers", "materialize_atomically", "parse_device"} <= set(models.__all__)

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mola_search._io import write_json
 from mola_search.allocation import AllocationSpec
 from mola_search.errors import UserError
 
@@ -113,8 +114,7 @@ class MoLAConfig:
         return d
 
     def save(self, folder: str | Path) -> None:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        (Path(folder) / CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_json(Path(folder) / CONFIG_NAME, self.to_dict())
 
     @classmethod
     def load(cls, folder: str | Path) -> "MoLAConfig":

@@ -6,7 +6,8 @@ layer index of each linear comes from the model's structure (`layer_index_of`).
 It follows PEFT's `PeftModel` where a training library looks: `config` is the base
 model's config, unknown attributes and `generate` come from the base model,
 `save_pretrained` / `from_pretrained` move only the adapter, and a forward with
-`labels` returns a loss that already holds the load-balancing term.
+`labels` returns a loss that already holds the load-balancing term. It is an
+`adapter.Adapter` (kind "mola"), the contract the baselines share.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mola_search.adapter import Adapter
 from mola_search.allocation import AllocationSpec
 from mola_search.errors import UserError
 from mola_search.mola.config import CONFIG_NAME, WEIGHTS_NAME, MoLAConfig
@@ -51,7 +53,7 @@ def get_mola_model(model: nn.Module, spec_or_config: AllocationSpec | MoLAConfig
     return MoLAModel(model, config)
 
 
-class MoLAModel(nn.Module):
+class MoLAModel(Adapter):
     """A frozen causal LM with MoLA experts in its decoder layers.
 
     Call it like the base model. With `labels` in training mode the returned `loss` includes the
@@ -59,6 +61,8 @@ class MoLAModel(nn.Module):
     back-propagates `outputs.loss` trains MoLA as intended; a loop that computes its own task loss
     (mola_search's trainer) calls without labels and adds `auxiliary_loss()` itself.
     """
+
+    kind = "mola"
 
     def __init__(self, base_model: nn.Module, config: MoLAConfig) -> None:
         super().__init__()
@@ -175,12 +179,6 @@ class MoLAModel(nn.Module):
         return {f"{name}.{p}": getattr(layer, p).detach().contiguous()
                 for name, layer in self.mola_layers.items() for p in ("lora_A", "lora_B", "router")}
 
-    def trainable_parameters(self) -> Iterator[nn.Parameter]:
-        return (p for p in self.parameters() if p.requires_grad)
-
-    def num_trainable(self) -> int:
-        return sum(p.numel() for p in self.trainable_parameters())
-
     def num_base(self) -> int:
         return sum(p.numel() for n, p in self.base_model.named_parameters()
                    if not n.endswith(("lora_A", "lora_B", "router")))
@@ -255,21 +253,19 @@ class MoLAModel(nn.Module):
         return rows
 
     # --- persistence ---------------------------------------------------------------
-    def save_pretrained(self, folder: str | Path, **metadata: Any) -> Path:
-        """Write only the adapter (the frozen base stays where it came from): `adapter_model.safetensors`
-        and a self-describing `adapter_config.json`, with `metadata` kept in its `extra`."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+    @property
+    def base_model_name(self) -> str:
+        return self.mola_config.base_model
+
+    def write_adapter_files(self, folder: Path, metadata: dict[str, Any]) -> None:
+        """Only the adapter (the frozen base stays where it came from): `adapter_model.safetensors` and a
+        self-describing `adapter_config.json`, with `metadata` kept in its `extra`. `save_pretrained` /
+        `save_adapter` call it, then add the kind record."""
         config = self.mola_config
         if metadata:
             config = replace(config, extra={**config.extra, **metadata})
         config.save(folder)
         save_file(self.adapter_state_dict(), str(folder / WEIGHTS_NAME))
-        return folder
-
-    def save_adapter(self, folder: str | Path, **metadata: Any) -> Path:
-        """`save_pretrained` under the name every method wrapper (methods.BaselineModel) shares."""
-        return self.save_pretrained(folder, **metadata)
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, folder: str | Path) -> "MoLAModel":
@@ -281,6 +277,28 @@ class MoLAModel(nn.Module):
         model = cls(base_model, config)
         model.load_adapter_weights(load_file(str(weights)))
         return model
+
+    def load_adapter(self, folder: Path) -> None:
+        """Load the adapter saved in `folder` into this model (`init_from`): its allocation, depth and
+        target modules must be this model's."""
+        path = Path(folder)
+        saved, own = MoLAConfig.load(path), self.mola_config
+        if saved.num_layers != own.num_layers:
+            raise UserError(f"`init_from` {path}: its allocation is for {saved.num_layers} layers but this model "
+                            f"has {own.num_layers}; use an adapter trained on the same base model")
+        if (saved.experts, saved.top_k, saved.rank) != (own.experts, own.top_k, own.rank):
+            hint = path.parent / "allocation.json"
+            raise UserError(f"`init_from` {path}: its allocation (experts {_digits(saved.experts)}, top-k "
+                            f"{_digits(saved.top_k)}, rank {_digits(saved.rank)}) differs from this run's (experts "
+                            f"{_digits(own.experts)}, top-k {_digits(own.top_k)}, rank {_digits(own.rank)}); pass "
+                            f"`allocation` {hint if hint.is_file() else '<its allocation.json>'}")
+        if tuple(saved.target_modules) != tuple(own.target_modules):
+            raise UserError(f"`init_from` {path}: it adapts {list(saved.target_modules)} but this run adapts "
+                            f"{list(own.target_modules)}; pass `target_modules` {','.join(saved.target_modules)}")
+        weights = path / WEIGHTS_NAME
+        if not weights.is_file():
+            raise UserError(f"{path} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
+        self.load_adapter_weights(load_file(str(weights)))
 
     def load_adapter_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         own = self.adapter_state_dict()
@@ -296,6 +314,10 @@ class MoLAModel(nn.Module):
             for name, layer in self.mola_layers.items():
                 for p in ("lora_A", "lora_B", "router"):
                     getattr(layer, p).copy_(tensors[f"{name}.{p}"])
+
+
+def _digits(values) -> str:
+    return ",".join(str(v) for v in values)
 
 
 def _track_tokens(state: RoutingState, _module: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -7,7 +7,6 @@ adapter/, router_stats.json.
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import random
@@ -19,6 +18,8 @@ from typing import Any
 
 import torch
 
+from mola_search._io import json_safe, write_json  # json_safe: search.trial and bench.continual import it from here
+from mola_search.adapter import Adapter
 from mola_search.allocation import SHAPES, AllocationSpec, check_depth, resolve_allocation
 from mola_search.allocation.shapes import normalize_shape
 from mola_search.errors import UserError
@@ -160,7 +161,7 @@ def resolve_spec(config: RunConfig, num_layers: int) -> AllocationSpec:
     return spec
 
 
-def build_model(prepared: Prepared) -> torch.nn.Module:
+def build_model(prepared: Prepared) -> Adapter:
     c = prepared.config
     if c.method != "mola":
         match = str(c.lora_rank).strip().lower() == "match" and c.method == "lora"
@@ -180,10 +181,9 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, frozen
 
 
-def describe(prepared: Prepared, model: torch.nn.Module) -> dict[str, Any]:
-    trainable, frozen = count_parameters(model)
-    if hasattr(model, "num_base"):  # full fine-tuning freezes nothing: the base size comes from the model
-        frozen = model.num_base()
+def describe(prepared: Prepared, model: Adapter) -> dict[str, Any]:
+    trainable = count_parameters(model)[0]
+    frozen = model.num_base()  # not the frozen count: full fine-tuning freezes nothing
     spec = prepared.spec
     return {
         "model": prepared.config.model, "task": prepared.data.name, "method": prepared.config.method,
@@ -195,7 +195,7 @@ def describe(prepared: Prepared, model: torch.nn.Module) -> dict[str, Any]:
         "trainable_percent": 100.0 * trainable / max(1, frozen),
         "split_sizes": {k: len(v) for k, v in prepared.splits.items()},
         "split_notes": list(prepared.data.notes), "data_source": prepared.data.source,
-        **({"method_info": model.method_info} if hasattr(model, "method_info") else {}),
+        **({"method_info": model.method_info} if model.method_info else {}),
     }
 
 
@@ -297,8 +297,8 @@ def execute(prepared: Prepared, *, callbacks: Sequence[Callable[[StepEvent], boo
             save_spec(prepared.spec, out / "allocation.json", model=c.model, task=prepared.data.name)
         model.save_adapter(out / "adapter", task=prepared.data.name)
         if router is not None:
-            (out / "router_stats.json").write_text(json.dumps(router, indent=1) + "\n")
-        (out / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2) + "\n")
+            write_json(out / "router_stats.json", router, indent=1)
+        write_json(out / "metrics.json", metrics)
     return RunOutcome(metrics, model)
 
 
@@ -308,13 +308,3 @@ def _subsample(examples: list[Example], limit: int | None, seed: int) -> list[Ex
     rng = random.Random(seed)
     return rng.sample(list(examples), limit)
 
-
-def json_safe(obj: Any) -> Any:
-    """JSON has no NaN: write null instead so every reader can parse the file."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj

@@ -158,6 +158,12 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor, normalizer: float | 
 
 def train(model: nn.Module, tokenizer, examples: Sequence[Example], config: TrainConfig, *,
           callbacks: Sequence[Callable[[StepEvent], bool | None]] = (), progress: bool = True) -> TrainResult:
+    """Train `model`'s trainable parameters on `examples` for `config.steps_for(len(examples))` optimizer steps.
+
+    Each step draws `config.batch_size` examples, runs them in micro-batches whose gradients add up to the
+    whole batch's (`_backward`), then clips, steps AdamW and advances the warmup + linear-decay schedule.
+    Callbacks see a `StepEvent` after every step; one returning True stops training.
+    """
     seed_everything(config.seed)
     encoded = [encode_example(tokenizer, ex, config.cutoff_len) for ex in examples]
     if not encoded:
@@ -166,64 +172,37 @@ def train(model: nn.Module, tokenizer, examples: Sequence[Example], config: Trai
     if total_steps == 0:  # evaluate-only (e.g. a saved adapter via --init-from): no optimizer, no mode change
         return TrainResult(steps=0)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    warmup = int(config.warmup_ratio * total_steps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
+    optimizer, schedule = _optimizer(params, config, total_steps)
     generator = torch.Generator().manual_seed(config.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    aux_fn = getattr(model, "auxiliary_loss", None)
-    device = model_device(model)
-    autocast = _autocast(device)
+    aux_fn = getattr(model, "auxiliary_loss", None)  # MoLA's load balancing; None: a plain causal LM
+    device = model_device(model)  # batches go where the model is
+    autocast = _autocast(device)  # bf16 (fp16) autocast on CUDA, nothing on the CPU
+    if config.activation_checkpointing:
+        _enable_activation_checkpointing(model)
+    model.train()
 
     result = TrainResult(steps=0)
-    if config.activation_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None) or getattr(
-            model, "gradient_checkpointing_enable", None)
-        if enable is None:
-            raise UserError(f"activation_checkpointing: {type(model).__name__} cannot recompute its layers; "
-                            "train with activation_checkpointing false")
-        enable()
-    model.train()
     bar = tqdm(total=total_steps, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
     step_iter = _endless(encoded, config.batch_size, generator)
     try:
         while result.steps < total_steps:
             batch = next(step_iter)
-            micro = [batch[i:i + config.micro_batch_size] for i in range(0, len(batch), config.micro_batch_size)]
-            collated = [to_device(collate(mb, pad_id), device) for mb in micro]
-            answer_tokens = sum(int((x["labels"][:, 1:] != IGNORE).sum()) for x in collated)
-            step_loss = step_aux = 0.0
-            for mb, inputs in zip(micro, collated):
-                keep = answer_span(inputs)
-                with autocast:
-                    logits = tail_logits(model, inputs, keep)
-                # Summed, then divided by the whole batch's answer-token count: accumulation gives exactly
-                # the gradient of one big batch, and a micro-batch without answer tokens adds 0, not NaN.
-                loss = answer_loss(logits, inputs["labels"][:, -keep:], normalizer=max(1, answer_tokens))
-                aux = aux_fn() if aux_fn is not None else None
-                total = loss + aux * (len(mb) / len(batch)) if aux is not None else loss
-                total.backward()
-                step_loss += loss.detach()
-                if aux is not None:
-                    step_aux += aux.detach() * (len(mb) / len(batch))
-                result.train_tokens += int(inputs["attention_mask"].sum())
-            step_loss = float(step_loss)
+            micro = [to_device(collate(batch[i:i + config.micro_batch_size], pad_id), device)
+                     for i in range(0, len(batch), config.micro_batch_size)]
+            step_loss, step_aux = _backward(model, micro, len(batch), aux_fn, autocast)
+            result.train_tokens += sum(int(inputs["attention_mask"].sum()) for inputs in micro)
             if not math.isfinite(step_loss):
                 raise TrainingDiverged(f"loss became {step_loss} at step {result.steps + 1}")
-            if not math.isfinite(float(step_aux)):
-                raise TrainingDiverged(f"load-balancing loss became {float(step_aux)} at step {result.steps + 1}")
-            if config.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            step_lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
+            if not math.isfinite(step_aux):
+                raise TrainingDiverged(f"load-balancing loss became {step_aux} at step {result.steps + 1}")
+            step_lr = _optimizer_step(optimizer, schedule, params, config.max_grad_norm)
             result.steps += 1
             elapsed = time.perf_counter() - start
             if result.steps % config.log_every == 0 or result.steps == total_steps or result.steps == 1:
                 result.loss_curve.append((result.steps, step_loss))
-                result.aux_curve.append((result.steps, float(step_aux)))
+                result.aux_curve.append((result.steps, step_aux))
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{result.train_tokens / elapsed:.0f}")
             event = StepEvent(result.steps, total_steps, step_loss, result.train_tokens, elapsed, step_lr)
@@ -234,6 +213,60 @@ def train(model: nn.Module, tokenizer, examples: Sequence[Example], config: Trai
         bar.close()
     result.wall_time = time.perf_counter() - start
     return result
+
+
+def _optimizer(params: list[nn.Parameter], config: TrainConfig, total_steps: int):
+    """AdamW over `params` and its schedule: linear warmup over `warmup_ratio` of the steps, then linear decay."""
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    warmup = int(config.warmup_ratio * total_steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
+    return optimizer, schedule
+
+
+def _enable_activation_checkpointing(model: nn.Module) -> None:
+    enable = getattr(model, "activation_checkpointing_enable", None) or getattr(
+        model, "gradient_checkpointing_enable", None)
+    if enable is None:
+        raise UserError(f"activation_checkpointing: {type(model).__name__} cannot recompute its layers; "
+                        "train with activation_checkpointing false")
+    enable()
+
+
+def _backward(model: nn.Module, micro: list[dict[str, torch.Tensor]], batch_size: int, aux_fn, autocast
+              ) -> tuple[float, float]:
+    """Forward and backward over one batch's micro-batches; returns (task loss, auxiliary loss) of the batch.
+
+    The task loss is summed over answer tokens and divided by the whole batch's answer-token count, so the
+    accumulated gradient is exactly one big batch's and a micro-batch without answer tokens adds 0, not NaN.
+    The auxiliary loss (computed per micro-batch: its batch statistics are not additive) is weighted by the
+    micro-batch's share of the examples.
+    """
+    answer_tokens = sum(int((inputs["labels"][:, 1:] != IGNORE).sum()) for inputs in micro)
+    step_loss = step_aux = 0.0
+    for inputs in micro:
+        keep = answer_span(inputs)
+        with autocast:
+            logits = tail_logits(model, inputs, keep)
+        loss = answer_loss(logits, inputs["labels"][:, -keep:], normalizer=max(1, answer_tokens))
+        aux = aux_fn() if aux_fn is not None else None
+        share = len(inputs["input_ids"]) / batch_size
+        total = loss + aux * share if aux is not None else loss
+        total.backward()
+        step_loss += loss.detach()
+        if aux is not None:
+            step_aux += aux.detach() * share
+    return float(step_loss), float(step_aux)
+
+
+def _optimizer_step(optimizer, schedule, params: list[nn.Parameter], max_grad_norm: float) -> float:
+    """Clip the gradients, step, advance the schedule and clear the gradients; returns the lr this step used."""
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    step_lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_lr
 
 
 def _autocast(device: torch.device):
