@@ -24,6 +24,7 @@ from mola_search.allocation.shapes import normalize_shape
 from mola_search.errors import UserError
 from mola_search.methods import build_baseline, check_method, load_adapter_into  # baselines beside MoLA
 from mola_search.mola import DEFAULT_TARGETS, MoLAConfig, MoLAModel
+from mola_search.mola.config import canonical_balance_loss, default_aux_coef
 from mola_search.models import DEFAULT_MODEL, decoder_layers, load_base_model
 from mola_search.tasks import Example, TaskData, load_task
 from mola_search.train.batching import model_device
@@ -53,8 +54,8 @@ class RunConfig:
     max_experts: int | None = None
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
-    aux_loss_coef: float = 0.01
-    balance_loss: str = "per-module"      # or "mola-official" (MoLAConfig.balance_loss)
+    aux_loss_coef: float | None = None  # None: the balance loss's own (0.01 per-module, 0.001 official)
+    balance_loss: str = "per-module"      # or "official" (alias "mola-official"; MoLAConfig.balance_loss)
     lora_rank: int | str | None = None  # --method lora: an int, "match" (MoLA's trainable count) or None (= rank)
     num_virtual_tokens: int = 20        # --method prompt-tuning
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
@@ -66,6 +67,13 @@ class RunConfig:
     eval_splits: tuple[str, ...] = ("validation", "test")
     out: str | None = None
     threads: int | None = None
+
+    def __post_init__(self) -> None:
+        # One spelling of the formulation, and the number it is weighted with, from here on (metrics.json,
+        # the adapter's config): an unset coefficient is the formulation's own (the official one's 0.001).
+        object.__setattr__(self, "balance_loss", canonical_balance_loss(self.balance_loss))
+        if self.aux_loss_coef is None:
+            object.__setattr__(self, "aux_loss_coef", default_aux_coef(self.balance_loss))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "RunConfig":
