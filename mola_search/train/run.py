@@ -271,7 +271,10 @@ def execute(prepared: Prepared, *, callbacks: Sequence[Callable[[StepEvent], boo
         torch.cuda.reset_peak_memory_stats(device)
     model = build_model(prepared)
     if init_from:
-        load_adapter_into(model, init_from)
+        from mola_search.mola.official_checkpoint import is_official_checkpoint, load_official_into
+
+        # an official MoLA checkpoint (adapter_model.bin) as well as one of our adapter folders
+        (load_official_into if is_official_checkpoint(init_from) else load_adapter_into)(model, init_from)
     if on_model is not None:  # lets callbacks (e.g. a search trial's rung evaluation) reach the model
         on_model(model)
     info = describe(prepared, model)
