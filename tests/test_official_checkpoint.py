@@ -212,7 +212,8 @@ def test_mola_train_starts_from_an_official_checkpoint(tmp_path, capsys):
 
     common = ["--model", "tiny-llama", "--task", "mrpc", "--data-dir", DATA_DIR, "--shape", "2468",
               "--max-train-examples", "8", "--max-eval-examples", "4", "--no-progress", "--threads", "1"]
-    assert run_main("mola-train", main, [*common, "--max-steps", "1", "--lr", "0.05", "--out", str(tmp_path / "a")]) == 0
+    trained = [*common, "--max-steps", "1", "--lr", "0.05", "--out", str(tmp_path / "a")]
+    assert run_main("mola-train", main, trained) == 0
     convert_adapter_to_official(tmp_path / "a" / "adapter", tmp_path / "official")
     assert is_official_checkpoint(tmp_path / "official")
     code = run_main("mola-train", main, [*common, "--max-steps", "0", "--init-from", str(tmp_path / "official"),

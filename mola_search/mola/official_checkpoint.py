@@ -53,14 +53,14 @@ import torch
 
 from mola_search._io import atomic_write_bytes, read_json, write_json
 from mola_search.allocation import load_spec
+from mola_search.allocation.spec import OFFICIAL_TARGET_MODULES
 from mola_search.errors import UserError
 from mola_search.mola.config import CONFIG_NAME, OFFICIAL, WEIGHTS_NAME, MoLAConfig
+from mola_search.mola.official import OFFICIAL_COMMIT
 
-OFFICIAL_COMMIT = "01785c84c70846999638b11b88409fdf86361d9a"
-"""The commit of https://github.com/GCYZSL/MoLA whose code these formats were read from."""
 OFFICIAL_BIN, OFFICIAL_SAFETENSORS = "adapter_model.bin", "adapter_model.safetensors"
 SIDECAR = "allocation.json"
-OFFICIAL_KINDS: tuple[str, ...] = ("q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "up_proj")
+OFFICIAL_KINDS: tuple[str, ...] = tuple(OFFICIAL_TARGET_MODULES.split(","))
 """The modules the official LLaMA code can adapt, in its default `lora_target_modules` order."""
 OFFICIAL_DEFAULT_TOP_K = 2
 _PREFIX = "base_model.model."
@@ -137,8 +137,11 @@ def is_official_checkpoint(path: str | Path) -> bool:
     return (folder / OFFICIAL_BIN).is_file() or (folder / OFFICIAL_SAFETENSORS).is_file()
 
 
-def read_official_checkpoint(path: str | Path,
-                             top_k: int | tuple[int, ...] | list[int] | None = None) -> tuple[MoLAConfig, dict[str, torch.Tensor]]:
+TopK = int | tuple[int, ...] | list[int] | None
+"""One top-k for every layer, one per layer, or None (allocation.json beside the checkpoint, else 2)."""
+
+
+def read_official_checkpoint(path: str | Path, top_k: TopK = None) -> tuple[MoLAConfig, dict[str, torch.Tensor]]:
     """(A `MoLAConfig`, the adapter tensors in our names) of an official checkpoint folder.
 
     Experts per layer come from the tensors, ranks, alpha, dropout and the base model from its
@@ -172,14 +175,16 @@ def _load_official_weights(folder: Path) -> dict[str, torch.Tensor]:
             return load_file(str(safe))
         loaded = torch.load(binary, map_location="cpu", weights_only=True)
     except Exception as exc:  # a pickle, zip or safetensors error: the file is not what it claims
+        reason = (str(exc).strip().splitlines() or [""])[0]
         raise UserError(f"{safe if safe.is_file() else binary} is not a readable weights file "
-                        f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
+                        f"({type(exc).__name__}: {reason})") from None
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise UserError(f"{binary} does not hold a dict of tensors (a state dict)")
     return loaded
 
 
-def _experts_per_layer(tensors: Mapping[str, torch.Tensor], raw: Mapping[str, Any]) -> tuple[list[int], tuple[str, ...]]:
+def _experts_per_layer(tensors: Mapping[str, torch.Tensor],
+                       raw: Mapping[str, Any]) -> tuple[list[int], tuple[str, ...]]:
     """Experts of each layer (every adapted module of a layer has the layer's count) and the adapted kinds."""
     per_layer: dict[int, set[int]] = defaultdict(set)
     kinds: set[str] = set()
@@ -281,8 +286,7 @@ def write_official_checkpoint(source: Any, out: str | Path, *, base_model: str |
     return folder
 
 
-def convert_official_to_adapter(src: str | Path, dst: str | Path,
-                                top_k: int | tuple[int, ...] | list[int] | None = None) -> Path:
+def convert_official_to_adapter(src: str | Path, dst: str | Path, top_k: TopK = None) -> Path:
     """An official checkpoint folder as one of our adapter folders (adapter_config.json + safetensors)."""
     from safetensors.torch import save
 
@@ -300,8 +304,7 @@ def convert_adapter_to_official(src: str | Path, dst: str | Path, *, base_model:
     return write_official_checkpoint(src, dst, base_model=base_model)
 
 
-def as_adapter_folder(path: str | Path, scratch: str | Path,
-                      top_k: int | tuple[int, ...] | list[int] | None = None) -> Path:
+def as_adapter_folder(path: str | Path, scratch: str | Path, top_k: TopK = None) -> Path:
     """`path` itself when it is one of our adapter folders, else the official checkpoint there converted into
     `scratch` (a folder the caller owns, e.g. a temporary one): what `mola-search analyze` reads."""
     if not is_official_checkpoint(path):
