@@ -76,7 +76,7 @@ def test_a_study_s_training_becomes_the_official_flags():
     assert official_steps(f["num_epochs"], 100, 16, 4) == 7
     notes = " | ".join(result.notes)
     assert "micro_batch_size 4 instead of the study's 6" in notes and "num_epochs" in notes
-    assert "climbs to 7% of learning_rate" in notes  # 100 official warmup steps, the study's 0 of 7
+    assert "goes from 0 to only 6% of learning_rate" in notes  # 100 official warmup steps, the study's 0 of 7
     assert "balance" not in notes  # official formulation at the official 0.001: exact
 
 

@@ -210,8 +210,9 @@ def _optimizer_notes(train: Any, steps: int) -> list[str]:
     notes = []
     warmup = int(train.warmup_ratio * steps)
     if warmup != OFFICIAL_WARMUP_STEPS:
-        reach = (f"; in {steps} steps its learning rate only climbs to {min(steps, OFFICIAL_WARMUP_STEPS)}% of "
-                 "learning_rate" if steps < OFFICIAL_WARMUP_STEPS else "")
+        # transformers' linear warmup: step s (from 0) uses s / warmup_steps of the learning rate
+        reach = (f"; in {steps} steps its learning rate goes from 0 to only {steps - 1}% of learning_rate"
+                 if steps < OFFICIAL_WARMUP_STEPS else "")
         notes.append(f"the official script warms the learning rate up over {OFFICIAL_WARMUP_STEPS} steps "
                      f"(warmup_steps, no flag), the study over {warmup} (warmup_ratio {train.warmup_ratio:g})"
                      f"{reach}; both then decay linearly")
