@@ -77,7 +77,7 @@ def test_get_mola_model_takes_a_spec_or_a_config():
     from_spec = get_mola_model(llama(), SPEC, aux_loss_coef=0.5, balance_loss="mola-official")
     c = from_spec.mola_config
     assert (c.experts, c.top_k, c.rank) == ((2, 3), (1, 2), (4, 4))
-    assert (c.aux_loss_coef, c.balance_loss) == (0.5, "mola-official")
+    assert (c.aux_loss_coef, c.balance_loss) == (0.5, "official")  # "mola-official" is the old name
     from_config = get_mola_model(llama(), MoLAConfig.from_spec(SPEC, lora_alpha=8.0), lora_dropout=0.0)
     assert (from_config.mola_config.lora_alpha, from_config.mola_config.lora_dropout) == (8.0, 0.0)
     trainable = [n for n, p in from_config.named_parameters() if p.requires_grad]

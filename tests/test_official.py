@@ -111,19 +111,38 @@ def test_mola_official_is_the_official_function_on_a_real_forward():
 
 
 def test_balance_loss_setting_is_validated_and_reaches_mola_train():
-    with pytest.raises(UserError, match=r"^balance_loss is 'pooled': use one of per-module, mola-official$"):
+    with pytest.raises(UserError, match=r"^`balance_loss` is 'pooled': use one of per-module, official "
+                                        r"\(mola-official is accepted for official\)$"):
         MoLAConfig(experts=(2,), top_k=(1,), rank=(4,), balance_loss="pooled")
     from mola_search.cli.train import build_parser, config_from_args
     from mola_search.train.run import Prepared, build_model
 
-    args = build_parser().parse_args(["--balance-loss", "mola-official", "--aux-loss-coef", "0.001", "--out", "x"])
+    args = build_parser().parse_args(["--balance-loss", "official", "--aux-loss-coef", "0.002", "--out", "x"])
     config = config_from_args(args)
-    assert (config.balance_loss, config.aux_loss_coef) == ("mola-official", 0.001)
+    assert (config.balance_loss, config.aux_loss_coef) == ("official", 0.002)  # a given coefficient is kept
     spec = AllocationSpec.build([2, 3], top_k=1, rank=4)
     base = tiny_llama(num_layers=2, hidden_size=32, vocab_size=128)
     model = build_model(Prepared(config, base, tokenizer=None, data=None, spec=spec, splits={}))
-    assert (model.mola_config.balance_loss, model.mola_config.aux_loss_coef) == ("mola-official", 0.001)
-    assert model.state.balance_loss == "mola-official"
+    assert (model.mola_config.balance_loss, model.mola_config.aux_loss_coef) == ("official", 0.002)
+    assert model.state.balance_loss == "official"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--balance-loss", "official"], ("official", 0.001)),        # the official coefficient by default
+    (["--balance-loss", "mola-official"], ("official", 0.001)),   # the former name is an alias
+    ([], ("per-module", 0.01)),
+    (["--aux-loss-coef", "0"], ("per-module", 0.0)),
+])
+def test_the_official_balance_loss_gets_the_official_coefficient_unless_one_is_given(argv, expected):
+    from mola_search.cli.train import build_parser, config_from_args
+    from mola_search.train.run import RunConfig
+
+    config = config_from_args(build_parser().parse_args([*argv, "--out", "x"]))
+    assert (config.balance_loss, config.aux_loss_coef) == expected
+    assert RunConfig.from_dict(config.to_dict()) == config  # metrics.json's config runs again the same
+    mola = MoLAConfig(experts=(2,), top_k=(1,), rank=(4,), balance_loss=argv[1] if argv[:1] == ["--balance-loss"]
+                      else "per-module")
+    assert mola.aux_loss_coef == (expected[1] if argv[:1] != ["--aux-loss-coef"] else 0.01)
 
 
 def test_mola_train_refuses_an_unknown_balance_loss_in_one_line(capsys):
@@ -131,7 +150,7 @@ def test_mola_train_refuses_an_unknown_balance_loss_in_one_line(capsys):
 
     assert run_main("mola-train", main, ["--balance-loss", "pooled"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "per-module" in err and "mola-official" in err, err
+    assert "\n" not in err and "per-module" in err and "official" in err, err
 
 
 # --- export --format mola-flags ------------------------------------------------------------------
@@ -187,10 +206,10 @@ def test_export_flags_follow_the_balance_loss_and_say_what_they_cannot_carry(tmp
 
     model = _model_folder(tmp_path / "llama")
     spec = resolve_allocation("inverted_triangle", 32, 160, top_k=2, rank=8)
-    exact = MoLAConfig.from_spec(spec, balance_loss="mola-official", aux_loss_coef=0.001)
+    exact = MoLAConfig.from_spec(spec, balance_loss="mola-official")  # the official coefficient by default
     flags, notes = official_flags(spec, model, exact)
     assert flags.endswith(" --obalance True") and notes == []
-    flags, notes = official_flags(spec, model, MoLAConfig.from_spec(spec, balance_loss="mola-official"))
+    flags, notes = official_flags(spec, model, MoLAConfig.from_spec(spec, balance_loss="official", aux_loss_coef=0.01))
     assert flags.endswith(" --obalance True") and "weighted 0.01" in notes[0] and "0.001" in notes[0]
     flags, notes = official_flags(spec, model, MoLAConfig.from_spec(spec, aux_loss_coef=0.0, lora_alpha=32.0,
                                                                      target_modules=("q_proj", "v_proj")))

@@ -16,7 +16,7 @@ from typing import Any
 
 from mola_search.cli.common import OneLineParser, load_config_file, run_main
 from mola_search.errors import UserError
-from mola_search.mola.config import BALANCE_LOSSES
+from mola_search.mola.config import BALANCE_LOSS_NAMES
 from mola_search.train.run import RunConfig, describe, build_model, execute, prepare
 from mola_search.train.trainer import TrainingDiverged
 
@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="auto (CUDA when present, default) | cpu | cuda | cuda:N")
     g.add_argument("--data-dir", help="folder with <task>/<split>.jsonl (default: $MOLA_DATA_DIR, else the Hub)")
     g.add_argument("--method", help="mola (default) or a baseline: lora, prompt-tuning, llama-adapter, full")
-    g.add_argument("--init-from", help="adapter folder to start from (two-stage training)")
+    g.add_argument("--init-from", help="adapter folder to start from (two-stage training): a mola_search "
+                                       "adapter or an official MoLA checkpoint (adapter_model.bin)")
     a = p.add_argument_group("allocation")
     a.add_argument("--shape", help="triangle | inverted_triangle | hourglass | rectangle | diamond, digits like 2468, or a comma list")
     a.add_argument("--allocation", help="allocation spec JSON (e.g. a study's best_allocation.json)")
@@ -53,10 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--lora-alpha", type=float, dest="lora_alpha")
     a.add_argument("--lora-dropout", type=float, dest="lora_dropout")
     a.add_argument("--aux-loss-coef", type=float, dest="aux_loss_coef",
-                   help="load-balancing loss weight (default 0.01; the official MoLA code uses 0.001)")
-    a.add_argument("--balance-loss", choices=BALANCE_LOSSES, dest="balance_loss",
+                   help="load-balancing loss weight (default: 0.01 for per-module, 0.001 for official, "
+                        "the official MoLA code's)")
+    a.add_argument("--balance-loss", choices=BALANCE_LOSS_NAMES, dest="balance_loss",
                    help="per-module: one loss per adapted linear, averaged, padding excluded (default); "
-                        "mola-official: GCYZSL/MoLA's, pooled per decoder layer and summed over layers")
+                        "official (or its former name mola-official): GCYZSL/MoLA's, pooled per decoder "
+                        "layer and summed over layers")
     a.add_argument("--targets", help="comma list of linear module suffixes to adapt")
     b = p.add_argument_group("baselines")
     b.add_argument("--lora-rank", type=lora_rank_arg, dest="lora_rank",

@@ -23,9 +23,37 @@ DEFAULT_TARGETS: tuple[str, ...] = (
     "qkv_proj", "gate_up_proj",  # fused projections (Phi-3 and similar): adapted like the separate ones
 )
 
-PER_MODULE, MOLA_OFFICIAL = "per-module", "mola-official"
-BALANCE_LOSSES: tuple[str, ...] = (PER_MODULE, MOLA_OFFICIAL)
+PER_MODULE, OFFICIAL = "per-module", "official"
+MOLA_OFFICIAL = OFFICIAL
+"""The official formulation's constant under its former name; its former value "mola-official" is an alias."""
+BALANCE_LOSSES: tuple[str, ...] = (PER_MODULE, OFFICIAL)
 """The load-balancing formulations `MoLAConfig.balance_loss` accepts (see `MoLAConfig`)."""
+BALANCE_LOSS_ALIASES: dict[str, str] = {"mola-official": OFFICIAL}
+"""Other names accepted for a formulation: "mola-official" was the official one's name until it became "official"."""
+BALANCE_LOSS_NAMES: tuple[str, ...] = (*BALANCE_LOSSES, *BALANCE_LOSS_ALIASES)
+"""Every name a user may give (a CLI's choices)."""
+
+DEFAULT_AUX_COEF = 0.01
+"""The per-module balance loss's default coefficient."""
+OFFICIAL_AUX_COEF = 0.001
+"""`router_aux_loss_coef` of the official `LlamaForCausalLM_d` (a constant there, no flag): the default
+coefficient of the official formulation."""
+
+
+def canonical_balance_loss(name: str) -> str:
+    """The formulation `name` means ("mola-official" -> "official"); a one-line UserError for an unknown one."""
+    text = str(name).strip().lower()
+    text = BALANCE_LOSS_ALIASES.get(text, text)
+    if text not in BALANCE_LOSSES:
+        raise UserError(f"`balance_loss` is {name!r}: use one of {', '.join(BALANCE_LOSSES)} "
+                        f"(mola-official is accepted for official)")
+    return text
+
+
+def default_aux_coef(balance_loss: str) -> float:
+    """The coefficient a formulation gets when none is given: 0.001 (the official code's) for the official
+    formulation, 0.01 for the per-module one."""
+    return OFFICIAL_AUX_COEF if canonical_balance_loss(balance_loss) == OFFICIAL else DEFAULT_AUX_COEF
 
 
 @dataclass(frozen=True)
@@ -39,12 +67,14 @@ class MoLAConfig:
     * ``"per-module"`` (default): one loss per adapted linear over the real tokens (padding excluded),
       averaged over the modules. Every router is balanced on its own, and the loss does not grow with
       the model's depth, so one coefficient (0.01) suits any model.
-    * ``"mola-official"``: what GCYZSL/MoLA computes (`load_balancing_loss_func` in
-      `src/mola_modeling_llama_hacked.py`): the router logits of all adapted projections of a decoder
-      layer pooled into one group (padding positions included), one loss per layer, summed over the
-      layers. The official code weights it with 0.001 and adds it only with `obalance=True` (off by
-      default in `mola_training.py`, on in `mola_training_instruction.py`); set `aux_loss_coef=0.001`
-      to reproduce it.
+    * ``"official"`` (alias ``"mola-official"``, its former name): what GCYZSL/MoLA computes
+      (`load_balancing_loss_func` in `src/mola_modeling_llama_hacked.py`): the router logits of all
+      adapted projections of a decoder layer pooled into one group (padding positions included), one
+      loss per layer, summed over the layers. The official code weights it with 0.001 and adds it only
+      with `obalance=True` (off by default in `mola_training.py`, on in `mola_training_instruction.py`).
+
+    `aux_loss_coef=None` (the default) means the formulation's own coefficient: 0.01 per module, 0.001
+    (`OFFICIAL_AUX_COEF`, the official code's) for the official one; a saved config holds the number.
 
     One more difference from the official code: it draws a dropout mask per expert (each expert applies
     its own `nn.Dropout` to the tokens routed to it), ours one per adapted input shared by its experts
@@ -62,7 +92,7 @@ class MoLAConfig:
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
-    aux_loss_coef: float = 0.01
+    aux_loss_coef: float | None = None  # None: default_aux_coef(balance_loss)
     balance_loss: str = PER_MODULE
     init: str = "kaiming"
     init_seed: int = 0
@@ -73,8 +103,9 @@ class MoLAConfig:
     def __post_init__(self) -> None:
         # Re-use the allocation validation (lengths, bounds, top_k <= experts).
         AllocationSpec(tuple(self.experts), tuple(self.top_k), tuple(self.rank), self.source)
-        if self.balance_loss not in BALANCE_LOSSES:
-            raise UserError(f"balance_loss is {self.balance_loss!r}: use one of {', '.join(BALANCE_LOSSES)}")
+        object.__setattr__(self, "balance_loss", canonical_balance_loss(self.balance_loss))
+        if self.aux_loss_coef is None:
+            object.__setattr__(self, "aux_loss_coef", default_aux_coef(self.balance_loss))
         if self.init not in ("kaiming", "gaussian"):
             raise UserError(f"unknown LoRA init '{self.init}': use 'kaiming' or 'gaussian'")
         if not self.target_modules:

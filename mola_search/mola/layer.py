@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mola_search.mola.config import MOLA_OFFICIAL, PER_MODULE
+from mola_search.mola.config import OFFICIAL, PER_MODULE, canonical_balance_loss
 
 
 class BalanceTerm(NamedTuple):
@@ -135,6 +135,9 @@ class RoutingState:
     fuse_groups: bool = True  # linears that read one input compute their routers and A's as one matmul
     recording: bool = True
     keep_token_mask: bool = False
+
+    def __post_init__(self) -> None:
+        self.balance_loss = canonical_balance_loss(self.balance_loss)  # "mola-official" -> "official"
 
 
 class _InputSide(torch.autograd.Function):
@@ -412,7 +415,7 @@ class MoLALinear(nn.Module):
     def _record(self, probs: torch.Tensor, gates: torch.Tensor) -> None:
         """Balance-loss sums (training) and selection statistics (on demand), padding excluded.
 
-        The one exception is the "mola-official" balance loss, which counts every position as the
+        The one exception is the "official" balance loss, which counts every position as the
         official code does (it never sees the attention mask).
         """
         mask = self.state.token_mask
@@ -426,7 +429,7 @@ class MoLALinear(nn.Module):
             m = torch.ones_like(all_p[:, :1])
             flat_p = all_p
         if self.training:
-            if self.state.balance_loss == MOLA_OFFICIAL:
+            if self.state.balance_loss == OFFICIAL:
                 term = BalanceTerm(self.layer_index, chosen.sum(0), all_p.sum(0),
                                    all_p.new_tensor(float(all_p.shape[0])), self.active_top_k)
             else:
@@ -487,13 +490,13 @@ def balance_loss(terms: Sequence[BalanceTerm], formulation: str) -> torch.Tensor
     """The load-balancing loss of one forward from its layers' `BalanceTerm`s (None when there are none).
 
     * "per-module": `switch_loss` of every adapted linear, averaged over the linears.
-    * "mola-official": as GCYZSL/MoLA's `load_balancing_loss_func`: the modules of one decoder layer
-      pooled into one group (their selections and probabilities summed; they share the layer's expert
-      count and top-k), one `switch_loss` per layer, summed over the layers.
+    * "official" (alias "mola-official"): as GCYZSL/MoLA's `load_balancing_loss_func`: the modules of one
+      decoder layer pooled into one group (their selections and probabilities summed; they share the
+      layer's expert count and top-k), one `switch_loss` per layer, summed over the layers.
     """
     if not terms:
         return None
-    if formulation == PER_MODULE:
+    if canonical_balance_loss(formulation) == PER_MODULE:
         return torch.stack([switch_loss(t.selected, t.prob_sum, t.tokens, t.top_k) for t in terms]).mean()
     layers: dict[int, list[BalanceTerm]] = defaultdict(list)
     for t in terms:

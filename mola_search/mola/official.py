@@ -16,8 +16,14 @@ What the official code accepts, as read from its source (`mola_training.py`,
   have as many layers as the model.
 * The balance loss (`load_balancing_loss_func`) is added only with `obalance=True` (off by default
   in `mola_training.py`), weighted by `router_aux_loss_coef = 0.001`, a constant in
-  `LlamaForCausalLM_d.__init__` that no flag changes. It is what `balance_loss="mola-official"`
+  `LlamaForCausalLM_d.__init__` that no flag changes. It is what `balance_loss="official"`
   computes here.
+* It loads the tokenizer with `LlamaTokenizer.from_pretrained(base_model)`, the slow SentencePiece one:
+  the model folder needs a `tokenizer.model` (a `tokenizer.json` alone does not do).
+
+Read at commit 01785c84c70846999638b11b88409fdf86361d9a (`OFFICIAL_COMMIT`). The rest of the export lives
+beside this module: `official_training` (a study's training as train() flags), `official_data` (the dataset
+layout), `official_checkpoint` (checkpoints both ways) and `official_export` (the folder the user runs).
 """
 
 from __future__ import annotations
@@ -28,11 +34,14 @@ from typing import Any, Protocol
 from mola_search.allocation import AllocationSpec, to_mola_flags
 from mola_search.allocation.spec import OFFICIAL_TARGET_MODULES
 from mola_search.errors import UserError
-from mola_search.mola.config import MOLA_OFFICIAL
+from mola_search.mola.config import OFFICIAL_AUX_COEF
 
-OFFICIAL_AUX_COEF = 0.001
-"""`router_aux_loss_coef` of the official `LlamaForCausalLM_d`."""
+OFFICIAL_COMMIT = "01785c84c70846999638b11b88409fdf86361d9a"
+"""The commit of https://github.com/GCYZSL/MoLA whose code the official formats were read from."""
+OFFICIAL_REPO = "https://github.com/GCYZSL/MoLA"
 OFFICIAL_ROPE_THETA = 10000.0
+__all__ = ["OFFICIAL_AUX_COEF", "OFFICIAL_COMMIT", "OFFICIAL_REPO", "base_model_config", "check_official_model",
+           "official_flags", "official_model_problems", "official_tokenizer_problem"]
 
 
 class AdapterSettings(Protocol):
@@ -54,17 +63,7 @@ def official_flags(spec: AllocationSpec, model: str,
     they are for a reader, not for the script. A model or allocation the official code cannot run is a
     one-line `UserError` naming every reason.
     """
-    config = base_model_config(model)
-    problems = official_model_problems(config)
-    layers = getattr(config, "num_hidden_layers", None)
-    if layers is not None and layers != spec.num_layers:
-        problems.append(f"the allocation has {spec.num_layers} layers and the model {layers}")
-    targets = [t for t in OFFICIAL_TARGET_MODULES.split(",") if settings is None or t in settings.target_modules]
-    if not targets:
-        problems.append(f"none of the adapted modules {list(settings.target_modules)} is one the official code "
-                        f"adapts ({OFFICIAL_TARGET_MODULES})")
-    if problems:
-        raise UserError(f"the official MoLA code cannot train this allocation on '{model}': " + "; ".join(problems))
+    targets = check_official_model(spec, model, None if settings is None else settings.target_modules)
     if settings is None:
         return to_mola_flags(spec, base_model=model), [
             "how the study trained its allocations is not recorded, so lora_alpha, lora_dropout and the balance "
@@ -76,18 +75,67 @@ def official_flags(spec: AllocationSpec, model: str,
 
 
 def _balance(settings: AdapterSettings) -> tuple[bool, list[str]]:
-    """`obalance` for the official script, and what it cannot reproduce."""
-    coef = settings.aux_loss_coef
-    if coef == 0:
-        return False, []
-    if settings.balance_loss == MOLA_OFFICIAL:
-        if coef == OFFICIAL_AUX_COEF:
-            return True, []
-        return True, [f"the balance loss was weighted {coef:g}; the official code always weights it "
-                      f"{OFFICIAL_AUX_COEF:g} (router_aux_loss_coef, no flag)"]
-    return False, [f"trained with the per-module balance loss (coefficient {coef:g}), which the official code "
-                   "does not have: these flags turn its balance loss off; --obalance True would add its own "
-                   f"(pooled per decoder layer, summed over layers, coefficient {OFFICIAL_AUX_COEF:g}) instead"]
+    """`obalance` for the official script, and what it cannot reproduce (`official_training.balance_flag`)."""
+    from mola_search.mola.config import canonical_balance_loss
+    from mola_search.mola.official_training import balance_flag
+
+    return balance_flag(canonical_balance_loss(settings.balance_loss), settings.aux_loss_coef)
+
+
+def check_official_model(spec: AllocationSpec, model: str, target_modules: Any = None) -> list[str]:
+    """The official kinds among `target_modules` (None: all seven), in the official order, when the official
+    code can train `spec` on `model`; else a one-line UserError naming every reason (architecture, depth,
+    no adaptable module)."""
+    config = base_model_config(model)
+    problems = official_model_problems(config)
+    layers = getattr(config, "num_hidden_layers", None)
+    if layers is not None and layers != spec.num_layers:
+        problems.append(f"the allocation has {spec.num_layers} layers and the model {layers}")
+    targets = [t for t in OFFICIAL_TARGET_MODULES.split(",") if target_modules is None or t in target_modules]
+    if not targets:
+        problems.append(f"none of the adapted modules {list(target_modules)} is one the official code "
+                        f"adapts ({OFFICIAL_TARGET_MODULES})")
+    if problems:
+        raise UserError(f"the official MoLA code cannot train this allocation on '{model}': " + "; ".join(problems))
+    return targets
+
+
+def official_tokenizer_problem(model: str) -> str | None:
+    """Why the official `LlamaTokenizer.from_pretrained(model)` cannot load `model`'s tokenizer (None if it can,
+    or if that cannot be told: a Hub model while offline). It needs the SentencePiece `tokenizer.model`."""
+    from mola_search.models import DEFAULT_MODEL, tiny_layers
+
+    name = (model or "").strip()
+    if not name or name.lower() == DEFAULT_MODEL or tiny_layers(name) is not None:
+        return (f"'{name or DEFAULT_MODEL}' uses the embedded SmolLM2 tokenizer, a tokenizer.json without the "
+                "SentencePiece tokenizer.model that the official LlamaTokenizer loads")
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        if (folder / "tokenizer.model").is_file():
+            return None
+        return (f"'{name}' has no tokenizer.model (SentencePiece), which the official LlamaTokenizer loads "
+                "(a tokenizer.json alone does not do)")
+    return _hub_tokenizer_problem(name)
+
+
+def _hub_tokenizer_problem(repo: str) -> str | None:
+    """`official_tokenizer_problem` for a Hub id: the local cache first, then the Hub when it is reachable."""
+    import huggingface_hub
+
+    from mola_search.hub import offline_reason
+
+    try:
+        cached = huggingface_hub.try_to_load_from_cache(repo, "tokenizer.model")
+        if isinstance(cached, str):
+            return None
+        if cached is None and offline_reason():
+            return None  # cannot tell: the official script will say so itself
+        if cached is None and huggingface_hub.file_exists(repo, "tokenizer.model"):
+            return None
+    except Exception:  # an invalid repo id, a Hub error: not ours to refuse on
+        return None
+    return (f"the Hub model '{repo}' has no tokenizer.model (SentencePiece), which the official LlamaTokenizer "
+            "loads")
 
 
 def official_model_problems(config: Any) -> list[str]:

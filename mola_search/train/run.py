@@ -25,6 +25,7 @@ from mola_search.allocation.shapes import normalize_shape
 from mola_search.errors import UserError
 from mola_search.methods import build_baseline, check_method, load_adapter_into  # baselines beside MoLA
 from mola_search.mola import DEFAULT_TARGETS, MoLAConfig, MoLAModel
+from mola_search.mola.config import canonical_balance_loss, default_aux_coef
 from mola_search.models import DEFAULT_MODEL, decoder_layers, load_base_model
 from mola_search.tasks import Example, TaskData, load_task
 from mola_search.train.batching import model_device
@@ -54,8 +55,8 @@ class RunConfig:
     max_experts: int | None = None
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
-    aux_loss_coef: float = 0.01
-    balance_loss: str = "per-module"      # or "mola-official" (MoLAConfig.balance_loss)
+    aux_loss_coef: float | None = None  # None: the balance loss's own (0.01 per-module, 0.001 official)
+    balance_loss: str = "per-module"      # or "official" (alias "mola-official"; MoLAConfig.balance_loss)
     lora_rank: int | str | None = None  # --method lora: an int, "match" (MoLA's trainable count) or None (= rank)
     num_virtual_tokens: int = 20        # --method prompt-tuning
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
@@ -67,6 +68,13 @@ class RunConfig:
     eval_splits: tuple[str, ...] = ("validation", "test")
     out: str | None = None
     threads: int | None = None
+
+    def __post_init__(self) -> None:
+        # One spelling of the formulation, and the number it is weighted with, from here on (metrics.json,
+        # the adapter's config): an unset coefficient is the formulation's own (the official one's 0.001).
+        object.__setattr__(self, "balance_loss", canonical_balance_loss(self.balance_loss))
+        if self.aux_loss_coef is None:
+            object.__setattr__(self, "aux_loss_coef", default_aux_coef(self.balance_loss))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "RunConfig":
@@ -263,7 +271,10 @@ def execute(prepared: Prepared, *, callbacks: Sequence[Callable[[StepEvent], boo
         torch.cuda.reset_peak_memory_stats(device)
     model = build_model(prepared)
     if init_from:
-        load_adapter_into(model, init_from)
+        from mola_search.mola.official_checkpoint import is_official_checkpoint, load_official_into
+
+        # an official MoLA checkpoint (adapter_model.bin) as well as one of our adapter folders
+        (load_official_into if is_official_checkpoint(init_from) else load_adapter_into)(model, init_from)
     if on_model is not None:  # lets callbacks (e.g. a search trial's rung evaluation) reach the model
         on_model(model)
     info = describe(prepared, model)
