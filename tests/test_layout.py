@@ -19,7 +19,7 @@ LAYERS = [
     {"adapter", "models", "tasks"},
     {"mola"},
     {"methods", "train"},
-    {"trial"},
+    {"official", "trial"},
     {"search"},
     {"analysis", "bench"},
     {"cli", "(root)"},

@@ -22,10 +22,10 @@ import pytest
 
 from mola_search.allocation import AllocationSpec
 from mola_search.errors import UserError
-from mola_search.mola.official_data import (OFFICIAL_TEMPLATE, example_from_record, official_record, official_text,
+from mola_search.official.data import (OFFICIAL_TEMPLATE, example_from_record, official_record, official_text,
                                             read_official_dataset, study_examples, write_official_dataset)
-from mola_search.mola.official_export import write_official_export
-from mola_search.mola.official_training import (epochs_for_steps, fire_argv, official_steps, official_train_flags,
+from mola_search.official.export import write_official_export
+from mola_search.official.training import (epochs_for_steps, fire_argv, official_steps, official_train_flags,
                                                 study_training)
 from mola_search.tasks import Example
 

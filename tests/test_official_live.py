@@ -102,7 +102,7 @@ def test_checkpoints_both_ways_give_the_official_logits(tmp_path):
 
 def test_the_official_environment_reads_the_exported_dataset(tmp_path):
     """datasets 2.14.5 (the official pin) loads what this datasets version saved, as mola_training.py does."""
-    from mola_search.mola.official_data import official_record, write_official_dataset
+    from mola_search.official.data import official_record, write_official_dataset
     from mola_search.tasks import Example
 
     examples = [Example(f"Same?\nSentence 1: a{i}\nSentence 2: b\nAnswer:", (" no", " yes"), i % 2) for i in range(5)]

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 from mola_search.allocation import AllocationSpec, to_mola_flags
 from mola_search.allocation.spec import OFFICIAL_TARGET_MODULES
 from mola_search.errors import UserError
-from mola_search.mola.config import OFFICIAL_AUX_COEF
+from mola_search.mola.config import OFFICIAL, OFFICIAL_AUX_COEF
 
 OFFICIAL_COMMIT = "01785c84c70846999638b11b88409fdf86361d9a"
 """The commit of https://github.com/GCYZSL/MoLA whose code the official formats were read from."""
@@ -77,7 +77,6 @@ def official_flags(spec: AllocationSpec, model: str,
 def _balance(settings: AdapterSettings) -> tuple[bool, list[str]]:
     """`obalance` for the official script, and what it cannot reproduce (`official_training.balance_flag`)."""
     from mola_search.mola.config import canonical_balance_loss
-    from mola_search.mola.official_training import balance_flag
 
     return balance_flag(canonical_balance_loss(settings.balance_loss), settings.aux_loss_coef)
 
@@ -180,3 +179,17 @@ def base_model_config(model: str) -> Any:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"cannot tell whether the official MoLA code runs '{model}': its config could not be "
                         f"read ({reason})") from None
+
+
+def balance_flag(balance_loss: str, coef: float) -> tuple[bool, list[str]]:
+    """`obalance` for the official script, and what it cannot reproduce of the study's balance loss."""
+    if coef == 0:
+        return False, []
+    if balance_loss == OFFICIAL:
+        if coef == OFFICIAL_AUX_COEF:
+            return True, []
+        return True, [f"the balance loss was weighted {coef:g}; the official code always weights it "
+                      f"{OFFICIAL_AUX_COEF:g} (router_aux_loss_coef, no flag)"]
+    return False, [f"trained with the per-module balance loss (coefficient {coef:g}), which the official code "
+                   "does not have: these flags turn its balance loss off; --obalance True would add its own "
+                   f"(pooled per decoder layer, summed over layers, coefficient {OFFICIAL_AUX_COEF:g}) instead"]

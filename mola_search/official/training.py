@@ -65,6 +65,7 @@ from typing import Any
 from mola_search.allocation import AllocationSpec
 from mola_search.errors import UserError
 from mola_search.mola.config import OFFICIAL, OFFICIAL_AUX_COEF
+from mola_search.mola.official import balance_flag
 from mola_search.mola.official_checkpoint import OFFICIAL_KINDS
 
 OFFICIAL_WARMUP_STEPS = 100
@@ -170,20 +171,6 @@ def epochs_for_steps(steps: int, n: int, batch_size: int, micro_batch_size: int)
     while official_steps(epochs, n, batch_size, micro_batch_size) < steps:
         epochs = math.nextafter(epochs, math.inf)
     return float(int(epochs)) if epochs.is_integer() else epochs
-
-
-def balance_flag(balance_loss: str, coef: float) -> tuple[bool, list[str]]:
-    """`obalance` for the official script, and what it cannot reproduce of the study's balance loss."""
-    if coef == 0:
-        return False, []
-    if balance_loss == OFFICIAL:
-        if coef == OFFICIAL_AUX_COEF:
-            return True, []
-        return True, [f"the balance loss was weighted {coef:g}; the official code always weights it "
-                      f"{OFFICIAL_AUX_COEF:g} (router_aux_loss_coef, no flag)"]
-    return False, [f"trained with the per-module balance loss (coefficient {coef:g}), which the official code "
-                   "does not have: these flags turn its balance loss off; --obalance True would add its own "
-                   f"(pooled per decoder layer, summed over layers, coefficient {OFFICIAL_AUX_COEF:g}) instead"]
 
 
 def _batch_notes(train: Any, micro: int) -> list[str]:

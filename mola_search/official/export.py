@@ -39,9 +39,9 @@ from mola_search.allocation import AllocationSpec
 from mola_search.errors import UserError
 from mola_search.mola.official import (OFFICIAL_COMMIT, OFFICIAL_REPO, check_official_model,
                                        official_tokenizer_problem)
-from mola_search.mola.official_data import (official_record, study_examples, write_official_dataset,
+from mola_search.official.data import (official_record, study_examples, write_official_dataset,
                                             write_official_test_json)
-from mola_search.mola.official_training import OfficialTraining, fire_value, official_train_flags, study_training
+from mola_search.official.training import OfficialTraining, fire_value, official_train_flags, study_training
 from mola_search.tasks import Example
 
 RUN_DIR = "official_run"
