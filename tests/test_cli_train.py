@@ -62,8 +62,8 @@ def files(tmp_path):
 # --- bad input: one line on stderr, exit 2 -----------------------------------------------------
 
 BAD_INPUTS = {
-    "budget below L*min": (["--budget", "3"], ["budget 3", ">= 4"]),
-    "budget below L*min (min 2)": (["--budget", "7", "--min-experts", "2"], ["budget 7", ">= 8"]),
+    "budget below L*min": (["--budget", "3"], ["budget 3", "in [4, 32]"]),  # a shape: the spaces' 1..8 bounds
+    "budget below L*min (min 2)": (["--budget", "7", "--min-experts", "2"], ["budget 7", "in [8, 32]"]),
     "budget above L*max": (["--budget", "40", "--max-experts", "8"], ["budget 40", "[4, 32]"]),
     "unknown shape": (["--shape", "pyramid"], ["pyramid"]),
     "unknown task": (["--task", "nosuch"], ["unknown task 'nosuch'"]),
@@ -218,7 +218,8 @@ def test_dry_run_prints_the_resolved_run_and_trains_nothing(tmp_path, capsys):
     assert not out_dir.exists()
     allocation = [int(x) for x in _field(out, "allocation").split()[0].split(",")]
     assert allocation == [2, 4, 6, 8]  # inverted triangle, the default shape
-    assert sum(allocation) == 20 and "(budget 20)" in _field(out, "allocation")  # default budget 5 x layers
+    assert sum(allocation) == 20 and "(budget 20;" in _field(out, "allocation")  # default budget 5 x layers
+    assert "scaled within 1..8 per layer" in _field(out, "allocation")
     assert _field(out, "top_k") == "2,2,2,2"
     assert _field(out, "rank") == "8,8,8,8"
     params = _field(out, "trainable params")

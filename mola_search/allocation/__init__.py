@@ -6,8 +6,10 @@ need allocations without paying for, or depending on, the training stack.
 
 from mola_search.allocation.rounding import round_to_budget
 from mola_search.allocation.shapes import (
+    DEFAULT_MAX_EXPERTS,
     SHAPES,
     block_sizes,
+    default_max_experts,
     parse_counts,
     parse_digits,
     resample_depth,
@@ -26,11 +28,13 @@ from mola_search.allocation.spec import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_EXPERTS",
     "SCHEMA_VERSION",
     "SHAPES",
     "AllocationSpec",
     "block_sizes",
     "check_depth",
+    "default_max_experts",
     "load_spec",
     "load_spec_with_metadata",
     "parse_counts",

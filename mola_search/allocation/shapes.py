@@ -30,6 +30,16 @@ _PROFILES: dict[str, tuple[int, ...]] = {
 }
 SHAPES: tuple[str, ...] = tuple(_PROFILES)
 
+DEFAULT_MAX_EXPERTS = 8
+"""The most experts a layer gets unless told otherwise: the built-in search spaces' `max_experts`, and the
+bound `mola-train` scales a shape under, so a shape is the same allocation in both (the paper's largest
+count is 8 as well)."""
+
+
+def default_max_experts(num_layers: int, budget: int) -> int | None:
+    """`DEFAULT_MAX_EXPERTS` where the budget fits under it (budget <= 8 per layer), else no bound."""
+    return DEFAULT_MAX_EXPERTS if budget <= DEFAULT_MAX_EXPERTS * num_layers else None
+
 
 def block_sizes(num_layers: int, num_blocks: int) -> list[int]:
     """Near-equal contiguous block lengths; the first `num_layers % num_blocks` blocks get one more."""

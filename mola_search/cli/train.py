@@ -173,7 +173,14 @@ def _print_dry_run(info: dict[str, Any], config: RunConfig) -> None:
              f"task:             {info['task']}  (data: {info['data_source']})",
              f"method:           {info['method']}"]
     if info["allocation"] is not None:
-        lines += [f"allocation:       {','.join(map(str, info['allocation']))}  (budget {info['budget']})",
+        from mola_search.allocation import default_max_experts
+
+        note = ""
+        if not config.allocation:  # a shape: say the bounds it was scaled within
+            top = config.max_experts or default_max_experts(info["num_layers"], info["budget"])
+            note = (f"; a shape is scaled within {config.min_experts}..{top if top is not None else 'budget'} per "
+                    "layer, as in mola-search's built-in spaces")
+        lines += [f"allocation:       {','.join(map(str, info['allocation']))}  (budget {info['budget']}{note})",
                   f"top_k:            {','.join(map(str, info['top_k']))}",
                   f"rank:             {','.join(map(str, info['rank']))}"]
     lines += [f"trainable params: {info['trainable_params']:,} ({info['trainable_percent']:.3f}% of base {info['base_params']:,})",

@@ -20,7 +20,7 @@ import torch
 
 from mola_search._io import json_safe, write_json  # json_safe: search.trial and bench.continual import it from here
 from mola_search.adapter import Adapter
-from mola_search.allocation import SHAPES, AllocationSpec, check_depth, resolve_allocation
+from mola_search.allocation import SHAPES, AllocationSpec, check_depth, default_max_experts, resolve_allocation
 from mola_search.allocation.shapes import normalize_shape
 from mola_search.errors import UserError
 from mola_search.methods import build_baseline, check_method, load_adapter_into  # baselines beside MoLA
@@ -157,8 +157,13 @@ def resolve_spec(config: RunConfig, num_layers: int) -> AllocationSpec:
     value = config.allocation or config.shape or "inverted_triangle"
     is_shape = normalize_shape(value.strip()) in SHAPES
     is_file = not is_shape and (value.strip().endswith(".json") or Path(value).is_file())
+    # A shape is scaled under the search spaces' default bound unless `max_experts` says otherwise, so the same
+    # shape is the same allocation here and in `mola-search`; explicit counts are only checked against a bound
+    # the user gave.
+    max_count = config.max_experts if config.max_experts is not None or not is_shape \
+        else default_max_experts(num_layers, budget)
     spec = resolve_allocation(value, num_layers, budget, top_k=1, rank=config.rank,
-                              min_count=config.min_experts, max_count=config.max_experts)
+                              min_count=config.min_experts, max_count=max_count)
     if not is_file:
         top_k = [min(DEFAULT_TOP_K, e) for e in spec.experts] if config.top_k is None else config.top_k
         spec = AllocationSpec.build(spec.experts, top_k, config.rank, source=spec.source)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import yaml
 
 from mola_search._checks import check_choices, check_int
-from mola_search.allocation import AllocationSpec, round_to_budget
+from mola_search.allocation import DEFAULT_MAX_EXPERTS, AllocationSpec, round_to_budget
 # The rounding tie-break of the paper shapes. Using the very same function (not a copy) is what
 # makes the blocks encoding reproduce `shape_allocation` exactly; tests/test_space.py guards it.
 from mola_search.allocation.shapes import _trend as shape_trend
@@ -57,11 +57,11 @@ _DEFAULT_FIDELITY: dict[str, Any] = {
 # The committed search_spaces/*.yaml files, embedded so a non-editable install (no repo checkout)
 # still has them. tests/test_space.py checks that each YAML file loads to the same SearchSpace.
 BUILTIN_SPACES: dict[str, dict[str, Any]] = {
-    "blocks": {"encoding": "blocks", "blocks": 4, "min_experts": 1, "max_experts": 8,
+    "blocks": {"encoding": "blocks", "blocks": 4, "min_experts": 1, "max_experts": DEFAULT_MAX_EXPERTS,
                "top_k": 2, "rank": 8, "fidelity": _DEFAULT_FIDELITY},
-    "per_layer": {"encoding": "per_layer", "min_experts": 1, "max_experts": 8,
+    "per_layer": {"encoding": "per_layer", "min_experts": 1, "max_experts": DEFAULT_MAX_EXPERTS,
                   "top_k": 2, "rank": 8, "fidelity": _DEFAULT_FIDELITY},
-    "profile": {"encoding": "profile", "knots": 4, "min_experts": 1, "max_experts": 8,
+    "profile": {"encoding": "profile", "knots": 4, "min_experts": 1, "max_experts": DEFAULT_MAX_EXPERTS,
                 "top_k": 2, "rank": 8, "fidelity": _DEFAULT_FIDELITY},
 }
 
@@ -88,7 +88,7 @@ class SearchSpace(ABC):
     encoding: ClassVar[str]
 
     min_experts: int = 1
-    max_experts: int | None = 8
+    max_experts: int | None = DEFAULT_MAX_EXPERTS
     top_k: int = 2
     rank: int = 8
     search_top_k: bool = False
