@@ -120,7 +120,10 @@ def test_report_html_embeds_valid_pngs_and_the_right_numbers(study: Path, capsys
     assert "Supported: top quarter (layers 6-7): +" in md
     assert re.search(r"\| top quarter \(layers 6-7\) \| \+0\.\d+ \| \[\+0\.\d+, \+0\.\d+\] \| yes", md)
     assert "with the training seed as a blocking factor (6 seed blocks" in md
-    assert "importance of the encoding parameters over 35 completed trials" in md  # no pilot replicates
+    assert "importance of the encoding parameters over the 35 complete trials at the study seed" in md  # no replicates
+    # every trial count the report quotes is the same census (summary.md, the heatmap, importance, provenance)
+    census = data.census_text()
+    assert census.startswith("41 complete (6 at other training seeds: the pilot's; ") and md.count(census) >= 3
     # redundancy table: the best allocation's layer-0 weight-update distance, recomputed from its adapter
     analysis = analyze_adapter(best.adapters()[0])
     assert f"| 0 | {best.allocation[0]} | " in md

@@ -454,3 +454,24 @@ def test_concurrency_line_suggests_checkpointing_only_when_memory_limits(slots, 
     line = concurrency_line(max(1, n), slots, 32 * 1024, 3 * 1024, measured=True, checkpointing=checkpointing)
     assert line.startswith(f"max concurrent {max(1, n)} (auto: {slots['cpu']} CPU slots")
     assert ("--activation-checkpointing" in line) is hint
+
+
+def test_a_custom_tasks_study_folder_is_named_after_its_name_not_its_path(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    spec = tmp_path / "tasks" / "my_task.yaml"
+    spec.parent.mkdir()
+    spec.write_text("name: sentiment-x\nfiles: {train: t.jsonl, validation: v.jsonl}\n")
+    assert search(["--task", f"custom:{spec}", "--model", MODEL, "--objective", "synthetic:upper", "--executor",
+                   "local", "--no-pilot", "--trials", "6", "--finalist-seeds", "0"]) == 0
+    [folder] = list((tmp_path / "runs").iterdir())
+    assert folder.name.startswith("sentiment-x-b") and "yaml" not in folder.name
+
+
+def test_the_configs_choices_are_the_registries_names() -> None:
+    from mola_search.search import config
+    from mola_search.search.executors import EXECUTORS
+    from mola_search.search.samplers import SAMPLERS
+    from mola_search.search.strategies import STRATEGIES
+
+    assert set(config.STRATEGIES) == set(STRATEGIES) and set(config.EXECUTORS) == set(EXECUTORS)
+    assert set(config.SAMPLERS) == {"tpe", "cmaes", "gp", "random"}

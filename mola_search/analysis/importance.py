@@ -106,7 +106,8 @@ def optuna_importances(study: Any, *, min_trials: int = MIN_IMPORTANCE_TRIALS, s
         study = subset
     out = Importances(trials=len(done))
     if len(done) < min_trials:
-        out.notes.append(f"Optuna importance skipped: {len(done)} completed trials, the evaluators need at least "
+        which = "complete trials at the study seed" if numbers is not None else "complete trials"
+        out.notes.append(f"Optuna importance skipped: {len(done)} {which}, the evaluators need at least "
                          f"{min_trials} to say anything")
         return out
     if len({round(t.value, 12) for t in done}) < 2:

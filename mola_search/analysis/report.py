@@ -332,8 +332,9 @@ def _allocation_section(data: StudyData, table: ResultTable, out: Path) -> Secti
     labels = [f"#{t.number} {t.value:.3f} {t.seed_name or t.origin}" for t in done]
     figures.trial_heatmap(out / "trials_heatmap.png", list(zip(labels, [t.allocation for t in done])),
                           data.space.min_experts if data.space is not None else 1, max_e)
-    s.add(Figure("trials_heatmap.png", f"All {len(done)} completed trials (duplicates once), sorted by validation "
-                                       "score; colour = experts in that layer."))
+    s.add(Figure("trials_heatmap.png", f"The {len(done)} distinct allocations trained with the study seed (trials: "
+                                       f"{data.census_text()}), sorted by validation score; colour = experts in "
+                                       "that layer."))
     return s
 
 
@@ -364,10 +365,11 @@ def _importance_section(data: StudyData, f: LayerFindings, out: Path) -> Section
     if f.importances.values:
         figures.importance_over_depth(out / "importance.png", f.importances.values, spans, data.num_layers)
         dups = sum(1 for t in data.trials if t.state == "COMPLETE" and t.duplicate_of is not None)
-        s.add(Figure("importance.png", f"PED-ANOVA and fANOVA importance of the encoding parameters over "
-                                       f"{f.importances.trials} completed trials"
-                                       + (f" ({dups} of them duplicate proposals: other points of the space that "
-                                          "decode to an allocation already trained)" if dups > 0 else "")
+        s.add(Figure("importance.png", f"PED-ANOVA and fANOVA importance of the encoding parameters over the "
+                                       f"{f.importances.trials} complete trials at the study seed (trials: "
+                                       f"{data.census_text()})"
+                                       + (f"; duplicate proposals count, as other points of the space that decode to "
+                                          "an allocation already trained" if dups > 0 else "")
                                        + ", in depth order. Importance has no sign: a parameter also matters "
                                        "when good trials keep it low."))
         names = sorted({p for v in f.importances.values.values() for p in v}, key=lambda n: (n not in spans, n))
@@ -384,6 +386,11 @@ def _importance_section(data: StudyData, f: LayerFindings, out: Path) -> Section
     return s
 
 
+def _or(value, missing: str = "all"):
+    """A setting as a reader expects it: None (no limit) in words, never Python's None."""
+    return missing if value is None else value
+
+
 def _span_text(span: tuple[float, float] | None) -> str:
     if span is None:
         return "–"
@@ -398,11 +405,9 @@ def _history_section(data: StudyData, out: Path) -> Section:
 
     s = Section("5. Optimisation history", anchor="history")
     figures.optimisation_history(out / "history.png", data.trials)
-    dups = sum(1 for t in data.trials if t.duplicate_of is not None)
     s.add(Figure("history.png", "Validation score per trial; the red line is the best so far. Seeds are stars, "
                                 "pruned trials are drawn at the score of their last rung, failed ones at the bottom."),
-          Para(f"{data.count('COMPLETE')} complete, {data.count('PRUNED')} pruned, {data.count('FAIL')} failed, "
-               f"{dups} duplicate proposals answered from the cache, "
+          Para(f"Trials: {data.census_text()}; "
                f"{sum(1 for t in data.trials if t.state == 'RUNNING')} running."))
     fails = [t for t in data.trials if t.state == "FAIL" and t.failure and t.duplicate_of is None]
     if fails:
@@ -506,7 +511,7 @@ def _provenance_section(data: StudyData, started: float) -> Section:
     sp = data.space
     space = (f"`{c.space}`" + (f": {sp.encoding}" + (f", {sp.blocks} blocks" if sp.encoding == "blocks" else "")
                                + (f", {sp.knots} knots" if sp.encoding == "profile" else "")
-                               + f", experts per layer {sp.min_experts}..{sp.max_experts}, top-k {sp.top_k}"
+                               + f", experts per layer {sp.min_experts}..{_or(sp.max_experts, 'budget')}, top-k {sp.top_k}"
                                + (" (searched)" if sp.search_top_k else "") + f", rank {sp.rank}"
                                + (" (searched)" if sp.search_rank else "") if sp is not None else " (definition not found)"))
     fidelity = {**(sp.fidelity.to_dict() if sp is not None else {}), **c.fidelity}
@@ -526,17 +531,16 @@ def _provenance_section(data: StudyData, started: float) -> Section:
         ["layers / budget", f"{data.num_layers} / {data.budget} experts"],
         ["search space", space],
         ["sampler / scheduler / seed", f"{c.sampler} / {c.scheduler} / {c.seed}"],
-        ["trials", f"{c.trials} to train; trained {data.count('COMPLETE')} complete + {data.count('PRUNED')} pruned "
-                   f"+ {data.count('FAIL')} failed; {sum(1 for t in data.trials if t.duplicate_of is not None)} "
-                   "duplicate proposals answered from the cache"],
-        ["fidelity of a search trial", ", ".join(f"{k}={v}" for k, v in fidelity.items())],
+        ["trials", f"{c.trials} to train; {data.census_text()}"],
+        ["fidelity of a search trial", ", ".join(f"{k}={_or(v)}" for k, v in fidelity.items())],
         ["train settings", ", ".join(f"{k}={v}" for k, v in c.train.items()) or "defaults"],
         ["seeded baselines", ", ".join(c.seed_names)],
         ["finalists", f"top {c.finalist_top_n} searched + seeds, {c.finalist_seeds} training seeds each, "
-                      f"train/eval examples {c.finalist_train_examples or fidelity.get('max_train_examples')}/"
-                      f"{c.finalist_eval_examples or fidelity.get('max_eval_examples')}"],
-        ["executor / resources", f"{c.executor}, {c.cpus_per_trial} CPU + {c.gpus_per_trial} GPU per trial, "
-                                 f"max concurrent {c.max_concurrent}"],
+                      f"train/eval examples {_or(c.finalist_train_examples or fidelity.get('max_train_examples'))}/"
+                      f"{_or(c.finalist_eval_examples or fidelity.get('max_eval_examples'))}"],
+        ["executor / resources", f"{c.executor}, {c.cpus_per_trial:g} CPU + {c.gpus_per_trial:g} GPU per trial, "
+                                 + (f"at most {c.max_concurrent} at once (max_concurrent)" if c.max_concurrent else
+                                    "as many at once as the CPUs, GPUs and memory hold (max_concurrent not set)")],
         ["wall time", (f"search {span / 60:.1f} min (first trial start to last finish)" if span is not None else "–")
          + f"; trials {trial_time / 60:.1f} min summed; finalist runs {fin_time / 60:.1f} min summed"],
         ["hardware", (f"nodes {', '.join(nodes)}" if nodes else "nodes unknown")

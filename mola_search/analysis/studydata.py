@@ -206,6 +206,19 @@ class StudyData:
     def count(self, state: str) -> int:
         return sum(1 for t in self.trials if t.state == state and t.duplicate_of is None)
 
+    def census(self) -> dict[str, int]:
+        """The trial counts every part of the report quotes (`search.study.tables.census`)."""
+        from mola_search.search.study.tables import census
+
+        rows = [{"state": t.state, "duplicate_of": t.duplicate_of, "train_seed": self.trial_seed(t),
+                 "allocation": t.allocation, "top_k": t.top_k, "rank": t.rank} for t in self.trials]
+        return census(rows, self.seed)
+
+    def census_text(self) -> str:
+        from mola_search.search.study.tables import census_text
+
+        return census_text(self.census())
+
     def seed_trials(self) -> dict[str, TrialRecord]:
         """Seed name -> its search trial (trained with the study seed; a pilot replicate only if none is)."""
         out: dict[str, TrialRecord] = {}

@@ -42,14 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 argument_default=argparse.SUPPRESS)
     p.add_argument("--config", help="YAML/JSON study settings; flags override them")
     p.add_argument("--resume", metavar="STUDY_DIR", help="continue the study in this folder")
-    p.add_argument("--preset", help="cpu-quick (default without a GPU; 15-min demonstration), cpu-standard "
-                                    "(longer trials and finalists; see README for its measured limits) or paper")
+    p.add_argument("--preset", help="cpu-quick (default without a GPU; a demonstration of about 10 min on 2 cores), cpu-standard "
+                                    "(longer trials and finalists; docs/strategies.md has its measured limits) or paper")
     w = p.add_argument_group("what to search")
     w.add_argument("--task", help="mrpc | rte | cola | scienceqa | commonsenseqa | openbookqa | custom:task.yaml")
     w.add_argument("--model", help="embedded smollm2-135m-instruct (default), a HF id or a local folder")
     w.add_argument("--budget", type=int, help="total experts over all layers (default 5 x layers)")
     w.add_argument("--space", help="search space: blocks | per_layer | profile or a YAML file")
-    w.add_argument("--objective", help="mola (fine-tune and score), python:<module>:<function> (your own, see README) "
+    w.add_argument("--objective", help="mola (fine-tune and score), python:<module>:<function> (your own, see docs/library.md) "
                                        "or synthetic[:upper|middle|sparse]")
     w.add_argument("--data-dir", dest="data_dir")
     w.add_argument("--dtype", choices=["auto", "bf16", "fp32", "fp16"])
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="asha (default) | wilcoxon (paired over validation examples) | none")
     s.add_argument("--strategy", help="standalone (default: every trial a short fine-tune) | one-shot (train one "
                                       "supernet, score --oneshot-trials allocations by masking, check on standalone "
-                                      "trials; see README)")
+                                      "trials; see docs/strategies.md)")
     s.add_argument("--oneshot-trials", type=int, dest="oneshot_trials",
                    help="one-shot: distinct allocations scored on the supernet (default 200)")
     s.add_argument("--oneshot-checks", type=int, dest="oneshot_checks",
@@ -154,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
             config.save(folder)
         return _run(config, folder, resume=True)
     config = study_config_from_args(args)
-    name = config.study_name or f"{_slug(config.task)}-b{config.budget or 'auto'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from mola_search.tasks import task_name
+
+    name = config.study_name or f"{_slug(task_name(config.task))}-b{config.budget or 'auto'}-{time.strftime('%Y%m%d-%H%M%S')}"
     folder = Path(config.out or f"runs/{name}")
     from mola_search.search.study import StudyFolder
 

@@ -25,15 +25,15 @@ METRICS = ("gold_logprob", "margin", "accuracy", "f1", "mcc")
 # finalist run can reproduce the run that selected it.
 FINALIST_SEED_BASE = 1000
 PILOT_SHAPES = ("triangle", "inverted_triangle", "rectangle")
-# The names of mola_search.search.strategies.STRATEGIES and .executors.EXECUTORS (tests/test_config.py checks
+# The names of mola_search.search.strategies.STRATEGIES and .executors.EXECUTORS (tests/test_search.py checks
 # they agree): listed here so that validating a config imports neither.
 STRATEGIES = ("standalone", "one-shot")
 EXECUTORS = ("ray", "local")
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # A whole search (6 seeds + 4 TPE trials, then 7 finalists x 3 seeds = 31 fine-tunes) in under half
-    # an hour on 2 CPU cores: ~1.5 min per fine-tune on one core. Enough to show the pipeline and its
-    # noise floor, not to separate allocations on MRPC; give real searches more data or a GPU.
+    # A whole study (the pilot's 9 runs and 5 more trials, then 4 finalists x 2 seeds = 22 fine-tunes) in about
+    # 10 min on 2 CPU cores (10.2 min measured at e02908f, docs/strategies.md). Enough to show the pipeline and
+    # its noise floor, not to separate allocations on MRPC; give real searches more data or a GPU.
     "cpu-quick": {
         "model": "smollm2-135m-instruct", "trials": 14, "max_concurrent": None, "cpus_per_trial": 1,
         "finalist_top_n": 1, "finalist_seeds": 2, "finalist_eval_examples": 200,
@@ -43,7 +43,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "finalist_shapes": ["triangle", "inverted_triangle", "rectangle"],
     },
     # Longer than cpu-quick: trials of 16 steps ranked on the whole validation split, finalists trained 4x
-    # longer. Measured on 2 cores / 24 GB (README): the pilot and search take ~30 min on RTE but 16 steps do not
+    # longer. Measured on 2 cores / 24 GB (docs/strategies.md): the pilot and search take ~30 min on RTE but 16 steps do not
     # learn RTE, and two finalist processes (8-13 GB each) need --max-concurrent 1 to fit in memory.
     "cpu-standard": {
         "model": "smollm2-135m-instruct", "trials": 14, "max_concurrent": None, "cpus_per_trial": 1,

@@ -13,6 +13,7 @@ seeded validation split out of train (10%, at most 500); `TaskData.notes` says s
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from mola_search.errors import UserError
 from mola_search.tasks.builtin import ANSWER_MARKER, BUILTIN, TASKS, TaskSpec, load_builtin
@@ -30,6 +31,7 @@ __all__ = [
     "TaskData",
     "TaskSpec",
     "load_task",
+    "task_name",
 ]
 
 
@@ -55,6 +57,26 @@ def load_task(
             "custom:<task.yaml> or instruct:<file.jsonl | folder | hub id>"
         )
     return load_builtin(spec, resolved, val_seed)
+
+
+def task_name(task: str) -> str:
+    """What a task calls itself, read without loading its data: a custom task's `name:` (its YAML's file name
+    when the file cannot be read: loading it will say why), an instruction set's file or folder name, else the
+    task as given. Study folders are named after it."""
+    text = str(task).strip()
+    if text.startswith("custom:"):
+        import yaml
+
+        path = Path(text[len("custom:"):].strip()).expanduser()
+        try:
+            cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            cfg = None
+        name = cfg.get("name") if isinstance(cfg, dict) else None
+        return str(name) if isinstance(name, (str, int)) and str(name).strip() else path.stem
+    if text.startswith("instruct:"):
+        return Path(text[len("instruct:"):].strip().rstrip("/")).name or "instruct"
+    return text
 
 
 def _ref(text: str, prefix: str) -> str:

@@ -55,7 +55,7 @@ WIDTH_MULTIPLE = 16
 """Batches are padded to a multiple of this many positions. On a CPU every new (rows x width) shape makes
 oneDNN build and cache new matmul primitives for each linear of the model, forward and backward: with
 activation checkpointing, multiples of 16 cut a cpu-quick trial's peak resident memory from 2,554 to 1,789 MB
-and were not slower (`benchmarks/bench_trial.py --activation-checkpointing [--width-multiple 1]`, README,
+and were not slower (`benchmarks/bench_trial.py --activation-checkpointing [--width-multiple 1]`, docs/performance.md,
 Performance). Padding is masked out, so only bf16 rounding (other matmul blocking) changes."""
 
 

@@ -44,7 +44,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     # Keep only each decoder layer's input for backward and recompute the rest there: the same numbers,
-    # a fraction of the activation memory, about one more forward per step (README, Performance).
+    # a fraction of the activation memory, about one more forward per step (docs/performance.md).
     activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 from mola_search.allocation import run_length
 from mola_search.search.study.finalist import Finalist
 from mola_search.search.study.origin import Origin
-from mola_search.search.study.tables import trial_rows
+from mola_search.search.study.tables import census, census_text, trial_rows
 
 FILES_NOTE = ("Files: `noise.json` (pilot), `trials.csv` (every trial), `finalists.csv`, `best_allocation.json` "
               "(export with `mola-search export`), `study.db` (Optuna storage; `optuna-dashboard sqlite:///study.db`), "
@@ -23,16 +23,12 @@ def summary_markdown(name: str, config: dict[str, Any], study: Any, finalists: S
     """summary.md: the study's settings and trial counts, then `analysis` (Markdown from the report,
     its own title dropped) or, without it, the noise floor, the finalists and `sections` (Markdown lines,
     e.g. the one-shot trust section)."""
-    trials = trial_rows(study)
     metric = config.get("metric", "accuracy")
-    counts = {s: sum(1 for r in trials if r["state"] == s and not r["duplicate_of"]) for s in ("COMPLETE", "PRUNED", "FAIL")}
-    dups = sum(1 for r in trials if r["duplicate_of"] != "")
     lines = [f"# mola-search study `{name}`", "",
              f"- task **{config.get('task')}**, model **{config.get('model')}**, objective `{config.get('objective')}`, "
              f"metric `{metric}` (validation), budget **{best.spec.budget if best else config.get('budget')}**",
              f"- space `{config.get('space')}`, sampler `{config.get('sampler')}`, pruner `{config.get('scheduler')}`",
-             f"- trials: {counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed"
-             + (f", {dups} duplicate proposals answered from the cache" if dups else ""),
+             f"- trials: {census_text(census(trial_rows(study), int(config.get('seed') or 0)))}",
              ]
     if wall_time_s is not None:
         lines.append(f"- wall time: {wall_time_s / 60:.1f} min")

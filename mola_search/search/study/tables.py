@@ -80,3 +80,35 @@ def _csv(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     writer.writerow(header)
     writer.writerows(rows)
     return out.getvalue()
+
+
+def census(rows: Sequence[dict[str, Any]], study_seed: int) -> dict[str, int]:
+    """How many trials of each kind `rows` (`trial_rows`, or rows with the same keys) hold: every report of a
+    trial count takes its number from here, so summary.md, the report's figures and its notes agree.
+
+    complete / pruned / failed: trials that trained (duplicates answered from the cache left out);
+    duplicates: proposals answered from the cache; other_seeds: complete runs trained with another seed than
+    the study's (the pilot's replicates); distinct: distinct allocations complete at the study seed (what
+    the search compares under common random numbers)."""
+    own = [r for r in rows if r["duplicate_of"] in ("", None)]
+    complete = [r for r in own if r["state"] == "COMPLETE"]
+    at_seed = [r for r in complete if r["train_seed"] in ("", None) or int(r["train_seed"]) == study_seed]
+    return {"complete": len(complete), "pruned": sum(r["state"] == "PRUNED" for r in own),
+            "failed": sum(r["state"] == "FAIL" for r in own),
+            "duplicates": sum(r["duplicate_of"] not in ("", None) for r in rows),
+            "other_seeds": len(complete) - len(at_seed),
+            "distinct": len({(r["allocation"], r["top_k"], r["rank"]) for r in at_seed})}
+
+
+def census_text(counts: dict[str, int]) -> str:
+    """"12 complete (6 at other training seeds: the pilot's; 5 distinct allocations at the study seed), ..."."""
+    parts = []
+    if counts["other_seeds"]:
+        parts.append(f"{counts['other_seeds']} at other training seeds: the pilot's")
+    parts.append(f"{counts['distinct']} distinct allocation{'s' if counts['distinct'] != 1 else ''} at the study "
+                 "seed")
+    text = (f"{counts['complete']} complete ({'; '.join(parts)}), {counts['pruned']} pruned, "
+            f"{counts['failed']} failed")
+    if counts["duplicates"]:
+        text += f", {counts['duplicates']} duplicate proposals answered from the cache"
+    return text
