@@ -21,7 +21,7 @@ from typing import Any
 from mola_search.cli.common import OneLineParser, load_config_file, run_main
 from mola_search.errors import UserError
 
-SUBCOMMANDS = ("export", "report", "analyze", "compare")
+SUBCOMMANDS = ("decide", "export", "report", "analyze", "compare")
 
 # flag dest -> StudyConfig field (flags absent from the command line leave preset/config values alone)
 _STUDY_FLAGS = ("task", "model", "budget", "out", "space", "objective", "trials", "sampler", "seed", "data_dir", "dtype",
@@ -30,7 +30,7 @@ _STUDY_FLAGS = ("task", "model", "budget", "out", "space", "objective", "trials"
                 "max_concurrent", "scheduler", "finalist_top_n", "finalist_seeds", "finalist_train_examples",
                 "finalist_eval_examples", "metric", "pilot", "pilot_seeds", "auto_fidelity", "noise_threshold",
                 "time_budget", "strategy", "supernet_factor", "oneshot_trials", "oneshot_eval_examples",
-                "oneshot_checks")
+                "oneshot_checks", "final_stage", "min_effect", "max_finalist_runs", "race_min_seeds")
 _FIDELITY_FLAGS = {"max_train_examples": "max_train_examples", "max_eval_examples": "max_eval_examples",
                    "epochs": "epochs", "max_steps": "max_steps"}
 _TRAIN_FLAGS = ("lr", "batch_size", "micro_batch_size", "cutoff_len", "activation_checkpointing")
@@ -38,23 +38,33 @@ _TRAIN_FLAGS = ("lr", "batch_size", "micro_batch_size", "cutoff_len", "activatio
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="mola-search", description=__doc__.splitlines()[0],
-                                epilog="subcommands: export, report, analyze, compare (see `mola-search <subcommand> -h`)",
-                                argument_default=argparse.SUPPRESS)
+                      epilog="subcommands: decide, export, report, analyze, compare (see `mola-search <subcommand> -h`)",
+                      argument_default=argparse.SUPPRESS)
     p.add_argument("--config", help="YAML/JSON study settings; flags override them")
     p.add_argument("--resume", metavar="STUDY_DIR", help="continue the study in this folder")
-    p.add_argument("--preset", help="cpu-quick (default without a GPU; a demonstration of about 10 min on 2 cores), cpu-standard "
-                                    "(longer trials and finalists; docs/strategies.md has its measured limits) or paper")
+    p.add_argument("--preset", help="cpu-quick (default without a GPU; a demonstration of about 10 min on 2 cores), "
+                                    "cpu-standard (longer trials and finalists; docs/strategies.md has its measured "
+                                    "limits) or paper")
+    for add in (_what_flags, _search_flags, _noise_flags, _fidelity_flags, _resource_flags, _final_flags):
+        add(p)
+    return p
+
+
+def _what_flags(p: argparse.ArgumentParser) -> None:
     w = p.add_argument_group("what to search")
     w.add_argument("--task", help="mrpc | rte | cola | scienceqa | commonsenseqa | openbookqa | custom:task.yaml")
     w.add_argument("--model", help="embedded smollm2-135m-instruct (default), a HF id or a local folder")
     w.add_argument("--budget", type=int, help="total experts over all layers (default 5 x layers)")
     w.add_argument("--space", help="search space: blocks | per_layer | profile or a YAML file")
-    w.add_argument("--objective", help="mola (fine-tune and score), python:<module>:<function> (your own, see docs/library.md) "
-                                       "or synthetic[:upper|middle|sparse]")
+    w.add_argument("--objective", help="mola (fine-tune and score), python:<module>:<function> (your own, see "
+                                       "docs/library.md) or synthetic[:upper|middle|sparse]")
     w.add_argument("--data-dir", dest="data_dir")
     w.add_argument("--dtype", choices=["auto", "bf16", "fp32", "fp16"])
     w.add_argument("--device", help="auto (default) | cpu | cuda | cuda:N for --executor local; under Ray each "
                                     "trial uses the GPU(s) Ray assigns (--gpus-per-trial)")
+
+
+def _search_flags(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("search")
     s.add_argument("--trials", type=int, help="trials to train (seeds included)")
     s.add_argument("--sampler", help="tpe | cmaes | gp | random")
@@ -73,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one-shot: supernet optimizer steps as a multiple of one trial's (default 4)")
     s.add_argument("--metric", help="what the search maximises on validation: gold_logprob (default; "
                                     "mean log p(gold answer | choices)) | margin | accuracy | f1 | mcc")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--storage", help="Optuna storage URL (default: sqlite file in the study folder)")
+    s.add_argument("--study-name", dest="study_name")
+    s.add_argument("--out", help="study folder (default runs/<task name>-b<budget>-<time>)")
+
+
+def _noise_flags(p: argparse.ArgumentParser) -> None:
     n = p.add_argument_group("noise floor (pilot) and fidelity")
     n.add_argument("--no-pilot", dest="pilot", action="store_false",
                    help="skip the pilot (3 paper shapes x 3 seeds) that measures the noise floor first")
@@ -83,10 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--noise-threshold", type=float, dest="noise_threshold",
                    help="allocation share of score variance --auto-fidelity aims for (default 0.5)")
     n.add_argument("--time-budget", type=float, dest="time_budget", help="minutes the whole study may take")
-    s.add_argument("--seed", type=int)
-    s.add_argument("--storage", help="Optuna storage URL (default: sqlite file in the study folder)")
-    s.add_argument("--study-name", dest="study_name")
-    s.add_argument("--out", help="study folder (default runs/<study name>)")
+
+
+def _fidelity_flags(p: argparse.ArgumentParser) -> None:
     f = p.add_argument_group("fidelity of one trial")
     f.add_argument("--max-train-examples", type=int, dest="max_train_examples")
     f.add_argument("--max-eval-examples", type=int, dest="max_eval_examples")
@@ -98,18 +114,38 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--cutoff-len", type=int, dest="cutoff_len")
     f.add_argument("--activation-checkpointing", action="store_true", dest="activation_checkpointing",
                    help="trials recompute each decoder layer in backward: same results, less memory per trial")
+
+
+def _resource_flags(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("resources")
     r.add_argument("--executor", help="ray (default) | local (in-process, sequential)")
     r.add_argument("--address", help="Ray cluster address, e.g. auto or 10.0.0.1:6379")
     r.add_argument("--cpus-per-trial", type=float, dest="cpus_per_trial")
     r.add_argument("--gpus-per-trial", type=float, dest="gpus_per_trial", help="fractions share a GPU, e.g. 0.25")
     r.add_argument("--max-concurrent", type=int, dest="max_concurrent")
-    fi = p.add_argument_group("finalists")
-    fi.add_argument("--finalists", type=int, dest="finalist_top_n", help="searched allocations to retrain")
-    fi.add_argument("--finalist-seeds", type=int, dest="finalist_seeds", help="seeds per finalist (0 = none)")
+
+
+def _final_flags(p: argparse.ArgumentParser) -> None:
+    fi = p.add_argument_group("finalists and the decision")
+    fi.add_argument("--finalists", type=int, dest="finalist_top_n",
+                    help="contenders beside the paper shapes: the best by search score, whatever their origin")
     fi.add_argument("--finalist-train-examples", type=int, dest="finalist_train_examples")
     fi.add_argument("--finalist-eval-examples", type=int, dest="finalist_eval_examples")
-    return p
+    _decision_flags(fi)
+    fi.add_argument("--no-racing", dest="final_stage", action="store_const", const="finalists",
+                    help="a fixed block instead of a race: every contender gets --finalist-seeds seeds, one look")
+    fi.add_argument("--finalist-seeds", type=int, dest="finalist_seeds",
+                    help="--no-racing: seeds per contender (0 = no finalists)")
+
+
+def _decision_flags(group) -> None:
+    group.add_argument("--min-effect", type=float, dest="min_effect",
+                       help="the smallest difference of the metric worth telling apart (delta; default 0.01 "
+                            "gold_logprob, about 1.3 accuracy points: docs/strategies.md)")
+    group.add_argument("--max-finalist-runs", type=int, dest="max_finalist_runs",
+                       help="the race's budget of fine-tunes (default: the preset's, else 24)")
+    group.add_argument("--race-min-seeds", type=int, dest="race_min_seeds",
+                       help="seeds every contender gets before the race's first look (default 2)")
 
 
 def study_config_from_args(args: argparse.Namespace):
@@ -137,8 +173,8 @@ def study_config_from_args(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
-        return {"export": export_main, "report": _analysis("report_main"), "analyze": _analysis("analyze_main"),
-                "compare": _analysis("compare_main")}[argv[0]](argv[1:])
+        return {"decide": decide_main, "export": export_main, "report": _analysis("report_main"),
+                "analyze": _analysis("analyze_main"), "compare": _analysis("compare_main")}[argv[0]](argv[1:])
     args = build_parser().parse_args(argv)
     from mola_search.search.config import StudyConfig
 
@@ -147,8 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         config = StudyConfig.load(folder)
         # What a resume may change: how much more to search, where to run, and how many fresh seeds the
         # finalists get (finished finalist runs are kept; more seeds add runs, fewer report the first ones).
-        extra = {k: v for k, v in vars(args).items() if k in ("trials", "executor", "address", "cpus_per_trial",
-                                                               "gpus_per_trial", "max_concurrent", "finalist_seeds")}
+        extra = {k: v for k, v in vars(args).items() if k in RESUMABLE}
         if extra:
             config = StudyConfig.from_dict({**config.to_dict(), **extra})
             config.save(folder)
@@ -165,6 +200,37 @@ def main(argv: list[str] | None = None) -> int:
                         "or choose another --out")
     config = StudyConfig.from_dict({**config.to_dict(), "out": str(folder), "study_name": name})
     return _run(config, folder)
+
+
+# What a resume may change: how much more to search, where to run, how many fresh seeds a fixed block gets
+# (finished runs are kept; more seeds add runs, fewer report the first ones), and the race's question and budget.
+RESUMABLE = ("trials", "executor", "address", "cpus_per_trial", "gpus_per_trial", "max_concurrent", "finalist_seeds",
+             "min_effect", "max_finalist_runs", "time_budget")
+
+
+def decide_main(argv: list[str]) -> int:
+    """`mola-search decide <study>`: continue (or start) the race of an existing study."""
+    p = OneLineParser(prog="mola-search decide", argument_default=argparse.SUPPRESS,
+                      description="Continue the race of a study until it can say winner, equivalent or undecided: "
+                                  "finished finalist runs count as they are (a study made before races included), "
+                                  "nothing is trained twice.")
+    p.add_argument("study", help="study folder")
+    _decision_flags(p)
+    p.add_argument("--time-budget", type=float, dest="time_budget", help="minutes, counted from now")
+    for flag, dest, kind in (("--executor", "executor", str), ("--address", "address", str),
+                             ("--cpus-per-trial", "cpus_per_trial", float), ("--max-concurrent", "max_concurrent", int)):
+        p.add_argument(flag, dest=dest, type=kind)
+    args = vars(p.parse_args(argv))
+    folder = Path(args.pop("study"))
+    from mola_search.search.runner import decide_study
+
+    try:
+        decide_study(folder, summarize=_summarize, **args)
+    except KeyboardInterrupt:
+        print(f"mola-search: interrupted; finished runs are kept: `mola-search decide {folder}` continues the race",
+              file=sys.stderr)
+        return 130
+    return 0
 
 
 def _run(config, folder: Path, resume: bool = False) -> int:

@@ -29,6 +29,13 @@ PILOT_SHAPES = ("triangle", "inverted_triangle", "rectangle")
 # they agree): listed here so that validating a config imports neither.
 STRATEGIES = ("standalone", "one-shot")
 EXECUTORS = ("ray", "local")
+FINAL_STAGES = ("racing", "finalists")
+# The smallest difference worth telling apart (`min_effect`), per metric, in the metric's own units. For
+# gold_logprob: a calibrated classifier at accuracy q has mean gold log-prob -H(q), so one accuracy point near
+# q = 0.68 (MRPC's range here) moves it by |ln((1 - q) / q)| / 100 = 0.0075; 0.01 is about 1.3 points. The
+# docs (strategies.md) give the measured relation and how to choose another value.
+MIN_EFFECTS = {"gold_logprob": 0.01, "margin": 0.02, "accuracy": 0.01, "f1": 0.01, "mcc": 0.02}
+DEFAULT_FINALIST_RUNS = 24
 
 PRESETS: dict[str, dict[str, Any]] = {
     # A whole study (the pilot's 9 runs and 5 more trials, then 4 finalists x 2 seeds = 22 fine-tunes) in about
@@ -36,7 +43,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # its noise floor, not to separate allocations on MRPC; give real searches more data or a GPU.
     "cpu-quick": {
         "model": "smollm2-135m-instruct", "trials": 14, "max_concurrent": None, "cpus_per_trial": 1,
-        "finalist_top_n": 1, "finalist_seeds": 2, "finalist_eval_examples": 200,
+        "finalist_top_n": 1, "finalist_seeds": 2, "finalist_eval_examples": 200, "max_finalist_runs": 16,
         "train": {"batch_size": 8, "micro_batch_size": 8, "cutoff_len": 128, "lr": 1e-3},
         "fidelity": {"max_train_examples": 64, "max_eval_examples": 200, "rungs": [0.5, 1.0]},
         "seed_names": ["triangle", "inverted_triangle", "hourglass", "rectangle", "diamond", "alphalora"],
@@ -47,7 +54,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # learn RTE, and two finalist processes (8-13 GB each) need --max-concurrent 1 to fit in memory.
     "cpu-standard": {
         "model": "smollm2-135m-instruct", "trials": 14, "max_concurrent": None, "cpus_per_trial": 1,
-        "finalist_top_n": 1, "finalist_seeds": 3, "finalist_train_examples": 1024,
+        "finalist_top_n": 1, "finalist_seeds": 3, "finalist_train_examples": 1024, "max_finalist_runs": 24,
         "train": {"batch_size": 16, "micro_batch_size": 16, "cutoff_len": 128, "lr": 1e-3},
         "fidelity": {"max_train_examples": 256, "max_eval_examples": None, "rungs": [0.5, 1.0]},
         "seed_names": ["triangle", "inverted_triangle", "hourglass", "rectangle", "diamond", "alphalora"],
@@ -57,7 +64,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The paper's setting (LLaMA-2-7B, 160 experts, cutoff 256, batch 128, lr 3e-4): for GPU boxes.
     "paper": {
         "model": "meta-llama/Llama-2-7b-hf", "budget": 160, "trials": 40, "gpus_per_trial": 1.0,
-        "cpus_per_trial": 4, "max_concurrent": None, "finalist_top_n": 3, "finalist_seeds": 3,
+        "cpus_per_trial": 4, "max_concurrent": None, "finalist_top_n": 3, "finalist_seeds": 3, "max_finalist_runs": 40,
         "train": {"batch_size": 128, "micro_batch_size": 8, "cutoff_len": 256, "lr": 3e-4, "epochs": 1.0},
         "fidelity": {"max_train_examples": 2000, "max_eval_examples": 500, "rungs": [0.25, 0.5, 1.0]},
     },
@@ -95,6 +102,11 @@ class StudyConfig:
     finalist_train_examples: int | None = None   # default: the space's fidelity
     finalist_eval_examples: int | None = None
     finalist_shapes: tuple[str, ...] | None = None  # seeds retrained as finalists (None = every seed that trained)
+    final_stage: str = "racing"               # "racing" (rounds until decided) or "finalists" (a fixed block)
+    min_effect: float | None = None           # delta of the race, in the metric's units (None: MIN_EFFECTS)
+    max_finalist_runs: int | None = None      # the race's budget of fine-tunes (None: DEFAULT_FINALIST_RUNS)
+    race_min_seeds: int = 2                   # the race's first look comes after this many seeds
+    race_level: float = 0.05                  # family-wise error rate of the race's claims
     metric: str = "gold_logprob"              # what Optuna optimises (validation split)
     pilot: bool = True                        # noise floor first: PILOT_SHAPES x pilot_seeds at trial fidelity
     pilot_seeds: int = 3
@@ -153,6 +165,17 @@ class StudyConfig:
             raise UserError(f"`trials` must be at least 1, got {self.trials}")
         if self.finalist_seeds < 0 or self.finalist_top_n < 0:
             raise UserError("finalist counts must be >= 0")
+        if self.final_stage not in FINAL_STAGES:
+            raise UserError(f"unknown final stage '{self.final_stage}': use {' or '.join(FINAL_STAGES)}")
+        if self.min_effect is not None and not self.min_effect > 0:
+            raise UserError(f"`min_effect` is {self.min_effect}: use a difference > 0 in the metric's units "
+                            f"(default for {self.metric}: {MIN_EFFECTS.get(self.metric)})")
+        if self.max_finalist_runs is not None and self.max_finalist_runs < 1:
+            raise UserError(f"`max_finalist_runs` is {self.max_finalist_runs}: use a number of fine-tunes >= 1")
+        if self.race_min_seeds < 2:
+            raise UserError(f"`race_min_seeds` is {self.race_min_seeds}: a look needs at least 2 seeds")
+        if not 0 < self.race_level < 1:
+            raise UserError(f"`race_level` is {self.race_level}: use a probability in (0, 1), e.g. 0.05")
         if self.strategy not in STRATEGIES:
             raise UserError(f"unknown strategy '{self.strategy}': use {' or '.join(STRATEGIES)}")
         if self.strategy == "one-shot":
@@ -190,9 +213,19 @@ class StudyConfig:
         return d
 
     def final_runs(self) -> int:
-        """Fine-tunes the finalist stage will spend (a forecast for `time_budget`)."""
+        """Fine-tunes the final stage may spend (a forecast for `time_budget`)."""
+        if self.final_stage == "racing":
+            return self.finalist_budget()
         shapes = len(self.finalist_shapes) if self.finalist_shapes is not None else len(self.seed_names)
         return (shapes + self.finalist_top_n) * self.finalist_seeds
+
+    def finalist_budget(self) -> int:
+        """The race's budget of fine-tunes."""
+        return self.max_finalist_runs if self.max_finalist_runs is not None else DEFAULT_FINALIST_RUNS
+
+    def effect_size(self) -> float:
+        """delta: the smallest difference of the metric the race tries to tell apart (`min_effect`)."""
+        return self.min_effect if self.min_effect is not None else MIN_EFFECTS.get(self.metric, 0.01)
 
     def finalist_train_seeds(self) -> list[int]:
         """The finalists' training seeds: disjoint from every search and pilot seed."""

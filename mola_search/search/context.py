@@ -101,6 +101,34 @@ def open_study(config: StudyConfig, folder: str | Path, *, resume: bool = False,
                         trial_mb_estimate=trial_mb)
 
 
+def finished_search_fidelity(study: StudyContext) -> Fidelity:
+    """The trial fidelity a study's search ran at; a study whose pilot never finished has not searched yet."""
+    from mola_search.search.study.records import FIDELITY, PILOT_DONE
+
+    attrs = study.driver.study.user_attrs
+    if study.config.pilot and not attrs.get(PILOT_DONE):
+        raise UserError(f"{study.folder.root} has not finished its pilot and search yet: continue it first "
+                        f"(`mola-search --resume {study.folder.root}`)")
+    return Fidelity.from_dict(attrs[FIDELITY]) if attrs.get(FIDELITY) else study.space.fidelity
+
+
+def raced_contenders(study: StudyContext) -> list[Any]:
+    """The allocations a study already retrained at finalist fidelity (its finalists/ folders, in label order),
+    as contenders: a race continues with them rather than with a new choice."""
+    from mola_search.search.study import Contender
+    from mola_search.search.study.records import trial_spec
+
+    trials = {t.number: t for t in study.driver.study.get_trials(deepcopy=False)}
+    out = []
+    for label, _ in study.folder.finalist_runs():
+        parsed = study.folder.parse_finalist_label(label)
+        if parsed is None or parsed[0] not in trials:
+            continue
+        number, origin = parsed
+        out.append(Contender(number, origin, replace(trial_spec(trials[number]), source=origin)))
+    return out
+
+
 def resolve_space(config: StudyConfig) -> SearchSpace:
     """The study's search space, with the study's fidelity overrides applied."""
     space = load_space(config.space)

@@ -1,5 +1,5 @@
-"""The last phase of a study: the exported best (best_allocation.json), finalists.csv and summary.md, all
-derived from what the study recorded."""
+"""The last phase of a study: the exported allocation (best_allocation.json), finalists.csv and summary.md,
+all derived from what the study recorded, and the decision in words as the last printed line."""
 
 from __future__ import annotations
 
@@ -7,23 +7,25 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from mola_search.allocation import run_length
 from mola_search.search.context import StudyContext
-from mola_search.search.study import Finalist, choose_best
-from mola_search.search.study.best import best_record
+from mola_search.search.final import FinalResult
+from mola_search.search.study import Finalist
+from mola_search.search.study.best import best_record, decision_record
+from mola_search.search.study.decision import WINNER, Decision
 from mola_search.search.study.records import best_search_trial, trial_origin, trial_spec
 from mola_search.search.study.summary import summary_markdown
 
 
-def write_outputs(study: StudyContext, finalists: Sequence[Finalist], sections: Sequence[str] = (),
+def write_outputs(study: StudyContext, final: FinalResult, sections: Sequence[str] = (),
                   summarize: Callable[[Path], str] | None = None) -> Finalist | None:
-    """Write the study's result files; returns the exported best (None when nothing finished).
+    """Write the study's result files; returns the exported finalist (None when nothing finished).
 
     `summarize(folder)` may return the Markdown of summary.md (the CLI passes the report's `study_summary`);
-    without it, or if it fails, summary.md holds the noise floor and the finalists, then `sections`."""
+    without it, or if it fails, summary.md holds the decision, the noise floor and the finalists, then
+    `sections`."""
     config, folder = study.config, study.folder
-    best = _export_best(study, finalists)
-    folder.write_finalists_csv(finalists)
+    best = _export(study, final)
+    folder.write_finalists_csv(final.finalists)
     wall = time.time() - study.started
     analysis = None
     if summarize is not None:
@@ -31,27 +33,48 @@ def write_outputs(study: StudyContext, finalists: Sequence[Finalist], sections: 
             analysis = summarize(folder.root)
         except Exception as exc:  # noqa: BLE001 - the study is done; a failing analysis must not hide it
             study.message(f"summary.md keeps the plain summary: the analysis failed ({type(exc).__name__}: {exc})")
-    folder.write_summary(summary_markdown(folder.name, config.to_dict(), study.driver.study, finalists, best, wall,
-                                          noise=folder.read_noise(), analysis=analysis, sections=sections))
-    study.message(f"done in {wall / 60:.1f} min: {folder.summary_md}"
-                  + (f" | best {run_length(best.spec.experts)} ({best.origin}, chosen on validation)" if best else ""))
+    folder.write_summary(summary_markdown(folder.name, config.to_dict(), study.driver.study, final.finalists, best,
+                                          wall, noise=folder.read_noise(), analysis=analysis, sections=sections,
+                                          decision=final.decision, folder=str(folder.root)))
+    study.message(f"done in {wall / 60:.1f} min: {folder.summary_md}")
+    study.message(_last_line(final.decision, best, str(folder.root)))
     return best
 
 
-def _export_best(study: StudyContext, finalists: Sequence[Finalist]) -> Finalist | None:
-    """best_allocation.json: the finalist with the best mean validation score, or without finalists the best
-    search trial trained with the study seed (the file says which rule chose it)."""
-    config = study.config
-    scored = [f for f in finalists if f.validation]
-    if scored:
-        best = choose_best(scored)
-        chosen_by = (f"mean validation {config.metric} over {len(best.validation)} finalist seeds "
-                     f"({', '.join(map(str, best.seeds))}); test reported once")
-    elif (trial := best_search_trial(study.driver.study, config.seed)) is not None:
-        best = Finalist(f"t{trial.number:03d}", trial.number, trial_origin(trial).text, trial_spec(trial),
-                        [trial.value], [], seeds=[config.seed])
-        chosen_by = f"validation {config.metric} of one search trial"
-    else:
+def _export(study: StudyContext, final: FinalResult) -> Finalist | None:
+    """best_allocation.json: the decided allocation (the winner, or the tie-break's pick of the tie set), or
+    without finalists the best search trial trained with the study seed. The file says which rule chose it."""
+    config, decision = study.config, final.decision
+    chosen = next((f for f in final.finalists if decision is not None and f.label == decision.chosen), None)
+    if chosen is not None:
+        if decision.decision == WINNER:
+            chosen_by = (f"the race's winner: better than every other contender on mean validation {config.metric} "
+                         f"over seeds {', '.join(map(str, chosen.seeds))} at family-wise level {decision.level:g}; "
+                         "test reported once")
+        else:
+            chosen_by = (f"{decision.decision}: not a best; the tie-break picked it from the tie set "
+                         f"({', '.join(e.name for e in decision.contenders if e.label in decision.live)}); test "
+                         "reported once")
+        record = {**best_record(chosen, config.to_dict(), chosen_by), **decision_record(decision, str(study.folder.root))}
+        study.folder.write_best(chosen.spec, record)
+        return chosen
+    trial = best_search_trial(study.driver.study, config.seed)
+    if trial is None:
         return None
-    study.folder.write_best(best.spec, best_record(best, config.to_dict(), chosen_by))
+    best = Finalist(f"t{trial.number:03d}", trial.number, trial_origin(trial).text, trial_spec(trial),
+                    [trial.value], [], seeds=[config.seed])
+    record = best_record(best, config.to_dict(), f"validation {config.metric} of one search trial")
+    record.update(decision="undecided", decision_words="decision: undecided: no finalist was retrained, so nothing "
+                  "separates this trial from the others beyond one seed's validation score")
+    study.folder.write_best(best.spec, record)
     return best
+
+
+def _last_line(decision: Decision | None, best: Finalist | None, folder: str) -> str:
+    """The decision in words, then the command that would move it on: what a reader of the terminal leaves with."""
+    if decision is None:
+        if best is None:
+            return "decision: none: no trial finished"
+        return (f"decision: undecided: no finalist was retrained (finalist_seeds 0); the best search trial is "
+                f"{best.origin} on one seed's validation score. Next: mola-search decide {folder}")
+    return f"{decision.words()}. Next: {decision.next_command(folder)}"

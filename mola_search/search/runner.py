@@ -2,7 +2,8 @@
 
 open (every check first: bad input leaves no folder) -> pilot (noise floor, trial fidelity) -> the strategy
 queues what to train -> search (the executor trains it) -> the strategy's contenders -> the final stage
-(finalists on fresh seeds) -> the strategy concludes -> outputs (best chosen on validation, test reported once).
+(a race over fresh seeds, or a fixed block: the decision) -> the strategy concludes -> outputs (the decided
+allocation exported, test reported once).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mola_search.search.config import StudyConfig
-from mola_search.search.context import open_study
+from mola_search.search.context import finished_search_fidelity, open_study, raced_contenders
 from mola_search.search.final import FINAL_STAGES
 from mola_search.search.outputs import write_outputs
 from mola_search.search.pilot import run_pilot
@@ -34,10 +35,10 @@ def run_study(config: StudyConfig, folder: str | Path, *, resume: bool = False,
     study.fidelity = run_pilot(study)
     strategy.queue(study)
     search(study, strategy.searched)
-    finalists = FINAL_STAGES["finalists"]().run(study, strategy.contenders(study))
-    sections = strategy.conclude(study, finalists)
-    best = write_outputs(study, finalists, sections, summarize)
-    return {"folder": str(study.folder.root), "best": best, "finalists": finalists}
+    final = FINAL_STAGES[study.config.final_stage]().run(study, strategy.contenders(study))
+    sections = strategy.conclude(study, final.finalists)
+    best = write_outputs(study, final, sections, summarize)
+    return {"folder": str(study.folder.root), "best": best, "finalists": final.finalists, "decision": final.decision}
 
 
 def search(study, what: str) -> None:
@@ -58,3 +59,25 @@ def _header(study, strategy_part: str) -> str:
             f"{study.budget} | space {space.name}/{space.encoding} | sampler {config.sampler} | pruner "
             f"{config.scheduler} | metric {config.metric} | {strategy_part} | seeds: "
             f"{', '.join(s.name for s in study.seeds)}")
+
+
+def decide_study(folder: str | Path, *, summarize: Callable[[Path], str] | None = None,
+                 **changes: Any) -> dict[str, Any]:
+    """Continue (or start) the race of the study in `folder` with `changes` (`min_effect`, `max_finalist_runs`,
+    `time_budget`, resources): the contenders are those the study raced or retrained before (its finished
+    runs count as they are, a study made before races included), else the strategy's; nothing is trained
+    twice. The outputs are rewritten with the decision."""
+    import time as _time
+
+    config = StudyConfig.load(folder)
+    config = StudyConfig.from_dict({**config.to_dict(), **changes, "final_stage": "racing"})
+    study = open_study(config, folder, resume=True)
+    if "time_budget" in changes:
+        study.started = _time.time()  # a budget given to `decide` counts from now
+    study.fidelity = finished_search_fidelity(study)
+    contenders = raced_contenders(study) or STRATEGIES[config.strategy]().contenders(study)
+    study.message(f"decide {study.folder.root}: {len(contenders)} contenders, δ {config.effect_size():g} "
+                  f"{config.metric}, budget {config.finalist_budget()} fine-tunes")
+    final = FINAL_STAGES["racing"]().run(study, contenders)
+    best = write_outputs(study, final, (), summarize)
+    return {"folder": str(study.folder.root), "best": best, "finalists": final.finalists, "decision": final.decision}

@@ -32,7 +32,7 @@ class LocalExecutor(Executor):
         parse_device(config.device)
 
     def concurrency(self, trial_mb: float, measured: bool) -> tuple[int, str]:
-        return 1, "one trial at a time (in-process executor)"
+        return 1, ""  # one trial at a time, in this process: nothing to say per phase
 
     def search(self, driver: StudyDriver, fidelity: Fidelity, concurrency: int | None = None) -> None:
         prune = self.config.scheduler != "none"

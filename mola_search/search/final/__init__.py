@@ -1,7 +1,8 @@
-"""What becomes of a strategy's contenders: `FixedFinalists` (a fixed block of fresh seeds each), behind one
+"""What becomes of a strategy's contenders: `Racing` (the default: rounds of shared fresh seeds until a
+winner, equivalence or the budget) or `FixedFinalists` (a fixed block of seeds, one look), behind one
 `FinalStage` interface (see `final.base`)."""
 
-from mola_search.search.final.base import FINAL_STAGES, FinalStage, register_stage
-from mola_search.search.final.fixed import FixedFinalists
+from mola_search.search.final.base import FINAL_STAGES, FinalResult, FinalStage, register_stage
+from mola_search.search.final.racing import FixedFinalists, Race, Racing
 
-__all__ = ["FINAL_STAGES", "FinalStage", "FixedFinalists", "register_stage"]
+__all__ = ["FINAL_STAGES", "FinalResult", "FinalStage", "FixedFinalists", "Race", "Racing", "register_stage"]

@@ -60,8 +60,9 @@ class Strategy(ABC):
 
 def candidates(study: "StudyContext", top_n: int, origins: Collection[str] = ()) -> list[Contender]:
     """The seeds that trained (those in `finalist_shapes` when set), the trials whose origin is in `origins`
-    (a one-shot study's top-N), and the top `top_n` searched allocations by validation score (distinct
-    allocations). Only study-seed trials count: they are the ones compared under common random numbers."""
+    (a one-shot study's top-N), and the `top_n` best allocations by search score not chosen yet, whatever
+    their origin (a seeded shape outside `finalist_shapes` that the search ranked first is one). Distinct
+    allocations only; only study-seed trials count: they are the ones compared under common random numbers."""
     config = study.config
     trials = [t for t in study.driver.study.get_trials(deepcopy=False)
               if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and DUPLICATE_OF not in t.user_attrs
@@ -82,8 +83,8 @@ def candidates(study: "StudyContext", top_n: int, origins: Collection[str] = ())
             add(t)
         elif origin.text in origins:
             add(t)
-    searched = sorted((t for t in trials if t.state == TrialState.COMPLETE and not trial_origin(t).is_seed),
-                      key=lambda t: -t.value)
+    # the best by search score, whatever their origin: a seeded shape the search ranked first is a contender
+    searched = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: -t.value)
     added = 0
     for t in searched:
         if added >= top_n:

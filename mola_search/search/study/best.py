@@ -1,8 +1,10 @@
-"""The rule for the exported best (best_allocation.json), and what the file says beside the spec.
+"""The rule for the exported allocation (best_allocation.json), and what the file says beside the spec.
 
-The best is the finalist with the highest mean VALIDATION score over its finalist seeds; the test split
-plays no part in the choice and is reported once. Without finalists, the best completed search trial
-trained with the study seed stands in, and the file says that one single-seed validation score chose it.
+The final stage decides (search.study.decision): the file exports the winner, or for "equivalent" and
+"undecided" the tie set's member the tie-break rule picks, and it says which. The test split plays no part
+in any choice and is reported once. Without finalists, the best completed search trial trained with the
+study seed stands in, and the file says that one single-seed validation score chose it (decision
+"undecided"). `choose_best` (highest mean validation score) remains the rule of studies made before races.
 """
 
 from __future__ import annotations
@@ -21,6 +23,18 @@ def choose_best(finalists: Sequence[Finalist]) -> Finalist:
     if not scored:
         raise ValueError("no finalist has a validation score")
     return max(scored, key=lambda f: f.val_mean)
+
+
+def decision_record(decision: Any, folder: str) -> dict[str, Any]:
+    """What best_allocation.json says of the decision: the verdict, delta, the level, the live set, the fine-tunes
+    spent, the tie-break rule when one was needed, the decision in words and the command that moves it on."""
+    from mola_search.search.study.decision import TIE_BREAK, WINNER
+
+    names = [e.name for e in decision.contenders if e.label in decision.live]
+    return {"decision": decision.decision, "min_effect": decision.min_effect, "level": decision.level,
+            "live": names, "runs_spent": decision.runs, "rounds": decision.rounds, "max_runs": decision.max_runs,
+            "stopped": decision.stopped, "tie_break": None if decision.decision == WINNER else TIE_BREAK,
+            "decision_words": decision.words(), "next": decision.next_command(folder)}
 
 
 def best_record(best: Finalist, config: dict[str, Any], chosen_by: str) -> dict[str, Any]:

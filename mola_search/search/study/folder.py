@@ -11,7 +11,8 @@ strict (NaN is null). A study that is still being written can be read at any tim
       pilot/round<r>/<shape>-seed<s>.json  kept pilot outcomes (a resumed study re-runs none)
       finalists/<label>/seed<s>/           a finalist run: metrics.json, allocation.json, adapter/
       trials.csv, finalists.csv            (study.tables)
-      best_allocation.json                 the exported best (study.best), summary.md (study.summary)
+      racing.json                          the final stage's race and decision (study.decision)
+      best_allocation.json                 the exported allocation (study.best), summary.md (study.summary)
       oneshot.json, oneshot.csv, supernet/ the one-shot strategy (strategies.oneshot)
       ray/                                 Ray Tune's own logs
       report/                              `mola-search report`
@@ -40,6 +41,7 @@ BEST_ALLOCATION = "best_allocation.json"
 SUMMARY_MD = "summary.md"
 ONESHOT_JSON = "oneshot.json"
 ONESHOT_CSV = "oneshot.csv"
+RACING_JSON = "racing.json"
 PILOT_DIR = "pilot"
 FINALISTS_DIR = "finalists"
 SUPERNET_DIR = "supernet"
@@ -287,6 +289,13 @@ class StudyFolder:
     @property
     def summary_md(self) -> Path:
         return self.root / SUMMARY_MD
+
+    # --- the decision ---------------------------------------------------------------------------------
+    def write_racing(self, record: dict[str, Any]) -> Path:
+        return write_json(self.root / RACING_JSON, record)
+
+    def read_racing(self) -> dict[str, Any] | None:
+        return read_json(self.root / RACING_JSON)
 
     # --- one-shot -------------------------------------------------------------------------------------
     def write_oneshot(self, record: dict[str, Any]) -> Path:
