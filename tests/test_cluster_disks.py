@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from test_search import MOLA_SEARCH, read_trials
+from helpers import MOLA_SEARCH, read_trials
 
 RAY = str(Path(sys.executable).with_name("ray"))
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,

@@ -11,7 +11,7 @@ from mola_search.analysis.studydata import load_study
 from mola_search.cli.search import best_spec
 from mola_search.errors import UserError
 from mola_search.search import folder as layout
-from test_results import finalist, make_study, run_metrics, trial
+from helpers import finalist, make_study, run_metrics, trial
 
 L = 8
 

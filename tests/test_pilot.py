@@ -21,7 +21,7 @@ from mola_search.search.config import FINALIST_SEED_BASE, PILOT_SHAPES, StudyCon
 from mola_search.search.noise import read_noise, read_rounds
 from mola_search.search.outputs import Finalist, choose_best
 from mola_search.allocation import AllocationSpec
-from test_search import MODEL, MOLA_SEARCH, load_study, read_trials, search
+from helpers import MODEL, MOLA_SEARCH, load_study, read_trials, search
 
 PILOT = ["--task", "mrpc", "--model", MODEL, "--objective", "synthetic:upper", "--executor", "local",
          "--budget", "40"]

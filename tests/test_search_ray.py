@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 
 from mola_search.search.config import StudyConfig
 from mola_search.search.runner import resolve_space
-from test_search import MODEL, key, kill_mid_study_and_resume, load_study, read_trials, search, trained
+from helpers import MODEL, key, kill_mid_study_and_resume, load_study, read_trials, search, trained
 
 BASE = ["--task", "mrpc", "--model", MODEL, "--objective", "synthetic:upper", "--executor", "ray",
         "--max-concurrent", "2", "--cpus-per-trial", "1", "--finalist-seeds", "0", "--no-pilot"]
@@ -190,7 +190,7 @@ def test_a_user_objective_from_a_module_workers_cannot_import_runs_on_ray(cluste
     """run_study(config, objective=fn) with fn from this test folder, which Ray workers do not have on their
     path: the function reaches them by value; trials, pilot runs and finalists get its scores. Without
     --max-concurrent, each phase runs as many trials as the cluster holds (2 CPUs here) and says why."""
-    from test_objective import _config, _rows, _value, peak_in_the_middle
+    from helpers import _config, _rows, _value, peak_in_the_middle
 
     from mola_search.search.runner import run_study
 
