@@ -1,4 +1,9 @@
-"""Shared fixtures. The model cache defaults to <repo>/.cache/mola-search (git-ignored) for tests."""
+"""Shared fixtures and the marker rules (tests/README.md).
+
+The model cache defaults to <repo>/.cache/mola-search (git-ignored) for tests.
+
+Markers: `integration` and `netns` imply `slow`, so `pytest -m "not slow"` is the fast loop.
+"""
 
 from __future__ import annotations
 
@@ -44,3 +49,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------------------ markers
+
+IMPLY_SLOW = ("integration", "netns")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: `-m "not slow"` must see the implied marks
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if any(item.get_closest_marker(name) for name in IMPLY_SLOW) and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)

@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # runs a script (which runs pytest)
 
 
 def test_gpu_check_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:

@@ -94,6 +94,7 @@ def test_import_objective_refuses_what_cannot_be_imported() -> None:
         StudyConfig(objective="python")
 
 
+@pytest.mark.slow
 def test_the_readme_objective_example_runs_as_written(tmp_path: Path, monkeypatch, capsys) -> None:
     import re
 

@@ -203,6 +203,7 @@ def test_raise_nan_and_oom_trials_are_failed_with_their_reason(tmp_path: Path, m
 # ------------------------------------------------------------------------------------------ kill -9 + resume
 
 
+@pytest.mark.slow
 def test_kill_9_mid_study_then_resume_loses_and_reruns_nothing(tmp_path: Path) -> None:
     env = {**os.environ, "MOLA_SYNTHETIC_DELAY": "0.3"}
     env.pop("MOLA_SEARCH_FAULTS", None)
@@ -286,6 +287,7 @@ def test_export_of_a_study_without_a_completed_trial(tmp_path: Path, capsys, mon
     assert_one_line_error(capsys, search(["export", str(empty), "--format", "mola-flags"]), "has no completed trial")
 
 
+@pytest.mark.slow
 def test_bad_input_from_the_console_script_is_one_line_and_exit_2(tmp_path: Path) -> None:
     proc = subprocess.run([*MOLA_SEARCH, *BASE, "--sampler", "bogus", "--out", str(tmp_path / "s")],
                           capture_output=True, text=True, timeout=120)

@@ -25,6 +25,7 @@ from helpers import MODEL, key, kill_mid_study_and_resume, load_study, read_tria
 BASE = ["--task", "mrpc", "--model", MODEL, "--objective", "synthetic:upper", "--executor", "ray",
         "--max-concurrent", "2", "--cpus-per-trial", "1", "--finalist-seeds", "0", "--no-pilot"]
 FAULTS = "raise@1,nan@2,oom@3,kill@4"
+pytestmark = [pytest.mark.slow, pytest.mark.netns]  # netns: conftest runs it where 127.0.0.1 is the only address
 
 
 def _disconnect() -> None:
