@@ -9,6 +9,8 @@ counts through its fixtures and the helpers it calls, in its own module, conftes
 from __future__ import annotations
 
 import ast
+import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -199,6 +201,30 @@ def test_the_scan_finds_what_a_test_does_through_fixtures_and_helpers() -> None:
     assert unmarked({"conftest": conftest, "helpers": "", "test_y": marked}) == []
 
 
+def test_a_ray_node_started_outside_a_private_network_namespace_is_refused() -> None:
+    """conftest refuses, while a test runs, the process start of a Ray node (what Python's audit hook sees)."""
+    if [name for _, name in socket.if_nameindex()] == ["lo"]:
+        pytest.skip("inside a private network namespace Ray can only bind 127.0.0.1: nothing to refuse")
+    for argv in (["/venv/lib/ray/core/src/ray/gcs/gcs_server", "--gcs_server_port=0"],
+                 ["/venv/bin/ray", "start", "--head", "--port", "6379"],
+                 ["unshare", "-m", "sh", "-c", "mount -t tmpfs none /x && exec ray start --address 127.0.0.1:1"]):
+        with pytest.raises(RuntimeError, match="starts a Ray node outside a private network namespace"):
+            sys.audit("subprocess.Popen", argv[0], argv, None, None)
+    sys.audit("subprocess.Popen", sys.executable, [sys.executable, "-c", "print('ray')"], None, None)  # let through
+
+
 @pytest.mark.integration
 def test_integration_implies_slow(request) -> None:
     assert request.node.get_closest_marker("slow") is not None
+
+
+@pytest.mark.netns
+def test_netns_tests_run_where_loopback_is_the_only_interface(request) -> None:
+    """Run by conftest in a private network namespace (`unshare -n`): no address but 127.0.0.1, no route out."""
+    assert request.node.get_closest_marker("slow") is not None  # netns implies slow
+    assert [name for _, name in socket.if_nameindex()] == ["lo"]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        with pytest.raises(OSError):  # "Network is unreachable": nothing but loopback can be reached
+            s.connect(("192.0.2.1", 9))
+        s.connect(("127.0.0.1", 9))
+        assert s.getsockname()[0] == "127.0.0.1"

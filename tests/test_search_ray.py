@@ -52,6 +52,16 @@ def cluster():
         cluster.shutdown()
 
 
+def test_the_cluster_lives_on_loopback_only(cluster) -> None:
+    """conftest runs this module in a private network namespace: no address but 127.0.0.1 for Ray to take."""
+    import socket
+
+    assert [name for _, name in socket.if_nameindex()] == ["lo"]
+    nodes = [cluster.head_node, *cluster.worker_nodes]
+    assert len(nodes) == 2 and {node.node_ip_address for node in nodes} == {"127.0.0.1"}
+    assert cluster.address.startswith("127.0.0.1:")
+
+
 def node_ids(cluster) -> set[str]:
     return {node.node_id[:12] for node in [cluster.head_node, *cluster.worker_nodes]}
 
