@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow  # runs a script (which runs pytest)
+# Runs a script (which runs pytest); its --cpu mode runs a study on Ray, so in a private network namespace.
+pytestmark = [pytest.mark.slow, pytest.mark.netns]
 
 
 def test_gpu_check_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ counts through its fixtures and the helpers it calls, in its own module, conftes
 from __future__ import annotations
 
 import ast
+import re
 import socket
 import sys
 from pathlib import Path
@@ -24,6 +25,10 @@ QUICK_SUBPROCESS = {
 }
 
 RAY, PROCESS, MODEL = "starts or joins a Ray cluster", "spawns a process", "loads the real SmolLM2"
+# The repository's scripts and benchmarks that run Ray: a test that names one (to run it) runs Ray.
+_RAY_IN_TEXT = re.compile(r"--executor[ =]+[\"']?ray\b|\bray start\b|\bray\.init\(|executor\s*=\s*[\"']ray[\"']")
+RAY_SCRIPTS = {path.name for folder in ("scripts", "benchmarks") for path in (TESTS.parent / folder).glob("*")
+               if path.is_file() and _RAY_IN_TEXT.search(path.read_text(errors="replace"))}
 _SPAWN = {("os", "system"), ("os", "popen"), ("os", "fork"), ("os", "posix_spawn"), ("os", "posix_spawnp")}
 
 
@@ -56,8 +61,9 @@ def _direct(node: ast.AST) -> set[str]:
                 found.add(MODEL)  # load_base_model(None): the embedded SmolLM2
         elif isinstance(n, ast.arg) and n.arg == "smollm2":
             found.add(MODEL)
-        elif isinstance(n, ast.Constant) and isinstance(n.value, str) and "ray start" in n.value:
-            found.add(RAY)
+        elif isinstance(n, ast.Constant) and isinstance(n.value, str) and ("ray start" in n.value
+                                                                         or n.value in RAY_SCRIPTS):
+            found.add(RAY)  # a shell line with `ray start`, or the name of a script that runs Ray
     return found
 
 
@@ -71,9 +77,9 @@ def _uses(node: ast.AST) -> set[str]:
     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
         names -= {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
         names |= {a.arg for a in node.args.args + node.args.kwonlyargs}
-        names |= {_const(a) for d in node.decorator_list for a in ast.walk(d)
-                  if isinstance(a, ast.Call) and getattr(a.func, "attr", "") == "usefixtures"
-                  for a in a.args} - {None}
+        names |= {_const(arg) for d in node.decorator_list for call in ast.walk(d)
+                  if isinstance(call, ast.Call) and getattr(call.func, "attr", "") == "usefixtures"
+                  for arg in call.args} - {None}
     return names
 
 
@@ -169,7 +175,8 @@ def test_every_heavy_test_carries_its_marker() -> None:
     assert unmarked(_suite()) == []
 
 
-def test_the_scan_finds_what_a_test_does_through_fixtures_and_helpers() -> None:
+def test_the_scan_finds_what_a_test_does_through_fixtures_and_helpers(monkeypatch) -> None:
+    monkeypatch.setattr(sys.modules[__name__], "RAY_SCRIPTS", {"runs_ray.sh"})
     helpers = ("import subprocess\nimport sys\n"
                "def run_cli(argv):\n    return subprocess.run([sys.executable, *argv])\n")
     conftest = ("import pytest\n@pytest.fixture(scope='session')\ndef smollm2():\n"
@@ -189,12 +196,15 @@ def test_the_scan_finds_what_a_test_does_through_fixtures_and_helpers() -> None:
         "def test_tokenizer(tokenizer):\n    pass\n"
         "@pytest.mark.integration\ndef test_tokenizer_marked(tokenizer):\n    pass\n"
         "def test_ray_start():\n    argv = [RAY, 'start', '--head']\n"
+        "def test_script():\n    subprocess.run(['bash', ROOT / 'scripts' / 'runs_ray.sh'])\n"
         "def test_plain(tmp_path):\n    assert tmp_path\n")
     assert unmarked({"conftest": conftest, "helpers": helpers, "test_x": module}) == [
         f"test_x.py::test_base: {RAY} but is not marked netns",
         f"test_x.py::test_cli: {PROCESS} but is not marked slow",
         f"test_x.py::test_on_ray: {RAY} but is not marked netns",
         f"test_x.py::test_ray_start: {RAY} but is not marked netns",
+        f"test_x.py::test_script: {PROCESS} but is not marked slow",
+        f"test_x.py::test_script: {RAY} but is not marked netns",
         f"test_x.py::test_tokenizer: {MODEL} but is not marked slow (or integration)",
     ]
     marked = "import pytest\npytestmark = [pytest.mark.slow, pytest.mark.netns]\n" + module.split("\n", 2)[2]
