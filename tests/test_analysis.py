@@ -250,7 +250,7 @@ def test_no_runtime_warnings_from_degenerate_inputs() -> None:
 def test_result_table_warns_when_no_finalist_beats_the_majority_class(tmp_path: Path) -> None:
     from mola_search.analysis.results import result_table
     from mola_search.analysis.studydata import load_study
-    from test_results import finalist, make_study, old_metrics, random_allocations, trial
+    from helpers import finalist, make_study, old_metrics, random_allocations, trial
 
     allocs = random_allocations(2, 0)
 
@@ -277,7 +277,7 @@ def test_result_table_warns_when_no_finalist_beats_the_majority_class(tmp_path: 
 
 def test_layer_effects_block_on_the_training_seed() -> None:
     """Seed luck (sd 1) swamps a 0.01-per-expert effect of the top quarter unless runs are compared within a seed."""
-    from test_results import random_allocations
+    from helpers import random_allocations
 
     rng = np.random.default_rng(4)
     allocs = random_allocations(40, 7)
@@ -299,7 +299,7 @@ def test_layer_effects_block_on_the_training_seed() -> None:
 def test_headline_says_deserves_more_only_when_an_interval_excludes_0(tmp_path: Path) -> None:
     from mola_search.analysis.report import analyse_layers
     from mola_search.analysis.studydata import load_study
-    from test_results import effect_study
+    from helpers import effect_study
 
     top = load_study(effect_study(tmp_path / "top", lambda a, r: 0.03 * sum(a[6:]) + r.normal(0, 0.01)))
     flat = load_study(effect_study(tmp_path / "flat", lambda a, r: r.normal(0, 0.02)))

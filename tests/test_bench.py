@@ -96,6 +96,7 @@ def test_table_resumes_and_skips_finished_cells(tmp_path, monkeypatch):
                   tmp_path / "out", log=lambda *_: None)
 
 
+@pytest.mark.slow
 def test_table_real_cells_on_tiny_model(tmp_path):
     task = write_task(tmp_path / "a", "ta")
     rows = run_table(tiny_config(), [task], parse_methods("prompt-tuning,mola:rectangle"), [0], tmp_path / "out",
@@ -110,6 +111,7 @@ def test_table_real_cells_on_tiny_model(tmp_path):
 # --- continual ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_continual_on_tiny_model(tmp_path):
     tasks = [write_task(tmp_path / "a", "ta"), write_task(tmp_path / "b", "tb")]
     config = tiny_config()
@@ -198,6 +200,7 @@ def test_cli_errors(tmp_path, capsys):
     assert code == 2 and "for 8 layers but this model has 4" in err and "\n" not in err
 
 
+@pytest.mark.slow
 def test_two_stage_instruct_then_task(tmp_path):
     """Instruction-tune MoLA on an Alpaca-style JSONL, then fine-tune a task starting from those adapters."""
     import torch

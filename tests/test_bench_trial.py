@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # runs the benchmark scripts
 
 
 def test_bench_trial_splits_one_trial_into_its_phases(tmp_path: Path) -> None:

@@ -124,6 +124,7 @@ def test_missing_data_files_is_one_line_exit_2(files, capsys, monkeypatch):
     assert_one_line_error(code, err, "mrpc", "train.jsonl")
 
 
+@pytest.mark.slow
 @needs_data
 def test_console_entry_exits_2_with_one_line(files):
     """Through the real `python -m` entry point: the exit status and stderr a shell sees."""
@@ -137,6 +138,7 @@ def test_console_entry_exits_2_with_one_line(files):
     assert proc.stdout == ""
 
 
+@pytest.mark.slow
 def test_console_entry_budget_error(files):
     env = {**os.environ, "MOLA_DATA_DIR": DATA_DIR}
     proc = subprocess.run([sys.executable, "-m", "mola_search.cli.train", *TINY, "--budget", "100",

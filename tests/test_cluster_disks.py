@@ -24,11 +24,12 @@ from pathlib import Path
 
 import pytest
 
-from test_search import MOLA_SEARCH, read_trials
+from helpers import MOLA_SEARCH, read_trials
 
 RAY = str(Path(sys.executable).with_name("ray"))
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
-                                reason="needs root and unshare(1) for a private mount namespace")
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                                 reason="needs root and unshare(1) for a private mount namespace"),
+              pytest.mark.slow, pytest.mark.netns]  # netns: conftest runs it where 127.0.0.1 is the only address
 
 
 def _free_port() -> int:

@@ -11,7 +11,7 @@ from mola_search.analysis.studydata import load_study
 from mola_search.search.study.best import exported_best as best_spec
 from mola_search.errors import UserError
 from mola_search.search.study import Origin, StudyFolder, finalist_label
-from test_results import finalist, make_study, run_metrics, trial
+from helpers import finalist, make_study, run_metrics, trial
 
 L = 8
 

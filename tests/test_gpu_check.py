@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+# Runs a script (which runs pytest); its --cpu mode runs a study on Ray, so in a private network namespace.
+pytestmark = [pytest.mark.slow, pytest.mark.netns]
 
 
 def test_gpu_check_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:

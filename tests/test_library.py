@@ -59,6 +59,7 @@ def batch(rows: int = 2, length: int = 12, seed: int = 0) -> dict[str, torch.Ten
 # --- the front door ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_front_door_names_and_a_light_import():
     assert set(mola_search.__all__) == {"get_mola_model", "AllocationSpec", "MoLAConfig", "MoLAModel",
                                         "ObjectiveTrial", "StudyConfig", "run_study"}

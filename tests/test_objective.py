@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -14,32 +13,7 @@ from mola_search.errors import UserError
 from mola_search.search.config import StudyConfig
 from mola_search.trial.objective import ObjectiveTrial, import_objective, objective_name
 from mola_search.search.runner import run_study
-
-MODEL = "tiny-llama-L8"
-CALLS: list[dict] = []  # what the objective was given, in this process (the local executor)
-
-
-def peak_in_the_middle(trial: ObjectiveTrial):
-    """Deterministic: more experts in layers 3-4 is better; intermediate rungs report a fraction of the score.
-
-    With $MOLA_TEST_STUDY set (MOLA_* variables reach Ray workers too), each call first notes how many
-    finished trials the study's trials.csv already lists."""
-    import os
-
-    study = os.environ.get("MOLA_TEST_STUDY")
-    if study and not trial.final:
-        csv_path = Path(study) / "trials.csv"
-        rows = len(_rows(csv_path)) if csv_path.is_file() else 0
-        with (Path(study).parent / "seen.txt").open("a") as f:
-            f.write(f"{rows}\n")
-    experts = trial.spec.experts
-    value = sum(experts[3:5]) / sum(experts) - 0.001 * trial.train_seed
-    CALLS.append({"experts": experts, "seed": trial.train_seed, "final": trial.final, "rungs": trial.rungs})
-    for fraction in trial.rungs[:-1]:
-        trial.report(value * fraction)
-    if trial.final:
-        return {"validation": value, "test": value - 0.01}
-    return value
+from helpers import CALLS, MODEL, _config, _rows, _value, peak_in_the_middle
 
 
 def too_many_reports(trial: ObjectiveTrial) -> float:
@@ -52,23 +26,6 @@ def nan_score(trial: ObjectiveTrial) -> float:
     return math.nan
 
 
-def _config(tmp_path: Path, **kw) -> StudyConfig:
-    return StudyConfig(**{"task": "mrpc", "model": MODEL, "executor": "local", "trials": 10, "sampler": "random",
-                          "seed_names": ["rectangle"],
-                          "scheduler": "none", "pilot_seeds": 2, "finalist_seeds": 2, "finalist_top_n": 1,
-                          "finalist_shapes": ["rectangle"], "study_name": "s", "out": str(tmp_path / "s"), **kw})
-
-
-def _rows(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _value(allocation: str, seed: int) -> float:
-    experts = [int(x) for x in allocation.split(",")]
-    return sum(experts[3:5]) / sum(experts) - 0.001 * seed
-
-
 def test_a_user_objective_scores_every_trial_pilot_run_and_finalist(tmp_path: Path, monkeypatch) -> None:
     CALLS.clear()
     folder = tmp_path / "s"
@@ -78,7 +35,7 @@ def test_a_user_objective_scores_every_trial_pilot_run_and_finalist(tmp_path: Pa
     pilot = 6  # the pilot's runs become trials (and rows) only when the pilot ends
     assert seen[pilot:] == list(range(pilot, len(seen))), seen  # trials.csv grows as each search trial finishes
     assert json.loads((folder / "study.json").read_text())["objective"] == \
-        "python:test_objective:peak_in_the_middle"
+        "python:helpers:peak_in_the_middle"
     rows = _rows(folder / "trials.csv")
     complete = [r for r in rows if r["state"] == "COMPLETE"]
     assert len(complete) >= 6 and any(r["pilot"] == "True" for r in complete)
@@ -137,6 +94,7 @@ def test_import_objective_refuses_what_cannot_be_imported() -> None:
         StudyConfig(objective="python")
 
 
+@pytest.mark.slow
 def test_the_readme_objective_example_runs_as_written(tmp_path: Path, monkeypatch, capsys) -> None:
     import re
 

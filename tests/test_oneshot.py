@@ -197,6 +197,7 @@ def test_signals_become_allocations_at_the_budget() -> None:
     assert spec.top_k == tuple(min(2, e) for e in spec.experts)
 
 
+@pytest.mark.slow
 def test_saliency_is_the_base_models_and_leaves_the_model_as_it_was(tokenizer) -> None:
     from mola_search.search.strategies.oneshot.signals import redundancy, saliency
     from mola_search.tasks import Example
@@ -231,6 +232,7 @@ STUDY = ["--task", "mrpc", "--model", "tiny-llama-L4", "--data-dir", DATA_DIR, "
          "--finalist-eval-examples", "16"]
 
 
+@pytest.mark.slow
 @needs_data
 @pytest.mark.usefixtures("one_torch_thread")
 def test_one_shot_study_scores_checks_finalises_and_resumes_without_redoing_anything(tmp_path: Path) -> None:

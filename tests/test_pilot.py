@@ -21,7 +21,7 @@ from mola_search.search.config import FINALIST_SEED_BASE, PILOT_SHAPES, StudyCon
 from mola_search.search.study import StudyFolder
 from mola_search.search.study import Finalist, choose_best
 from mola_search.allocation import AllocationSpec
-from test_search import MODEL, MOLA_SEARCH, load_study, read_trials, search
+from helpers import MODEL, MOLA_SEARCH, load_study, read_trials, search
 
 PILOT = ["--task", "mrpc", "--model", MODEL, "--objective", "synthetic:upper", "--executor", "local",
          "--budget", "40"]
@@ -126,6 +126,7 @@ def test_auto_fidelity_stops_at_the_time_budget(tmp_path: Path, monkeypatch, cap
     assert "past --time-budget" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_wilcoxon_pruner_prunes_on_paired_examples(tmp_path: Path) -> None:
     folder = tmp_path / "wilcoxon"
     assert search([*PILOT, "--trials", "24", "--no-pilot", "--finalist-seeds", "0", "--pruner", "wilcoxon",
@@ -140,6 +141,7 @@ def test_wilcoxon_pruner_prunes_on_paired_examples(tmp_path: Path) -> None:
             assert len(row["rung_scores"].split(";")) == 2
 
 
+@pytest.mark.slow
 def test_kill_9_mid_pilot_then_resume_reruns_no_pilot_run(tmp_path: Path) -> None:
     folder = tmp_path / "killed"
     env = {**os.environ, "MOLA_SYNTHETIC_DELAY": "0.4"}

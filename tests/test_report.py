@@ -15,7 +15,7 @@ import torch
 
 from mola_search.cli.common import run_main
 from mola_search.cli.search import main
-from test_results import effect_study, make_study, random_allocations, trial
+from helpers import effect_study, make_study, random_allocations, trial
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -247,7 +247,7 @@ def test_report_on_a_study_whose_ridge_estimate_lies_outside_its_interval(tmp_pa
 
 def test_report_on_an_old_format_study(tmp_path: Path, capsys) -> None:
     """Seeds 0..2, accuracy only, no per-example scores, no noise.json, best chosen on test: still reported."""
-    from test_results import finalist, old_metrics
+    from helpers import finalist, old_metrics
 
     trials = [trial("tpe" if i else "seed:rectangle", a, 0.6 + 0.01 * i, train_seed=None)
               for i, a in enumerate(random_allocations(12, 9))]

@@ -2,14 +2,12 @@
 
 Study folders are built in code (an Optuna sqlite study + finalists' metrics.json +
 noise.json in the layout of the shared data contract), so nothing is trained here;
-`make_study` and friends are also used by test_report.py and test_analysis.py.
+`make_study` and friends (tests/helpers.py) are also used by test_report.py and test_analysis.py.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,140 +15,7 @@ import pytest
 
 from mola_search.analysis.results import EXAMPLES_X_SEEDS, PER_SEED, paired_examples, result_table
 from mola_search.analysis.studydata import load_study
-
-L, BUDGET = 8, 40
-SHAPES = ("triangle", "inverted_triangle", "hourglass", "rectangle", "diamond")
-FINALIST_SEEDS = (1000, 1001, 1002)
-
-
-# ------------------------------------------------------------------------------------------ study builder
-
-
-def shape(name: str) -> tuple[int, ...]:
-    from mola_search.allocation import shape_allocation
-
-    return tuple(shape_allocation(name, L, BUDGET, 1, 8))
-
-
-def random_allocations(n: int, seed: int) -> list[tuple[int, ...]]:
-    from mola_search.allocation import round_to_budget
-
-    rng = np.random.default_rng(seed)
-    return [tuple(round_to_budget(list(rng.random(L) + 0.05), BUDGET, 1, 8)) for _ in range(n)]
-
-
-def trial(origin: str, allocation: Sequence[int], value: float, *, train_seed: int | None = 0,
-          pilot: bool = False) -> dict:
-    """One completed trial; train_seed=None writes an old-format trial (no train_seed, pilot, metrics)."""
-    return {"origin": origin, "allocation": tuple(allocation), "value": float(value), "train_seed": train_seed,
-            "pilot": pilot}
-
-
-def run_metrics(train_seed: int, val: float, test: Sequence[float], correct: Sequence[int],
-                ids: Sequence[str] | None = None, *, val_acc: float = 0.7, metric: str = "gold_logprob",
-                extra: dict | None = None) -> dict:
-    """A finalist run's metrics.json (contract format); per-example arrays in the order of `ids`."""
-    ids = list(ids) if ids is not None else [f"ex{i:04d}" for i in range(len(test))]
-    test, correct = [float(v) for v in test], [int(c) for c in correct]
-    return {"train_seed": train_seed, "metric": metric,
-            "validation": {"accuracy": val_acc, "gold_logprob": val, "margin": 2 * val, "n": 100,
-                           "majority_baseline": 0.6},
-            "test": {"accuracy": sum(correct) / len(correct), "gold_logprob": sum(test) / len(test),
-                     "margin": 2 * sum(test) / len(test), "n": len(test), "majority_baseline": 0.6, **(extra or {}),
-                     "per_example": {"ids": ids, "gold_logprob": test, "margin": [2 * v for v in test],
-                                     "correct": correct}}}
-
-
-def old_metrics(val_acc: float, test_acc: float, majority: float = 0.6) -> dict:
-    """A finalist run of a study written before the continuous metric: accuracy only, no per-example data."""
-    return {"validation": {"accuracy": val_acc}, "test": {"accuracy": test_acc, "majority_baseline": majority}}
-
-
-def finalist(number: int, origin: str, allocation: Sequence[int], runs: dict[int, dict]) -> dict:
-    return {"number": number, "origin": origin, "allocation": tuple(allocation), "runs": runs}
-
-
-def make_study(folder: Path, trials: Sequence[dict], finalists: Sequence[dict] = (), *, noise: dict | None = None,
-               noise_rounds: Sequence[tuple[dict, dict]] = (), best: dict | None = None, old: bool = False,
-               finished: bool = True, **config) -> Path:
-    """Write a study folder: study.json, study.db (Optuna, trials added in order), finalists, noise.json.
-
-    `noise`: pilot scores {allocation: {seed: score}}; `noise_rounds`: earlier --auto-fidelity rounds
-    as (scores, fidelity) pairs."""
-    import optuna
-    from optuna.distributions import FloatDistribution
-
-    from mola_search.search.config import StudyConfig
-
-    folder.mkdir(parents=True)
-    cfg = StudyConfig(**{"task": "mrpc", "model": "tiny-llama-L8", "objective": "synthetic:sparse",
-                         "space": "per_layer", "sampler": "random", "executor": "local", "scheduler": "none",
-                         "study_name": folder.name, "finalist_seeds": 3, "out": str(folder), **config})
-    cfg.save(folder)
-    if old:  # a study.json written before the metric existed
-        raw = json.loads((folder / "study.json").read_text())
-        raw.pop("metric", None)
-        (folder / "study.json").write_text(json.dumps(raw))
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=folder.name, storage=f"sqlite:///{folder / 'study.db'}",
-                                direction="maximize")
-    study.set_user_attr("num_layers", L)
-    study.set_user_attr("budget", BUDGET)
-    for t in trials:
-        alloc = t["allocation"]
-        attrs = {"origin": t["origin"], "allocation": list(alloc), "top_k": [min(2, c) for c in alloc],
-                 "rank": [8] * len(alloc)}
-        if t["train_seed"] is not None:
-            attrs.update(train_seed=t["train_seed"], pilot=t["pilot"],
-                         metrics={"gold_logprob": t["value"], "accuracy": 0.7, "margin": 2 * t["value"]})
-        params = {f"w_layer{j:02d}": c / BUDGET for j, c in enumerate(alloc)}
-        study.add_trial(optuna.trial.create_trial(
-            params=params, distributions={k: FloatDistribution(0.0, 1.0) for k in params}, value=t["value"],
-            user_attrs=attrs))
-    for f in finalists:
-        label = f"t{f['number']:03d}-{f['origin'].replace(':', '_')}"
-        for seed, metrics in f["runs"].items():
-            run = folder / "finalists" / label / f"seed{seed}"
-            run.mkdir(parents=True)
-            (run / "metrics.json").write_text(json.dumps(metrics))
-    if noise is not None:
-        from mola_search.search.study import StudyFolder
-        from mola_search.stats.noise import estimate_noise
-
-        StudyFolder(folder).write_noise(estimate_noise(noise), [estimate_noise(sc, fidelity=fid) for sc, fid in noise_rounds])
-    if best is not None:
-        (folder / "best_allocation.json").write_text(json.dumps(best))
-    if finished:
-        (folder / "summary.md").write_text("# finished\n")
-    return folder
-
-
-def effect_study(folder: Path, score: Callable[[tuple[int, ...], np.random.Generator], float], *, n: int = 30,
-                 seed: int = 0, seed_sd: float = 0.2, noise: bool = True, **kwargs) -> Path:
-    """Shape seeds + `n` random trials at seed 0, pilot replicates (3 shapes x seeds 1, 2), and
-    finalists (2 searched + 3 shapes x seeds 1000..1002). Every training seed adds its own offset
-    (sd `seed_sd`) to every run it trains: only a seed-blocked analysis sees through it."""
-    rng = np.random.default_rng(seed)
-    offset = {s: float(rng.normal(0, seed_sd)) for s in (0, 1, 2, *FINALIST_SEEDS)}
-    pilots = ("triangle", "inverted_triangle", "rectangle")
-    trials = [trial(f"seed:{s}", shape(s), score(shape(s), rng) + offset[0], pilot=s in pilots) for s in SHAPES]
-    searched = random_allocations(n, seed + 1)
-    trials += [trial("random", a, score(a, rng) + offset[0]) for a in searched]
-    pilot = {s: {0: trials[SHAPES.index(s)]["value"]} for s in pilots}
-    for k in (1, 2):
-        for s in pilots:
-            pilot[s][k] = score(shape(s), rng) + offset[k]
-            trials.append(trial(f"seed:{s}", shape(s), pilot[s][k], train_seed=k, pilot=True))
-    top = sorted(range(n), key=lambda i: -trials[len(SHAPES) + i]["value"])[:2]
-    fins = [finalist(len(SHAPES) + i, "random", searched[i], {}) for i in top]
-    fins += [finalist(SHAPES.index(s), f"seed:{s}", shape(s), {}) for s in pilots]
-    for f in fins:
-        for k in FINALIST_SEEDS:
-            v = score(f["allocation"], rng) + offset[k]
-            test = v + rng.normal(0, 0.3, 60)
-            f["runs"][k] = run_metrics(k, v, test, (test > v).astype(int))
-    return make_study(folder, trials, fins, noise=pilot if noise else None, **kwargs)
-
+from helpers import FINALIST_SEEDS, SHAPES, finalist, make_study, old_metrics, random_allocations, run_metrics, shape, trial
 
 # ------------------------------------------------------------------------------------------ tests
 

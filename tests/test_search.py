@@ -11,10 +11,7 @@ import csv
 import json
 import os
 import re
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -22,50 +19,15 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from mola_search.cli.common import run_main
-from mola_search.cli.search import main
 from mola_search.search.config import StudyConfig
 from mola_search.search.context import resolve_space
 from mola_search.search.seeds import SEED_SHAPES
+from helpers import MODEL, MOLA_SEARCH, key, kill_mid_study_and_resume, load_study, read_trials, search, trained
 
-MODEL = "tiny-llama-L8"
 SEEDS = (*SEED_SHAPES, "alphalora")
 BASE = ["--task", "mrpc", "--model", MODEL, "--objective", "synthetic:upper", "--executor", "local", "--no-pilot"]
-_ENTRY = "from mola_search.cli.search import entry; raise SystemExit(entry())"
-MOLA_SEARCH = [sys.executable, "-c", _ENTRY]
-# As a terminal's foreground job runs it: a test runner started in the background (`cmd &` in a script) ignores
-# SIGINT, and its children would inherit that and never see a Ctrl-C.
-MOLA_SEARCH_FOREGROUND = [sys.executable, "-c",
-                          "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n" + _ENTRY]
-
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-def search(argv: list[str]) -> int:
-    return run_main("mola-search", main, argv)
-
-
-def read_trials(folder: Path) -> list[dict[str, str]]:
-    with (folder / "trials.csv").open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def key(row: dict[str, str]) -> tuple[str, str, str]:
-    return row["allocation"], row["top_k"], row["rank"]
-
-
-def trained(rows: list[dict[str, str]]) -> list[dict[str, str]]:
-    """Trials that really trained: not answered from the cache, not interrupted by a killed study."""
-    return [r for r in rows if r["state"] in ("COMPLETE", "PRUNED", "FAIL") and r["duplicate_of"] == ""
-            and "interrupted" not in r["failure"]]
-
-
-def load_study(folder: Path) -> optuna.Study:
-    config = StudyConfig.load(folder)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna.load_study(study_name=config.study_name,
-                             storage=config.storage or f"sqlite:///{(folder / 'study.db').resolve()}")
 
 
 def assert_one_line_error(capsys, rc: int, *needles: str) -> str:
@@ -241,77 +203,7 @@ def test_raise_nan_and_oom_trials_are_failed_with_their_reason(tmp_path: Path, m
 # ------------------------------------------------------------------------------------------ kill -9 + resume
 
 
-def _finished(folder: Path) -> int:
-    if not (folder / "study.json").is_file() or not (folder / "study.db").is_file():
-        return 0
-    try:
-        study = load_study(folder)
-    except Exception:  # noqa: BLE001 - the study is not created yet
-        return 0
-    return sum(1 for t in study.get_trials(deepcopy=False)
-               if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
-
-
-def kill_mid_study_and_resume(folder: Path, argv: list[str], trials: int, kill_after: int, *,
-                              env: dict[str, str], resume: list[str], timeout: float = 120.0,
-                              sig: int = signal.SIGKILL) -> dict[str, int]:
-    """Start `mola-search` as its own process group, send the whole group `sig` (SIGKILL; SIGINT as a
-    terminal's Ctrl-C does) once `kill_after` trials finished, resume it in this process, and check that
-    nothing finished was lost or re-run."""
-    log = (folder.parent / f"{folder.name}.log").open("w")
-    proc = subprocess.Popen([*MOLA_SEARCH_FOREGROUND, *argv, "--out", str(folder), "--trials", str(trials)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + timeout
-        while _finished(folder) < kill_after:
-            assert proc.poll() is None, (folder.parent / f"{folder.name}.log").read_text()[-3000:]
-            assert time.time() < deadline, "the study did not get going"
-            time.sleep(0.2)
-        os.killpg(proc.pid, sig)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
-    output = (folder.parent / f"{folder.name}.log").read_text()
-    if sig == signal.SIGINT:  # stopped, said so, and summarised nothing it did not finish
-        assert proc.returncode == 130, output[-3000:]
-        assert f"mola-search --resume {folder}" in output and "done in" not in output
-        assert not (folder / "summary.md").exists()
-    else:
-        assert proc.returncode == -sig
-    before = {t.number: t for t in load_study(folder).trials}
-    finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    done_before = {n: t for n, t in before.items() if t.state in finished}
-    running_before = [n for n, t in before.items() if t.state == TrialState.RUNNING]
-    assert len(done_before) >= kill_after
-
-    assert search(["--resume", str(folder), *resume]) == 0
-
-    after = {t.number: t for t in load_study(folder).trials}
-    for n, t in done_before.items():  # nothing finished was lost or changed
-        a = after[n]
-        assert (a.state, a.value, a.intermediate_values) == (t.state, t.value, t.intermediate_values)
-        assert a.params == t.params
-        assert a.user_attrs == t.user_attrs
-    for n in running_before:  # interrupted trials: failed with a reason and queued again
-        assert after[n].state == TrialState.FAIL and "interrupted" in after[n].user_attrs["failure"]
-        assert any(t.user_attrs.get("retry_of") == n for t in after.values())
-    rows = read_trials(folder)
-    runs = trained(rows)
-    keys = [key(r) for r in runs]
-    assert len(runs) == trials, "trained trials must add up to --trials"
-    assert len(set(keys)) == len(keys), "an allocation was trained twice"
-    assert all(t.state != TrialState.RUNNING for t in after.values())
-    assert (folder / "summary.md").is_file()
-    figures = {"finished_before_kill": len(done_before), "running_at_kill": len(running_before),
-               "trained_after_resume": len(runs), "duplicates_trained": len(keys) - len(set(keys)),
-               "cache_answers": sum(1 for r in rows if r["duplicate_of"] != "")}
-    print(f"resume figures ({folder.name}): {figures}")
-    return figures
-
-
+@pytest.mark.slow
 def test_kill_9_mid_study_then_resume_loses_and_reruns_nothing(tmp_path: Path) -> None:
     env = {**os.environ, "MOLA_SYNTHETIC_DELAY": "0.3"}
     env.pop("MOLA_SEARCH_FAULTS", None)
@@ -395,6 +287,7 @@ def test_export_of_a_study_without_a_completed_trial(tmp_path: Path, capsys, mon
     assert_one_line_error(capsys, search(["export", str(empty), "--format", "mola-flags"]), "has no completed trial")
 
 
+@pytest.mark.slow
 def test_bad_input_from_the_console_script_is_one_line_and_exit_2(tmp_path: Path) -> None:
     proc = subprocess.run([*MOLA_SEARCH, *BASE, "--sampler", "bogus", "--out", str(tmp_path / "s")],
                           capture_output=True, text=True, timeout=120)

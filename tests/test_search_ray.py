@@ -20,11 +20,12 @@ from optuna.trial import TrialState
 
 from mola_search.search.config import StudyConfig
 from mola_search.search.context import resolve_space
-from test_search import MODEL, key, kill_mid_study_and_resume, load_study, read_trials, search, trained
+from helpers import MODEL, key, kill_mid_study_and_resume, load_study, read_trials, search, trained
 
 BASE = ["--task", "mrpc", "--model", MODEL, "--objective", "synthetic:upper", "--executor", "ray",
         "--max-concurrent", "2", "--cpus-per-trial", "1", "--finalist-seeds", "0", "--no-pilot"]
 FAULTS = "raise@1,nan@2,oom@3,kill@4"
+pytestmark = [pytest.mark.slow, pytest.mark.netns]  # netns: conftest runs it where 127.0.0.1 is the only address
 
 
 def _disconnect() -> None:
@@ -49,6 +50,16 @@ def cluster():
     finally:
         _disconnect()
         cluster.shutdown()
+
+
+def test_the_cluster_lives_on_loopback_only(cluster) -> None:
+    """conftest runs this module in a private network namespace: no address but 127.0.0.1 for Ray to take."""
+    import socket
+
+    assert [name for _, name in socket.if_nameindex()] == ["lo"]
+    nodes = [cluster.head_node, *cluster.worker_nodes]
+    assert len(nodes) == 2 and {node.node_ip_address for node in nodes} == {"127.0.0.1"}
+    assert cluster.address.startswith("127.0.0.1:")
 
 
 def node_ids(cluster) -> set[str]:
@@ -190,7 +201,7 @@ def test_a_user_objective_from_a_module_workers_cannot_import_runs_on_ray(cluste
     """run_study(config, objective=fn) with fn from this test folder, which Ray workers do not have on their
     path: the function reaches them by value; trials, pilot runs and finalists get its scores. Without
     --max-concurrent, each phase runs as many trials as the cluster holds (2 CPUs here) and says why."""
-    from test_objective import _config, _rows, _value, peak_in_the_middle
+    from helpers import _config, _rows, _value, peak_in_the_middle
 
     from mola_search.search.runner import run_study
 
