@@ -262,6 +262,7 @@ EVAL_DUMP = ("assert sys.argv[1] == 'evaluation_scienceqa.py'\n"
              "json.dump(vars(m.evaluation_parser().parse_args(sys.argv[2:])), open('received.json', 'w'))\n")
 
 
+@pytest.mark.slow
 def test_the_export_folder_trains_and_evaluates_with_the_study_s_flags(tmp_path):
     import datasets
 
@@ -293,6 +294,7 @@ def test_the_export_folder_trains_and_evaluates_with_the_study_s_flags(tmp_path)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export.")]  # no staging folder left
 
 
+@pytest.mark.slow
 def test_an_instruction_task_gets_no_evaluation(tmp_path):
     out = write_official_export(SPEC, study(model=model_folder(tmp_path / "llama")), splits_of(FREE),
                                 tmp_path / "export")
@@ -306,6 +308,7 @@ def test_an_instruction_task_gets_no_evaluation(tmp_path):
     ("llama", {"train": {"max_steps": 0}, "fidelity": {**FIDELITY, "max_steps": None}}, "`max_steps` is 0"),
     ("deep", {}, "the allocation has 4 layers and the model 6"),
 ])
+@pytest.mark.slow
 def test_refusals_write_nothing(tmp_path, model, settings, needle):
     paths = {"no-tokenizer": lambda: model_folder(tmp_path / "m", tokenizer=False),
              "llama": lambda: model_folder(tmp_path / "m"),
@@ -317,6 +320,7 @@ def test_refusals_write_nothing(tmp_path, model, settings, needle):
     assert not (tmp_path / "export").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow
 def test_the_embedded_smollm2_tokenizer_is_refused_by_name(tmp_path):
     from mola_search.mola.official import official_tokenizer_problem
 
@@ -325,6 +329,7 @@ def test_the_embedded_smollm2_tokenizer_is_refused_by_name(tmp_path):
     assert official_tokenizer_problem(model_folder(tmp_path / "m")) is None
 
 
+@pytest.mark.slow
 def test_an_existing_export_is_not_overwritten(tmp_path):
     (tmp_path / "export").mkdir()
     (tmp_path / "export" / "mine.txt").write_text("keep")

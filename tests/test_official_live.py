@@ -22,7 +22,8 @@ from mola_search.mola import MoLAConfig, MoLAModel
 from mola_search.mola.official_checkpoint import read_official_checkpoint, write_official_checkpoint
 
 REPO, PYTHON = os.environ.get("MOLA_OFFICIAL_REPO"), os.environ.get("MOLA_OFFICIAL_PYTHON")
-pytestmark = pytest.mark.skipif(not (REPO and PYTHON), reason="set MOLA_OFFICIAL_REPO and MOLA_OFFICIAL_PYTHON")
+pytestmark = [pytest.mark.skipif(not (REPO and PYTHON), reason="set MOLA_OFFICIAL_REPO and MOLA_OFFICIAL_PYTHON"),
+              pytest.mark.slow]  # runs the official environment in a process of its own
 EXPERTS, TOP_K, RANK = [2, 3, 4, 2], [1, 2, 2, 2], [4, 4, 8, 8]
 TARGETS = ["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
 IDS = [[1, 31, 44, 43, 55, 26, 49, 31, 29, 43, 55, 26, 35, 33, 45, 7, 99, 25]]
