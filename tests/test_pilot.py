@@ -64,7 +64,7 @@ def test_no_finalist_run_reproduces_a_search_trial(piloted: Path) -> None:
     trial_seeds = {int(t.user_attrs["train_seed"]) for t in study.trials if "train_seed" in t.user_attrs}
     trial_values = {round(t.value, 12) for t in study.trials if t.value is not None}
     runs = sorted(piloted.glob("finalists/*/seed*/metrics.json"))
-    assert len(runs) == 3 * len(finalist_rows(piloted))
+    assert len(runs) == sum(len(r["seeds"].split(";")) for r in finalist_rows(piloted))
     for path in runs:
         m = json.loads(path.read_text())
         seed = int(path.parent.name[4:])
@@ -72,13 +72,22 @@ def test_no_finalist_run_reproduces_a_search_trial(piloted: Path) -> None:
         assert round(m["validation"]["gold_logprob"], 12) not in trial_values, path
 
 
-def test_best_is_chosen_on_validation_and_says_so(piloted: Path) -> None:
+def test_the_exported_allocation_is_the_decision_and_test_chose_nothing(piloted: Path) -> None:
     rows = finalist_rows(piloted)
-    by_val = max(rows, key=lambda r: float(r["validation_mean"]))
     best = json.loads((piloted / "best_allocation.json").read_text())
-    assert best["experts"] == [int(c) for c in by_val["allocation"].split(",")]
-    assert "validation" in best["chosen_by"] and "test" not in best["chosen_by"].split(";")[0]
-    assert best["finalist_seeds"] == [FINALIST_SEED_BASE, FINALIST_SEED_BASE + 1, FINALIST_SEED_BASE + 2]
+    racing = json.loads((piloted / "racing.json").read_text())
+    assert best["decision"] == racing["decision"] and best["decision"] in ("winner", "equivalent", "undecided")
+    chosen = next(c for c in racing["contenders"] if c["label"] == racing["chosen"])
+    assert best["experts"] == chosen["experts"] and best["trial"] == chosen["number"]
+    if best["decision"] == "winner":  # the live leader on validation, and said so
+        live = [r for r in rows if r["label"] in racing["live"]]
+        assert max(live, key=lambda r: float(r["validation_mean"]))["label"] == chosen["label"]
+        assert "validation" in best["chosen_by"]
+    else:  # a tie set: the exported allocation is the tie-break's pick, and the file says it is not a best
+        assert "not a best" in best["chosen_by"] and best["tie_break"] and "inverted triangle" in best["tie_break"]
+    assert "test" not in best["chosen_by"].split(";")[0]
+    n = len(chosen["validation"])
+    assert best["finalist_seeds"] == [FINALIST_SEED_BASE + i for i in range(n)]  # round r trains seed 1000 + r
 
 
 def test_choose_best_ignores_test_scores() -> None:

@@ -1,8 +1,9 @@
 """Test and benchmark hooks, read from the environment so they reach Ray workers and subprocesses too.
 
-* ``MOLA_SEARCH_FAULTS="raise@3,nan@5,oom@7,kill@9"``: trial number -> the fault it suffers (an exception,
-  a NaN score, a MemoryError, SIGKILL of its process): how the tests check that a failing trial is recorded
-  as FAILED with its reason and the study goes on.
+* ``MOLA_SEARCH_FAULTS="raise@3,nan@5,oom@7,kill@9,final@2"``: trial number -> the fault it suffers (an
+  exception, a NaN score, a MemoryError, SIGKILL of its process; ``final``: an exception in its finalist runs
+  only): how the tests check that a failing trial or finalist run is recorded with its reason and the study
+  goes on.
 * ``MOLA_SYNTHETIC_DELAY=0.3``: seconds a synthetic rung takes (lets tests see trials overlap).
 * ``MOLA_SYNTHETIC_NOISE="noise=0.02,seed_sd=0.05,example_sd=0.1"``: the synthetic objective's noise sizes.
 
@@ -27,9 +28,9 @@ def faults() -> dict[int, str]:
     return out
 
 
-def inject_fault(number: int) -> None:
+def inject_fault(number: int, final: bool = False) -> None:
     kind = faults().get(number)
-    if kind == "raise":
+    if kind == "raise" or (kind == "final" and final):
         raise RuntimeError(f"injected failure in trial {number}")
     if kind == "oom":
         raise MemoryError(f"injected out-of-memory in trial {number}")

@@ -31,7 +31,7 @@ def run_trial(settings: TrialSettings, fidelity: Fidelity, request: TrialRequest
     outcome = TrialOutcome(node=_node_name())
     start = time.perf_counter()
     try:
-        _hooks.inject_fault(request.number)
+        _hooks.inject_fault(request.number, request.final)
         if objective is not None:
             run_objective(objective, request.spec, fidelity, (1.0,) if request.final else fidelity.rungs,
                           train_seed=request.train_seed, final=request.final, out=request.out,

@@ -47,7 +47,7 @@ class Racing(FinalStage):
 
     def run(self, study: "StudyContext", contenders: Sequence[Contender]) -> FinalResult:
         config = study.config
-        return Race(study, contenders, first_look=config.race_min_seeds, max_runs=config.max_finalist_runs,
+        return Race(study, contenders, first_look=config.race_min_seeds, max_runs=config.finalist_budget(),
                     stage=self.name).run()
 
 
@@ -187,10 +187,12 @@ class Race:
 
     def _read_runs(self) -> None:
         """Runs that finished before (a resumed study, an old study's fixed block) count as they are."""
+        scheduled = None if self.last_round is None else {self.seed(r) for r in range(self.last_round)}
         for label, runs in self.study.folder.finalist_runs():
             entry = self.entries.get(label)
             for seed, _, metrics in runs if entry is not None else ():
-                self._record(entry, seed, metrics)
+                if scheduled is None or seed in scheduled:  # a smaller fixed block reports its first seeds
+                    self._record(entry, seed, metrics)
 
     # --- looking ------------------------------------------------------------------------------------
     def _look(self, rounds: int) -> str:
