@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mola_search.analysis import figures
+from mola_search.analysis.importance import EXPERTS_MOVED
 from mola_search.analysis.document import Bullets, Figure, Para, Section, Table, write
 from mola_search.analysis.report import analyse_layers, _fmt
 from mola_search.analysis.results import result_table
@@ -91,17 +92,19 @@ def compare_studies(folders: Sequence[str | Path], out: str | Path | None = None
         figures.relative_depth_lines(
             out / "layer_effects.png", {n: [e.coef for e in est.effects] for n, est in effects.items()},
             bands={n: ([e.lo for e in est.effects], [e.hi for e in est.effects]) for n, est in effects.items()},
-            ylabel="score per expert moved here", title="Per-layer effect of one more expert (95% bootstrap CI)",
+            ylabel="score per expert moved here", title="Per-layer effect of one more expert (simultaneous 95%)",
             zero=True)
-        layers.add(Figure("layer_effects.png", "Ridge estimates of the score change per expert added to a layer, "
-                                               "over relative depth; shaded: 95% bootstrap CI."))
+        layers.add(Figure("layer_effects.png", "Least-squares estimates of the score change per expert added to a "
+                                               "layer, over relative depth; shaded: simultaneous 95% intervals."))
     block_rows = []
     for n, f in zip(names, findings):
         for e in f.per_block.effects:
-            block_rows.append([n, e.label, f"{e.coef:+.4f}", f"[{e.lo:+.4f}, {e.hi:+.4f}]",
-                               "yes" if e.supported else "no"])
+            moved, lo, hi = e.moved()
+            block_rows.append([n, e.label, f"{moved:+.2g}", f"[{lo:+.2g}, {hi:+.2g}]",
+                               "yes" if e in f.per_block.claims() else "no"])
     if block_rows:
-        layers.add(Table(["study", "block", "score per expert", "95% CI", "CI excludes 0"], block_rows))
+        layers.add(Table(["study", "block", f"score for {EXPERTS_MOVED} experts moved in", "simultaneous 95%",
+                          "claimed"], block_rows))
     for n, f in zip(names, findings):
         layers.add(Para(f"{n}: {f.headline}"), Bullets(f.sentences))
     agreement = _agreement(names, findings)
@@ -126,7 +129,7 @@ def _agreement(names: Sequence[str], findings: Sequence) -> str:
     """Do the studies agree on which block gains most? Only stated when every study supports an answer."""
     tops = []
     for f in findings:
-        supported = [e for e in f.per_block.effects if e.supported and e.coef > 0]
+        supported = [e for e in f.per_block.claims() if e.coef > 0]
         if not supported:
             return ("The studies cannot be compared block by block: at least one supports no block "
                     "(every interval crosses 0 or too few trials).")

@@ -5,20 +5,28 @@ Two views of the same question, answered from the study's runs:
 * `optuna_importances`: PED-ANOVA and fANOVA (`optuna.importance`) on the encoding
   parameters (w_block*, w_layer*, w_knot*, top_k, rank). They say how much of the
   score's variation a parameter explains, not in which direction.
-* `layer_effects`: a ridge regression of the score on the trained expert counts (one
-  column per layer, or per block of layers), with bootstrap confidence intervals.
+* `layer_effects`: a least-squares regression of the score on the trained expert counts (one
+  column per layer, or per block of layers), with simultaneous t intervals.
   The training seed is a blocking factor: runs are compared only with runs of the
   same seed (per-seed intercepts, fitted by centring within the seed), so seed luck
   and the finalists' different fidelity cancel. The budget is fixed, so the counts
   sum to the same total in every run: only *moves* of experts between layers are
-  identifiable. The minimum-norm (ridge) solution has coefficients that sum to ~0,
+  identifiable. The minimum-norm (pseudo-inverse) solution has coefficients that sum to 0,
   so a coefficient reads as "score change per expert added to this layer, paid for
   evenly by the other layers".
 
-`headline` answers "which layers deserve more experts" from the intervals alone (a
-block deserves more only when its interval lies above 0) next to the noise floor;
-`verdicts` turns the estimates into sentences that say what the data supports, and
-when it supports nothing (too few runs, all scores equal, CIs crossing 0).
+The intervals are simultaneous: with B blocks (or L layers) each t interval is taken at the
+Bonferroni level 1 - 0.05 / B, so all B hold together with probability >= 95%, and every claim the
+headline can make ("block b deserves more", "block b deserves fewer": B blocks in two directions) is
+controlled as one family. Effects are reported for moving `EXPERTS_MOVED` (8) experts into a block, paid for
+by the others, with two significant digits. The fit's F test of "no block matters" gates the family (closed
+testing): when it does not reject, the regression explains nothing and no block is named whatever its
+interval.
+
+`headline` answers "which layers deserve more experts" from those intervals alone (a block deserves more
+only when its simultaneous interval lies above 0) next to the noise floor; `verdicts` turns the estimates
+into sentences that say what the data supports, and when it supports nothing (too few runs, all scores
+equal, intervals crossing 0, a fit that explains nothing).
 """
 
 from __future__ import annotations
@@ -32,8 +40,14 @@ from typing import Any
 
 import numpy as np
 
+from scipy import stats
+
+from mola_search.stats.family import bonferroni_level
+
 MIN_IMPORTANCE_TRIALS = 10
 MIN_EFFECT_TRIALS = 5
+EXPERTS_MOVED = 8     # effects are read as the score change for moving this many experts into a block
+
 EVALUATORS: tuple[str, ...] = ("PED-ANOVA", "fANOVA")
 
 _WEIGHT = re.compile(r"^w_(block|layer|knot)(\d+)$")
@@ -146,7 +160,8 @@ def optuna_importances(study: Any, *, min_trials: int = MIN_IMPORTANCE_TRIALS, s
 
 @dataclass
 class Effect:
-    """Score change per expert added to a group of layers, with a bootstrap CI."""
+    """Score change per expert added to a group of layers (paid for evenly by the others), with a simultaneous
+    interval (`EffectEstimate.interval_level` each)."""
 
     label: str
     layers: tuple[int, int]      # first, last (inclusive)
@@ -158,9 +173,13 @@ class Effect:
     def supported(self) -> bool:
         return self.lo > 0 or self.hi < 0
 
+    def moved(self, experts: int = EXPERTS_MOVED) -> tuple[float, float, float]:
+        """(estimate, low, high) for moving `experts` experts into the group."""
+        return experts * self.coef, experts * self.lo, experts * self.hi
+
     @property
     def outside(self) -> bool:
-        """The point estimate lies outside its own percentile interval (a skewed, biased bootstrap)."""
+        """The point estimate lies outside its own interval (never for a t interval; kept for old records)."""
         return self.coef < self.lo or self.coef > self.hi
 
 
@@ -168,11 +187,45 @@ class Effect:
 class EffectEstimate:
     effects: list[Effect]
     n: int                        # observations used (trials + finalist runs)
-    alpha: float                  # ridge penalty (GCV choice)
+    alpha: float                  # (kept for old callers: 0, the fit is unpenalised least squares)
     r2: float                     # in-sample fit (within training seed when blocked)
-    level: float = 0.95
+    level: float = 0.95           # the family's level: all intervals hold together with this probability
     notes: list[str] = field(default_factory=list)
     blocks: int = 1               # training seeds (blocks) the scores were compared within
+    df: int = 0                   # residual degrees of freedom of the fit
+    rank: int = 0                 # estimable contrasts (columns less those the fixed budget ties)
+
+    @property
+    def interval_level(self) -> float:
+        """Each interval's own level (Bonferroni over the effects)."""
+        return bonferroni_level(self.level, len(self.effects))
+
+    @property
+    def adjusted_r2(self) -> float:
+        """Within-seed R^2 adjusted for the columns fitted: about 0 when the columns fit only noise."""
+        if not self.r2 == self.r2 or self.df <= 0:
+            return math.nan
+        return 1.0 - (1.0 - self.r2) * (self.n - self.blocks) / self.df
+
+    @property
+    def f_p_value(self) -> float:
+        """The F test of "no group matters" (all coefficients 0) on the within-seed fit."""
+        if not self.r2 == self.r2 or self.df <= 0 or self.rank <= 0:
+            return math.nan
+        if self.r2 >= 1.0:
+            return 0.0
+        f = (self.r2 / self.rank) / ((1.0 - self.r2) / self.df)
+        return float(stats.f.sf(f, self.rank, self.df))
+
+    @property
+    def explains_nothing(self) -> bool:
+        """The fit's F test does not reject "no group matters" at the family's level: then no group is named
+        (a gate before the simultaneous intervals, which keeps the family's error below its level)."""
+        return not self.f_p_value < 1 - self.level
+
+    def claims(self) -> list[Effect]:
+        """The effects the data support as a family: interval excludes 0, and the fit explains something."""
+        return [] if self.explains_nothing else [e for e in self.effects if e.supported]
 
     @property
     def usable(self) -> bool:
@@ -180,12 +233,6 @@ class EffectEstimate:
 
     def outside(self) -> list[Effect]:
         return [e for e in self.effects if e.outside]
-
-
-def _ridge(x: np.ndarray, y: np.ndarray, alpha: float) -> np.ndarray:
-    """Ridge coefficients of already-centred x, y."""
-    p = x.shape[1]
-    return np.linalg.solve(x.T @ x + alpha * np.eye(p), x.T @ y)
 
 
 def _centre(x: np.ndarray, y: np.ndarray, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -198,29 +245,6 @@ def _centre(x: np.ndarray, y: np.ndarray, block: np.ndarray) -> tuple[np.ndarray
     return xc, yc
 
 
-def _gcv_alpha(xc: np.ndarray, yc: np.ndarray, lost: int = 1) -> float:
-    """Ridge penalty minimising generalised cross-validation on centred data, on a grid scaled to the data.
-
-    `lost`: degrees of freedom the centring used up (1, or one per block).
-    """
-    n = len(yc)
-    u, s, _ = np.linalg.svd(xc, full_matrices=False)
-    uy = u.T @ yc
-    scale = float((s ** 2).sum()) / max(1, xc.shape[1]) or 1.0
-    best, best_score = scale, math.inf
-    for a in scale * np.logspace(-4, 2, 31):
-        shrink = s ** 2 / (s ** 2 + a)
-        fitted = u @ (shrink * uy)
-        rss = float(((yc - fitted) ** 2).sum())
-        dof = float(shrink.sum())
-        if n - lost - dof <= 0.5:
-            continue
-        score = n * rss / (n - lost - dof) ** 2
-        if score < best_score:
-            best, best_score = float(a), score
-    return best
-
-
 def group_matrix(allocations: np.ndarray, groups: Sequence[tuple[int, int]]) -> np.ndarray:
     """Column g = experts summed over the layers of group g."""
     return np.stack([allocations[:, a:b + 1].sum(1) for a, b in groups], axis=1).astype(float)
@@ -228,78 +252,94 @@ def group_matrix(allocations: np.ndarray, groups: Sequence[tuple[int, int]]) -> 
 
 def layer_effects(allocations: Sequence[Sequence[int]], scores: Sequence[float],
                   groups: Sequence[tuple[int, int]] | None = None, labels: Sequence[str] | None = None, *,
-                  blocks: Sequence[Any] | None = None, n_boot: int = 1000, level: float = 0.95, seed: int = 0,
+                  blocks: Sequence[Any] | None = None, level: float = 0.95,
                   min_trials: int = MIN_EFFECT_TRIALS) -> EffectEstimate:
-    """Ridge regression of score on expert counts per layer (or per group of layers) + bootstrap CIs.
+    """Least squares of score on expert counts per layer (or per group of layers), with the training seed as a
+    blocking factor, and simultaneous t intervals (all of them hold together at `level`: Bonferroni).
 
-    `blocks` (e.g. each observation's training seed) is a blocking factor: scores are
-    compared only within a block (per-block intercepts, unpenalised, fitted by
-    centring within the block), so a seed that is luckier for every allocation, or
-    a finalist fidelity that scores higher throughout, shifts nothing. A block with
-    one observation carries no information and is dropped. The penalty is chosen
-    once by GCV, then every bootstrap resample (observations resampled within their
-    block) is refitted with it; the CI is the percentile interval.
+    `blocks` (e.g. each observation's training seed): scores are compared only within a block (per-block
+    intercepts, fitted by centring within the block), so a seed that is luckier for every allocation, or a
+    finalist fidelity that scores higher throughout, shifts nothing. A block with one observation carries no
+    information and is dropped. The budget is fixed, so the counts sum to the same total in every run: only
+    moves of experts between groups are estimable, and the minimum-norm solution (pseudo-inverse) gives the
+    coefficients that sum to 0, each "the change per expert added to this group, paid for evenly by the
+    others". Its covariance is s^2 (X'X)^+ with s^2 the residual variance on n - seeds - rank(X) degrees of
+    freedom; each interval is estimate +- t_{1 - (1-level)/(2G)} x SE over G groups.
     """
+    x, y, block, groups, labels = _effect_data(allocations, scores, groups, labels, blocks)
+    n = len(y)
+    nb = int(block.max()) + 1 if n else 0
+    est = EffectEstimate([], n, 0.0, math.nan, level, blocks=max(1, nb))
+    g = group_matrix(x, groups) if n else np.zeros((0, len(groups)))
+    why = _nothing_to_fit(n, nb, y, g, block, min_trials)
+    if why:
+        est.notes.append(why)
+        return est
+    gc, yc = _centre(g, y, block)
+    rank = int(np.linalg.matrix_rank(gc))
+    df = n - nb - rank
+    if df < 2:
+        est.notes.append(f"too few runs for a per-layer estimate: {n} runs in {nb} training seeds leave {df} degrees "
+                         f"of freedom for {rank} estimable contrasts, need at least 2")
+        return est
+    pinv = np.linalg.pinv(gc)
+    coef = pinv @ yc
+    resid = yc - gc @ coef
+    s2 = float(resid @ resid) / df
+    se = np.sqrt(np.clip(np.diag(pinv @ pinv.T) * s2, 0.0, None))
+    half = stats.t.ppf(1 - (1 - level) / (2 * len(groups)), df) * se
+    est.r2 = 1.0 - float(resid @ resid) / float(yc @ yc)
+    est.df, est.rank = df, rank
+    est.effects = [Effect(str(lab), (int(a), int(bb)), float(c), float(c - h), float(c + h))
+                   for lab, (a, bb), c, h in zip(labels, groups, coef, half)]
+    est.notes += _effect_notes(est, g, labels, nb)
+    return est
+
+
+def _effect_data(allocations, scores, groups, labels, blocks):
+    """Arrays for the fit: blocks with a single observation (which carry no information) dropped."""
     x = np.asarray(allocations, dtype=float)
     y = np.asarray(scores, dtype=float)
     block = np.zeros(len(y), dtype=int) if blocks is None else np.unique(np.asarray(blocks), return_inverse=True)[1]
     num_layers = x.shape[1] if x.ndim == 2 else 0
-    if groups is None:
-        groups = [(j, j) for j in range(num_layers)]
+    groups = [(j, j) for j in range(num_layers)] if groups is None else list(groups)
     if labels is None:
         labels = [f"layer {a}" if a == b else f"layers {a}-{b}" for a, b in groups]
     if len(y):
-        sizes = np.bincount(block)
-        keep = sizes[block] > 1
+        keep = np.bincount(block)[block] > 1
         x, y, block = x[keep], y[keep], np.unique(block[keep], return_inverse=True)[1]
-    n = len(y)
-    nb = int(block.max()) + 1 if n else 0
-    est = EffectEstimate([], n, math.nan, math.nan, level, blocks=max(1, nb))
+    return x, y, block, groups, list(labels)
+
+
+def _nothing_to_fit(n: int, nb: int, y: np.ndarray, g: np.ndarray, block: np.ndarray, min_trials: int) -> str:
+    """Why the data cannot be fitted ("" when they can)."""
     if n - nb + 1 < min_trials:
         what = "completed trials" if nb <= 1 else f"observations beyond one per training seed ({nb} seeds)"
-        est.notes.append(f"too few {what} for a per-layer estimate: {n - nb + 1}, need at least {min_trials}")
-        return est
+        return f"too few {what} for a per-layer estimate: {n - nb + 1}, need at least {min_trials}"
     if np.ptp(y) == 0:
-        est.notes.append(f"all {n} completed trials scored {y[0]:.4g}: the data say nothing about where experts matter")
-        return est
-    g = group_matrix(x, groups)
+        return f"all {n} completed trials scored {y[0]:.4g}: the data say nothing about where experts matter"
     gc, yc = _centre(g, y, block)
     if np.abs(gc).max() == 0:
-        est.notes.append("every completed trial trained the same allocation: nothing to compare")
-        return est
+        return "every completed trial trained the same allocation: nothing to compare"
     if not np.any(yc):
-        est.notes.append("within each training seed every run scored the same: nothing to compare")
-        return est
-    alpha = _gcv_alpha(gc, yc, nb)
-    coef = _ridge(gc, yc, alpha)
-    r2 = 1.0 - float(((yc - gc @ coef) ** 2).sum()) / float((yc ** 2).sum())
-    rng = np.random.default_rng(seed)
-    members = [np.flatnonzero(block == b) for b in range(nb)]
-    boots = []
-    for _ in range(n_boot):
-        idx = np.concatenate([m[rng.integers(0, len(m), len(m))] for m in members])
-        gb, yb = _centre(g[idx], y[idx], block[idx])
-        boots.append(_ridge(gb, yb, alpha) if np.any(yb) else np.zeros(len(groups)))
-    b = np.asarray(boots)
-    tail = 100 * (1 - level) / 2
-    lo, hi = np.percentile(b, tail, axis=0), np.percentile(b, 100 - tail, axis=0)
-    est.effects = [Effect(str(lab), (int(a), int(bb)), float(c), float(l), float(h))
-                   for lab, (a, bb), c, l, h in zip(labels, groups, coef, lo, hi)]
-    est.alpha, est.r2 = alpha, r2
+        return "within each training seed every run scored the same: nothing to compare"
+    return ""
+
+
+def _effect_notes(est: EffectEstimate, g: np.ndarray, labels: list[str], nb: int) -> list[str]:
+    notes = []
+    if est.explains_nothing:
+        notes.append(f"the regression explains nothing: within-seed R² {est.r2:.2f}, and its F test does not reject "
+                     f"'no group matters' (p {est.f_p_value:.2g}), so no group is named")
     tied = tied_columns(g)
     if tied:
-        est.notes.append("these columns had equal counts in every trial, so their coefficients are one shared "
-                         "estimate split evenly and cannot be told apart: "
-                         + ", ".join("+".join(labels[i].replace("layer ", "") for i in t) for t in tied))
-    if n - nb + 1 < 2 * len(groups):
-        est.notes.append(f"{n} observations for {len(groups)} coefficients: the estimates lean on the ridge penalty "
-                         "and their intervals are wide")
-    outside = est.outside()
-    if outside:
-        est.notes.append(f"the point estimate of {', '.join(e.label for e in outside)} lies outside its own "
-                         f"{int(round(level * 100))}% bootstrap interval (the ridge estimate is shrunk and the "
-                         "resamples are skewed): read the interval, not the point")
-    return est
+        notes.append("these columns had equal counts in every trial, so their coefficients are one shared "
+                     "estimate split evenly and cannot be told apart: "
+                     + ", ".join("+".join(labels[i].replace("layer ", "") for i in t) for t in tied))
+    if est.df < 2 * len(labels):
+        notes.append(f"{est.n} observations for {len(labels)} coefficients ({est.df} residual degrees of freedom): "
+                     "the intervals are wide")
+    return notes
 
 
 def tied_columns(x: np.ndarray) -> list[list[int]]:
@@ -339,7 +379,14 @@ def _block_names(blocks: int) -> list[str]:
 
 
 def _fmt(v: float) -> str:
-    return f"{v:+.3g}"
+    return f"{v:+.2g}"
+
+
+def _moved(e: Effect) -> str:
+    """"+0.0023 (0.0011 to 0.0035)": the change for moving EXPERTS_MOVED experts into the group, two significant
+    digits."""
+    est, lo, hi = e.moved()
+    return f"{_fmt(est)} ({_fmt(lo)} to {_fmt(hi)})"
 
 
 def _sentence(text: str) -> str:
@@ -355,84 +402,94 @@ def _names(effects: Sequence[Effect]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def headline(blocks: EffectEstimate, noise_line: str = "", unit: str = "score") -> str:
-    """The answer to "which layers deserve more experts", generated from the intervals alone.
+def _family(est: EffectEstimate) -> str:
+    return (f"{int(round(est.level * 100))}% simultaneous intervals (Bonferroni over {len(est.effects)} "
+            f"{'blocks' if len(est.effects) != 1 else 'block'}, each at {100 * est.interval_level:.3g}%)")
 
-    A block deserves more experts only when its interval lies above 0, fewer only when
-    it lies below; otherwise no block differs at this fidelity. The noise-floor
-    line is quoted either way, so the ranking is never read without it.
+
+def headline(blocks: EffectEstimate, noise_line: str = "", unit: str = "score") -> str:
+    """The answer to "which layers deserve more experts", generated from the simultaneous intervals alone.
+
+    A block deserves more experts only when its interval lies above 0, fewer only when it lies below, and
+    only when the fit explains something (its F test rejects "no block matters"); otherwise no block differs at this
+    fidelity. Effects are the change of `unit` for moving EXPERTS_MOVED experts into the block. The
+    noise-floor line is quoted either way, so the ranking is never read without it.
     """
     noise = _sentence(noise_line)
     if not blocks.usable:
         why = blocks.notes[0] if blocks.notes else "no estimate"
         return " ".join(filter(None, [f"No block can be said to deserve more experts: {why}.", noise]))
-    pct = int(round(blocks.level * 100))
-    more = sorted((e for e in blocks.effects if e.lo > 0), key=lambda e: -e.lo)
-    fewer = sorted((e for e in blocks.effects if e.hi < 0), key=lambda e: e.hi)
     where = (f"{blocks.n} runs compared within {blocks.blocks} training seeds" if blocks.blocks > 1
              else f"{blocks.n} runs")
+    if blocks.explains_nothing:
+        return " ".join(filter(None, [
+            f"No block differs at this fidelity: the regression explains nothing (within-seed R² {blocks.r2:.2f}, "
+            f"F test p {blocks.f_p_value:.2g}, {where}), so the data do not say which layers deserve more "
+            "experts.", noise]))
+    claims = blocks.claims()
+    more = sorted((e for e in claims if e.lo > 0), key=lambda e: -e.lo)
+    fewer = sorted((e for e in claims if e.hi < 0), key=lambda e: e.hi)
     if not more and not fewer:
         return " ".join(filter(None, [
-            f"No block differs at this fidelity: every block's {pct}% interval includes 0 ({where}), so the data "
-            "do not say which layers deserve more experts.", noise]))
+            f"No block differs at this fidelity: every block's interval includes 0 ({_family(blocks)}, {where}), so "
+            "the data do not say which layers deserve more experts.", noise]))
     parts = []
-    if more:
-        verb = "deserves" if len(more) == 1 else "deserve"
-        parts.append(_sentence(f"{_names(more)} {verb} more experts: " + "; ".join(
-            f"{_fmt(e.coef)} {unit} per expert moved to the {e.label} ({pct}% CI {_fmt(e.lo)} to {_fmt(e.hi)})"
-            for e in more)))
-    else:
-        parts.append("No block is shown to deserve more experts (no interval lies above 0).")
-    if fewer:
-        verb = "deserves" if len(fewer) == 1 else "deserve"
-        parts.append(_sentence(f"{_names(fewer)} {verb} fewer ({pct}% interval{'s' if len(fewer) > 1 else ''} "
-                               "below 0: " + "; ".join(f"{_fmt(e.lo)} to {_fmt(e.hi)}" for e in fewer) + ")"))
-    parts.append(_sentence(f"From {where}"))
+    for group, word in ((more, "more"), (fewer, "fewer")):
+        if group:
+            verb = "deserves" if len(group) == 1 else "deserve"
+            parts.append(_sentence(f"{_names(group)} {verb} {word} experts: " + "; ".join(
+                f"{_moved(e)} {unit} for {EXPERTS_MOVED} experts moved into the {e.label}" for e in group)))
+    if not more:
+        parts.insert(0, "No block is shown to deserve more experts (no interval lies above 0).")
+    parts.append(_sentence(f"From {where}; {_family(blocks)}"))
     return " ".join(filter(None, [*parts, noise]))
 
 
 def verdicts(blocks: EffectEstimate, layers: EffectEstimate | None = None,
              importances: Importances | None = None, unit: str = "score") -> list[str]:
     """Sentences stating what the estimates support, and where they support nothing."""
-    out: list[str] = []
     if not blocks.usable:
-        out.extend(f"No per-layer conclusion: {n}." for n in blocks.notes)
-        return out
-    pct = int(round(blocks.level * 100))
-    helps = [e for e in blocks.effects if e.supported and e.coef > 0]
-    hurts = [e for e in blocks.effects if e.supported and e.coef < 0]
-    unclear = [e for e in blocks.effects if not e.supported]
-    for e in sorted(helps, key=lambda e: -e.coef):
-        out.append(f"Supported: {e.label}: {_fmt(e.coef)} {unit} per expert moved here "
-                   f"({pct}% CI {_fmt(e.lo)} to {_fmt(e.hi)}).")
-    for e in sorted(hurts, key=lambda e: e.coef):
-        out.append(f"Supported: experts in the {e.label} are worth less than average: {_fmt(e.coef)} {unit} per "
-                   f"expert ({pct}% CI {_fmt(e.lo)} to {_fmt(e.hi)}).")
+        return [f"No per-layer conclusion: {n}." for n in blocks.notes]
+    claims = blocks.claims()
+    out = [f"Supported: {e.label}: {_moved(e)} {unit} for {EXPERTS_MOVED} experts moved here"
+           + ("" if e.coef > 0 else " (worth less than an average block)") + "."
+           for e in sorted(claims, key=lambda e: -e.coef)]
+    unclear = [e for e in blocks.effects if e not in claims]
     if unclear:
-        out.append("Not supported (CI crosses 0): " + "; ".join(
-            f"{e.label} {_fmt(e.coef)} [{_fmt(e.lo)}, {_fmt(e.hi)}]" for e in unclear) + ".")
-    if not helps and not hurts:
-        out.insert(0, f"The {blocks.n} runs support no conclusion about which block needs more experts: "
-                      "every block's interval crosses 0.")
+        out.append("Not supported: " + "; ".join(f"{e.label} {_moved(e)}" for e in unclear) + ".")
+    if not claims:
+        out.insert(0, f"The {blocks.n} runs support no conclusion about which block needs more experts"
+                      + (" (the fit explains nothing)." if blocks.explains_nothing else
+                         ": every block's interval crosses 0."))
     out.extend(f"Caveat: {n}." for n in blocks.notes)
-    if layers is not None and layers.usable:
-        strong = sorted((e for e in layers.effects if e.supported and e.coef > 0), key=lambda e: -e.coef)
-        if strong:
-            out.append("Per layer, intervals above 0: " + ", ".join(
-                f"{e.label.replace('layer ', '')} ({_fmt(e.coef)})" for e in strong) + ".")
-        else:
-            out.append(f"Per layer ({len(layers.effects)} coefficients from {layers.n} runs), no interval lies "
-                       "above 0: the per-layer data are too thin for layer-level claims.")
-        out.extend(f"Per-layer caveat: {n}." for n in layers.notes)
-    elif layers is not None:
-        out.extend(f"Per layer: {n}." for n in layers.notes)
-    if importances is not None:
-        for ev in EVALUATORS:
-            ranked = importances.ranked(ev)
-            if ranked:
-                top = ", ".join(f"{k} {v:.2f}" for k, v in ranked[:3])
-                out.append(f"{ev} (share of score variation, no direction): {top}.")
-        out.extend(f"Note: {n}." for n in importances.notes)
-    out.append("With a fixed budget an expert added to one layer is taken from the others, so coefficients are "
-               "relative to an average layer and sum to about 0.")
+    out += _layer_verdicts(layers) + _importance_verdicts(importances)
+    out.append(f"Effects are the change of {unit} for moving {EXPERTS_MOVED} experts into a block, taken evenly from "
+               f"the others (the budget is fixed); intervals are {_family(blocks)}.")
     return out
+
+
+def _layer_verdicts(layers: EffectEstimate | None) -> list[str]:
+    if layers is None:
+        return []
+    if not layers.usable:
+        return [f"Per layer: {n}." for n in layers.notes]
+    strong = sorted((e for e in layers.claims() if e.coef > 0), key=lambda e: -e.coef)
+    if strong:
+        out = ["Per layer (simultaneous over the layers), intervals above 0: " + ", ".join(
+            f"{e.label.replace('layer ', '')} ({_fmt(e.moved()[0])})" for e in strong) + "."]
+    else:
+        out = [f"Per layer ({len(layers.effects)} coefficients from {layers.n} runs), no simultaneous interval lies "
+               "above 0: the per-layer data are too thin for layer-level claims."]
+    return out + [f"Per-layer caveat: {n}." for n in layers.notes]
+
+
+def _importance_verdicts(importances: Importances | None) -> list[str]:
+    if importances is None:
+        return []
+    out = []
+    for ev in EVALUATORS:
+        ranked = importances.ranked(ev)
+        if ranked:
+            out.append(f"{ev} (share of score variation, no direction): "
+                       + ", ".join(f"{k} {v:.2f}" for k, v in ranked[:3]) + ".")
+    return out + [f"Note: {n}." for n in importances.notes]

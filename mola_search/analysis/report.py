@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mola_search.analysis.document import Bullets, Figure, Para, Section, Table, to_markdown, write
-from mola_search.analysis.importance import (EffectEstimate, Importances, block_groups, headline, layer_effects,
-                                             optuna_importances, param_depths, verdicts)
+from mola_search.analysis.importance import (EXPERTS_MOVED, EffectEstimate, Importances, block_groups, headline,
+                                             layer_effects, optuna_importances, param_depths, verdicts)
 from mola_search.analysis.results import EXAMPLES_X_SEEDS, Paired, ResultTable, result_table
 from mola_search.analysis.studydata import FinalistRecord, StudyData, load_study, require_completed
 from mola_search.search.study import StudyFolder
@@ -75,8 +75,8 @@ def analyse_layers(data: StudyData, *, n_boot: int = 1000, importance: bool = Tr
     L = data.num_layers
     blocks = data.space.blocks if data.space is not None and data.space.encoding == "blocks" else 4
     groups, labels = block_groups(L, blocks)
-    per_block = layer_effects(allocations, scores, groups, labels, blocks=seeds, n_boot=n_boot)
-    per_layer = layer_effects(allocations, scores, blocks=seeds, n_boot=n_boot)
+    per_block = layer_effects(allocations, scores, groups, labels, blocks=seeds)
+    per_layer = layer_effects(allocations, scores, blocks=seeds)
     search = {t.number for t in data.completed(unique=False)}   # the search's seed: no pilot replicates
     imp = optuna_importances(data.study, numbers=search) if importance else Importances()
     unit = f"`{data.metric}`"
@@ -344,23 +344,20 @@ def _importance_section(data: StudyData, f: LayerFindings, out: Path) -> Section
     s = Section("4. Which layers deserve more experts", anchor="layers")
     s.add(Para(f.headline), Para("What the data supports:"), Bullets(f.sentences))
     if f.per_block.usable:
-        rows = [[e.label, f"{e.coef:+.4f}", f"[{e.lo:+.4f}, {e.hi:+.4f}]",
-                 ("yes" if e.supported else "no (CI crosses 0)")
-                 + (" (estimate outside its interval)" if e.outside else "")] for e in f.per_block.effects]
+        rows = [[e.label, *(f"{v:+.2g}" for v in e.moved()[:1]), "[{:+.2g}, {:+.2g}]".format(*e.moved()[1:]),
+                 "yes" if e in f.per_block.claims() else ("no (the fit explains nothing)" if e.supported else
+                                                         "no (interval includes 0)")]
+                for e in f.per_block.effects]
         seeds = f.per_block.blocks
-        s.add(Table(["block", f"`{data.metric}` per expert", "95% bootstrap CI", "CI excludes 0"], rows),
-              Para(f"Ridge regression of the validation `{data.metric}` on the expert counts over {f.per_block.n} "
+        s.add(Table(["block", f"`{data.metric}` for {EXPERTS_MOVED} experts moved in",
+                     f"{int(round(100 * f.per_block.level))}% simultaneous interval", "claimed"], rows),
+              Para(f"Least squares of the validation `{data.metric}` on the expert counts over {f.per_block.n} "
                    f"runs ({f.trials} completed trials and {f.finalist_runs} finalist runs), with the training seed "
                    f"as a blocking factor ({seeds} seed block{'s' if seeds != 1 else ''}: runs are compared only "
-                   f"with runs of the same seed); penalty {f.per_block.alpha:.3g} chosen by generalised "
-                   f"cross-validation; within-seed R² {f.per_block.r2:.2f} per block, "
-                   f"{f.per_layer.r2:.2f} per layer. Intervals resample runs within their seed.", "muted"))
-        outside = f.per_block.outside() + f.per_layer.outside()
-        if outside:
-            s.add(Para("Point estimates outside their own interval: " + ", ".join(
-                f"{e.label} {e.coef:+.4f} vs [{e.lo:+.4f}, {e.hi:+.4f}]" for e in outside)
-                + ". The ridge estimate on all runs is shrunk differently from the resampled fits; the interval, "
-                  "not the point, is what the headline reads.", "muted"))
+                   f"with runs of the same seed); {f.per_block.df} residual degrees of freedom; within-seed R² "
+                   f"{f.per_block.r2:.2f} per block (adjusted {f.per_block.adjusted_r2:.2f}), {f.per_layer.r2:.2f} "
+                   f"per layer. Intervals are t intervals at the Bonferroni level over the blocks, so all hold "
+                   f"together at {int(round(100 * f.per_block.level))}%.", "muted"))
     spans = param_depths(sorted({p for v in f.importances.values.values() for p in v}), data.num_layers)
     if f.importances.values:
         figures.importance_over_depth(out / "importance.png", f.importances.values, spans, data.num_layers)
@@ -380,9 +377,8 @@ def _importance_section(data: StudyData, f: LayerFindings, out: Path) -> Section
     if f.per_layer.usable or f.per_block.usable:
         figures.effects_over_depth(out / "layer_effects.png", f.per_layer, f.per_block, data.num_layers)
         s.add(Figure("layer_effects.png", "Score change per expert added to a layer (points) or block (bars), "
-                                          "paid for by the other layers; vertical lines span the 95% bootstrap "
-                                          "intervals as they are (hollow red points lie outside their own "
-                                          "interval)."))
+                                          "paid for by the other layers; vertical lines span the simultaneous "
+                                          "intervals (Bonferroni over the layers, and over the blocks)."))
     return s
 
 
