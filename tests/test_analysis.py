@@ -264,12 +264,16 @@ def test_result_table_warns_when_no_finalist_beats_the_majority_class(tmp_path: 
 
     low = table("low", [0.5, 0.6, 0.55], [0.6, 0.66, 0.62])
     assert low.majority == 0.66 and low.nothing_learned
-    assert any("every finalist's mean test accuracy is at or below the majority-class baseline (0.6600" in n
-               for n in low.notes)
-    mixed = table("mixed", [0.5, 0.6, 0.55], [0.7, 0.72, 0.75])
-    assert any(n.startswith("1 of 2 finalists") and "rectangle" in n for n in mixed.notes), mixed.notes
-    fine = table("fine", [0.7, 0.71, 0.7], [0.7, 0.72, 0.75])
-    assert not any("majority" in n for n in fine.notes)
+    assert any(n.startswith("no finalist is shown to beat the majority class (majority class 0.6600") for n in low.notes)
+    # "above the majority class" is a claim: its interval (Holm over the finalists) must exclude the majority rate
+    above = [0.75, 0.76, 0.74, 0.77, 0.75, 0.76, 0.74, 0.75]
+    mixed = table("mixed", [0.5, 0.6, 0.55, 0.52, 0.58, 0.5, 0.54, 0.56], above)
+    assert [r.majority_claim for r in sorted(mixed.rows, key=lambda r: r.name)] == ["below", "above"]
+    assert any(n.startswith("1 of 2 finalists are shown to beat the majority class") and n.endswith("trial 1 (tpe)")
+               for n in mixed.notes), mixed.notes
+    close = table("close", [0.67, 0.65, 0.68], above[:3])  # at the majority rate: no claim either way
+    assert {r.name: r.majority_claim for r in close.rows}["rectangle"] == "not distinguishable"
+    assert not close.nothing_learned or close.rows[1].majority_claim != "above"
 
 
 # ------------------------------------------------------------------------------------------ seed blocking, headline

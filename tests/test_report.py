@@ -142,7 +142,7 @@ def test_study_summary_is_the_report_s_first_sections_without_figures(study: Pat
     shutil.copytree(study, copy, ignore=shutil.ignore_patterns("report"))
     md = study_summary(copy, n_boot=200)
     titles = re.findall(r"^## (.+)$", md, flags=re.M)
-    assert titles == ["1. Noise floor", "2. Results", "Which layers deserve more experts"]
+    assert titles == ["Decision", "1. Noise floor", "2. Results", "Which layers deserve more experts"]
     assert load_study(copy).noise.line()[1:] in md and "The top quarter (layers 6-7) deserves more experts" in md
     assert not list(copy.rglob("*.png"))
 

@@ -102,6 +102,7 @@ def build_report(folder: str | Path, out: str | Path | None = None, *, n_boot: i
     findings = analyse_layers(data, n_boot=n_boot)
     _caution(table, findings)
     sections = [
+        _decision_section(data),
         _noise_section(data),
         *_oneshot_section(data),
         _results_section(data, table),
@@ -128,7 +129,7 @@ def study_summary(study: str | Path | StudyData, *, n_boot: int = 1000, importan
     """
     data = study if isinstance(study, StudyData) else load_study(study)
     table = result_table(data, n_boot=max(1000, n_boot))
-    sections = [_noise_section(data), *_oneshot_section(data), _results_section(data, table)]
+    sections = [_decision_section(data), _noise_section(data), *_oneshot_section(data), _results_section(data, table)]
     if len(data.completed()) >= 2:
         findings = analyse_layers(data, n_boot=n_boot, importance=importance)
         _caution(table, findings)
@@ -159,6 +160,36 @@ def _fmt(v: float | None, digits: int = 4) -> str:
 
 def _fmt_p(p: float) -> str:
     return "–" if p != p else ("< 0.001" if p < 0.001 else f"{p:.3f}")
+
+
+def _decision_section(data: StudyData) -> Section:
+    """What the study can say: the race's decision, every contender's part in it, and what would move it on."""
+    s = Section("Decision", anchor="decision")
+    d = data.decision
+    if d is None:
+        s.add(Para("This study made no decision (it has no racing.json: made before races, or stopped before its "
+                   f"final stage). `mola-search decide {data.folder}` races its finalists now; nothing finished is "
+                   "trained again.", "warning"))
+        return s
+    s.add(Para(_cap(d.words()) + ".", "" if d.decision == "winner" else "warning"))
+    s.add(Para(f"Raced on mean validation `{d.metric}` over shared fresh seeds: every look drops a contender worse "
+               f"than the leader (Holm over the pairs); the race stops at a winner, at equivalence within "
+               f"±{d.min_effect:g} (two one-sided tests), or when its budget of {d.max_runs} fine-tunes is spent. "
+               f"All its claims together hold at family-wise level {d.level:g} (the error budget is spent in "
+               f"proportion to the fine-tunes used). Test scores chose nothing.", "muted"))
+    rows = [[e.name + (" (exported)" if e.label == d.chosen else ""), f"`{run_length(e.experts)}`", e.status,
+             str(len(e.validation)), _fmt(e.val_mean), _fmt(e.test_mean), e.reason or "–"]
+            for e in sorted(d.contenders, key=lambda e: (e.status != "live", -(e.val_mean if e.validation else -9e9)))]
+    s.add(Table(["contender", "experts per layer", "status", "seeds", f"validation `{d.metric}`",
+                 f"test `{d.metric}` (reported once)", "why"], rows))
+    looks = [[str(k["rounds"]), f"{k['alpha']:.2g}", d.contender(k["leader"]).name if d.contender(k["leader"]) else
+              k["leader"], _fmt(k.get("se")), ", ".join(d.contender(c).name for c in k["dropped"]) or "–",
+              k["decision"]] for k in d.looks]
+    if looks:
+        s.add(Table(["look after seeds", "error budget spent", "leader", "SE of a difference", "dropped",
+                     "decision"], looks))
+    s.add(Para(f"Next: `{d.next_command(str(data.folder))}`"))
+    return s
 
 
 def _noise_section(data: StudyData) -> Section:
@@ -267,16 +298,16 @@ def _results_section(data: StudyData, table: ResultTable) -> Section:
         cells = [r.role, r.name, f"`{run_length(r.allocation)}`" if r.allocation else "–", _mean_std(r.validation)]
         if table.on_test:
             cells += [_mean_std(r.scores), _mean_std(r.accuracy), *[_mean_std(r.extra.get(k, {})) for k in extras]]
-        cells += [str(len(r.scores)), diff, "–" if p is None else _fmt_p(p.p_value),
-                  f"{r.trainable_params:,}" if r.trainable_params else "–"]
+        cells += [str(len(r.scores)), diff, "–" if p is None else _fmt_p(r.vs_best_seed_holm),
+                  r.majority_claim or "–", f"{r.trainable_params:,}" if r.trainable_params else "–"]
         rows.append(cells)
         if "best" in r.role.split(", "):
             emphasis.add(i)
     head = ["", "allocation", "experts per layer", f"validation {m}"]
     if table.on_test:
         head += [f"test {m}", "test accuracy", *[f"test {k}" for k in extras]]
-    head += ["seeds", f"Δ test {m} vs best seed [95% CI]" if table.on_test else "Δ vs best seed", "p",
-             "trainable params"]
+    head += ["seeds", f"Δ test {m} vs best seed [95% CI]" if table.on_test else "Δ vs best seed", "p (Holm)",
+             "vs majority class (Holm)", "trainable params"]
     if table.majority is not None:  # the score a model gets without learning anything
         rows.append(["reference", "majority class", "–", "–", "–", _fmt(table.majority),
                      *["–"] * (len(head) - 6)])
@@ -287,15 +318,12 @@ def _results_section(data: StudyData, table: ResultTable) -> Section:
         vs_rows = []
         for c in table.vs_seeds:
             p = c.metric
-            verdict = "–" if p is None else (
-                "no spread: identical on every example" if p.lo == p.hi else
-                "better" if p.lo > 0 else "worse" if p.hi < 0 else "no difference shown (CI includes 0)")
-            vs_rows.append([c.seed, _delta(p), "–" if p is None else _fmt_p(p.p_value), _delta(c.accuracy),
-                            "–" if c.accuracy is None else _fmt_p(c.accuracy.p_value), verdict,
+            vs_rows.append([c.seed, _delta(p), "–" if p is None else _fmt_p(c.metric_holm), _delta(c.accuracy),
+                            "–" if c.accuracy is None else _fmt_p(c.accuracy_holm), c.verdict,
                             "–" if p is None else (f"{p.n} seeds x {p.n_examples} examples"
                                                    if p.method == EXAMPLES_X_SEEDS else f"{p.n} seeds (per-seed)")])
-        s.add(Table(["seed shape", f"Δ test {m} [95% CI]", "p", "Δ test accuracy [95% CI]", "p", "verdict",
-                     "paired on"], vs_rows))
+        s.add(Table(["seed shape", f"Δ test {m} [95% CI]", "p (Holm)", "Δ test accuracy [95% CI]", "p (Holm)",
+                     "verdict", "paired on"], vs_rows))
     if data.best:
         exported = data.exported_finalist()
         s.add(Para("Exported best_allocation.json: "

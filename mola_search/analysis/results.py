@@ -26,7 +26,10 @@ from dataclasses import dataclass, field
 from mola_search.analysis.studydata import (EXTRA_METRICS, PAPER_SHAPES, FinalistRecord, StudyData,
                                             per_example_key)
 from mola_search.search.study import Origin
+from mola_search.stats.family import holm_adjusted
 from mola_search.stats.paired import EXAMPLES_X_SEEDS, PER_SEED, Paired, paired_comparison, paired_examples
+
+FAMILY_ALPHA = 0.05  # each family of claims (verdicts, majority) holds at this family-wise error rate
 
 @dataclass
 class ResultRow:
@@ -44,6 +47,9 @@ class ResultRow:
     val_accuracy: dict[int, float] = field(default_factory=dict)
     role: str = ""                      # "best", "best searched", "best seed" (comma-joined), or ""
     vs_best_seed: Paired | None = None
+    vs_best_seed_holm: float = math.nan  # its p-value, Holm-adjusted over the rows compared with the best seed
+    vs_majority: Paired | None = None   # test accuracy minus the majority-class rate
+    majority_claim: str = ""            # "above" | "below" | "not distinguishable" (Holm over the rows) | ""
 
     @property
     def mean(self) -> float:
@@ -76,11 +82,26 @@ class ResultRow:
 
 @dataclass
 class SeedComparison:
-    """The chosen best against one seeded shape, on the study metric and on accuracy."""
+    """The chosen best against one seeded shape, on the study metric and on accuracy; the p-values Holm-adjusted
+    over the family (the best against every seeded shape)."""
 
     seed: str
     metric: Paired | None
     accuracy: Paired | None
+    metric_holm: float = math.nan
+    accuracy_holm: float = math.nan
+
+    @property
+    def verdict(self) -> str:
+        """"better" / "worse" only when the Holm-adjusted p-value is below 0.05."""
+        p = self.metric
+        if p is None:
+            return "–"
+        if p.lo == p.hi:
+            return "no spread: identical on every example"
+        if self.metric_holm <= FAMILY_ALPHA:
+            return "better (Holm)" if p.mean_diff > 0 else "worse (Holm)"
+        return "no difference shown (Holm)"
 
 
 @dataclass
@@ -100,8 +121,9 @@ class ResultTable:
         return next((r for r in self.rows if role in r.role.split(", ")), None)
 
     def below_majority(self) -> list[ResultRow]:
-        """Rows whose mean test accuracy does not beat always answering the majority label."""
-        return [] if self.majority is None else [r for r in self.rows if r.acc_mean <= self.majority]
+        """Rows not shown to beat always answering the majority label (the claim "above" needs its interval, with
+        Holm over the rows, to exclude the majority rate)."""
+        return [] if self.majority is None else [r for r in self.rows if r.majority_claim != "above"]
 
     @property
     def nothing_learned(self) -> bool:
@@ -155,11 +177,29 @@ def _from_finalists(data: StudyData, finalists: Sequence[FinalistRecord], *, n_b
                        key=lambda r: (PAPER_SHAPES.index(r.seed_name) if r.seed_name in PAPER_SHAPES else 99, r.name))
         table.vs_seeds = [SeedComparison(r.seed_name, compare(top, r, n_boot=n_boot),
                                          compare(top, r, accuracy=True, n_boot=n_boot)) for r in seeds]
-        if len(table.vs_seeds) > 1:
-            table.notes.append(f"the best is compared with {len(table.vs_seeds)} seeded shapes: at 95% per interval, "
-                               "about one interval in 20 excludes 0 by chance alone")
+        _holm_families(table)
     _method_notes(table)
     return table
+
+
+def _holm_families(table: ResultTable) -> None:
+    """Holm over each family of claims the table makes: the best against every seeded shape (metric, and
+    accuracy), and every row against the best seed."""
+    for attr, out in (("metric", "metric_holm"), ("accuracy", "accuracy_holm")):
+        adjusted = holm_adjusted([_p(getattr(c, attr)) for c in table.vs_seeds])
+        for c, a in zip(table.vs_seeds, adjusted):
+            setattr(c, out, a)
+    compared = [r for r in table.rows if r.vs_best_seed is not None]
+    for r, a in zip(compared, holm_adjusted([_p(r.vs_best_seed) for r in compared])):
+        r.vs_best_seed_holm = a
+    if len(table.vs_seeds) > 1:
+        table.notes.append(f"the best is compared with {len(table.vs_seeds)} seeded shapes: verdicts use p-values "
+                           f"Holm-adjusted over those {len(table.vs_seeds)} comparisons (family-wise 5%); each "
+                           "interval shown is a 95% interval on its own")
+
+
+def _p(paired: Paired | None) -> float:
+    return paired.p_value if paired is not None else math.nan
 
 
 def compare(a: ResultRow, b: ResultRow, *, accuracy: bool = False, n_boot: int = 2000) -> Paired | None:
@@ -223,18 +263,35 @@ def _majority(finalists: Sequence[FinalistRecord]) -> float | None:
     return values.pop() if len(values) == 1 else None  # one test sample for every finalist, else no reference
 
 
-def _check_against_majority(table: ResultTable) -> None:
-    """A fine-tune that does not beat always answering the majority label has not learned the task:
-    ranking such runs ranks seed noise, and the reader must be told before reading the table."""
-    below = table.below_majority()
+def _check_against_majority(table: ResultTable, n_boot: int = 2000) -> None:
+    """"Above the majority class" is a claim like any other: a row makes it only when its test accuracy's
+    interval, Holm-adjusted over the rows, excludes the majority rate (accuracy minus that rate, bootstrapped over
+    test examples x seeds; per-seed accuracies when the run kept no per-example scores). A fine-tune not shown
+    to beat always answering the majority label may not have learned the task: ranking such runs ranks noise."""
+    if table.majority is None:
+        return
+    p0 = table.majority
+    for r in table.rows:
+        if r.correct:
+            r.vs_majority = paired_examples(r.correct, {s: {i: p0 for i in ids} for s, ids in r.correct.items()},
+                                            n_boot=n_boot)
+        elif r.accuracy:
+            r.vs_majority = paired_comparison(r.accuracy, {s: p0 for s in r.accuracy}, n_boot=n_boot)
+    adjusted = holm_adjusted([_p(r.vs_majority) for r in table.rows])
+    for r, a in zip(table.rows, adjusted):
+        if r.vs_majority is not None:
+            r.majority_claim = ("above" if a <= FAMILY_ALPHA and r.vs_majority.mean_diff > 0 else
+                                "below" if a <= FAMILY_ALPHA else "not distinguishable")
+    above = [r for r in table.rows if r.majority_claim == "above"]
+    how = (f"majority class {p0:.4f} on the same test examples; test accuracy's bootstrap interval over examples "
+           f"x seeds, Holm over the {len(table.rows)} finalists")
     if table.nothing_learned:
-        table.notes.append(f"every finalist's mean test accuracy is at or below the majority-class baseline "
-                           f"({table.majority:.4f} on the same test examples): at this fidelity the fine-tunes did "
-                           "not learn the task, so this table ranks seed noise; train trials on more data "
-                           "(--max-train-examples, --epochs)")
-    elif below:
-        table.notes.append(f"{len(below)} of {len(table.rows)} finalists are at or below the majority-class "
-                           f"baseline ({table.majority:.4f}): {', '.join(r.name for r in below)}")
+        table.notes.append(f"no finalist is shown to beat the majority class ({how}): at this fidelity the fine-tunes "
+                           "may not have learned the task, so this table may rank seed noise; train trials on more "
+                           "data (--max-train-examples, --epochs)")
+    else:
+        table.notes.append(f"{len(above)} of {len(table.rows)} finalists are shown to beat the majority class ({how})"
+                           + (": " + ", ".join(r.name for r in above) if above else ""))
 
 
 def _from_trials(data: StudyData) -> ResultTable:

@@ -175,6 +175,7 @@ class StudyData:
     noise: Any = None                        # mola_search.stats.NoiseFloor, when the pilot ran
     noise_rounds: list[Any] = field(default_factory=list)   # --auto-fidelity history (last = chosen)
     noise_note: str = ""                     # why there is no noise floor, when there is none
+    decision: Any = None                     # search.study.decision.Decision, when the study raced (racing.json)
 
     @property
     def name(self) -> str:
@@ -242,6 +243,10 @@ class StudyData:
                   and not (searched_only and f.is_seed)]
         if not scored:
             return None
+        if self.decision is not None and not (seeds_only or searched_only):  # a race decided: its pick
+            chosen = next((f for f in scored if f.label == self.decision.chosen), None)
+            if chosen is not None:
+                return chosen
         on = self.selected_on()
         return max(scored, key=lambda f: (*selection_key(f, on), -f.number))
 
@@ -281,6 +286,7 @@ def load_study(folder: str | Path) -> StudyData:
     data.metric = _metric(data, runs)
     data.finalists = _finalists(handle, runs, {t.number: t for t in trials}, data.metric)
     data.noise, data.noise_rounds, data.noise_note = _noise(handle)
+    data.decision = _decision(handle)
     _status(data)
     return data
 
@@ -377,6 +383,19 @@ def _noise(handle: StudyFolder) -> tuple[Any, list[Any], str]:
     except UserError as exc:
         return None, [], f"no noise floor: {exc}"
     return noise, rounds, ""
+
+
+def _decision(handle: StudyFolder) -> Any:
+    """The study's decision (racing.json), or None for a study made before races or still before its final stage."""
+    from mola_search.search.study.decision import Decision
+
+    raw = handle.read_racing()
+    if not raw:
+        return None
+    try:
+        return Decision.from_dict(raw)
+    except (TypeError, ValueError, KeyError):
+        return None
 
 
 def _status(data: StudyData) -> None:
