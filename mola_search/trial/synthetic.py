@@ -22,7 +22,8 @@ in (0, 1] and n training examples (default REFERENCE_EXAMPLES)::
 
     s = (1 - f) / 2                     shrink: a short run separates allocations less
     g = 3 - 2 f                         sd multiplier: 1 at f = 1, 2 at f = 0.5
-    h = sqrt(REFERENCE_EXAMPLES / n)    doubling the training data shrinks the noise by sqrt(2)
+    h = (REFERENCE_EXAMPLES / n) ** e  e = noise_exponent: 0.5 by default (doubling the training data shrinks
+                                       the noise by sqrt(2)); `calibrated` uses the exponent measured on MRPC
 
 z_S (the seed's block effect: one seed = one training subset and order, shared by every
 allocation) and z_E (the allocation x seed residual) are standard normals, fixed
@@ -65,6 +66,15 @@ REFERENCE_EXAMPLES = 64      # training examples at which seed_sd and noise hold
 RUNG_CORRELATION = 0.5       # share of a run's noise variance common to all its fidelities
 DEFAULT_VALIDATION_EXAMPLES = 200
 
+# Noise sizes measured on MRPC with SmolLM2-135M (gold log-prob; docs/strategies.md has the commands):
+# - the cpu-standard pilot's seed-paired residual sd at trial fidelity (256 training examples): 0.059;
+# - finalists' sd over seeds at 64 steps on 1024 examples: 0.003 to 0.015 (0.010 taken here);
+# - the per-example sd of gold log-prob within one run: 0.11 to 0.42 over the pilot's runs (0.3 taken).
+# With noise_exponent g the residual at n examples is noise * (64 / n) ** g: 0.059 at 256 and 0.010 at 1024
+# give g = log(5.9) / log(4) = 1.28 and noise = 0.059 / (64 / 256) ** 1.28 = 0.349. The seed's own effect
+# (shared by every allocation a seed trains, cancelled by pairing) is taken as large as the residual.
+CALIBRATED_MRPC = {"noise": 0.349, "seed_sd": 0.349, "example_sd": 0.3, "noise_exponent": 1.28}
+
 
 @dataclass(frozen=True)
 class SyntheticObjective:
@@ -90,6 +100,8 @@ class SyntheticObjective:
     noise: float = 0.01
     seed_sd: float = 0.01
     example_sd: float = 0.1
+    noise_exponent: float = 0.5   # the noise falls as (REFERENCE_EXAMPLES / n) ** this with n training examples
+    stream: int = 0               # another stream of the same model's noise (a benchmark's repetition)
 
     def __post_init__(self) -> None:
         if self.name not in SYNTHETIC_NAMES:
@@ -208,10 +220,22 @@ class SyntheticObjective:
         shrink = 0.5 * (1.0 - fidelity)
         return (1.0 - shrink) * value + shrink * 0.5
 
-    @staticmethod
-    def _noise_scale(fidelity: float, train_examples: int) -> float:
-        """h * g of the module docstring."""
-        return math.sqrt(REFERENCE_EXAMPLES / train_examples) * (3.0 - 2.0 * fidelity)
+    def _noise_scale(self, fidelity: float, train_examples: int) -> float:
+        """h * g of the module docstring (h = (REFERENCE_EXAMPLES / n) ** noise_exponent)."""
+        return (REFERENCE_EXAMPLES / train_examples) ** self.noise_exponent * (3.0 - 2.0 * fidelity)
+
+    def noise_at(self, experts: Sequence[int], *, seed: int, fidelity: float = 1.0,
+                 train_examples: int | None = None) -> float:
+        """The noise part of `observe`: what a training run with `seed` adds to the allocation's clean score."""
+        counts = [int(c) for c in self._check(experts)]
+        return self.observe(counts, seed=seed, fidelity=fidelity, train_examples=train_examples) - \
+            self._clean_at(self.value(counts), fidelity)
+
+    @classmethod
+    def calibrated(cls, name: str, num_layers: int, budget: int, min_experts: int = 1,
+                   max_experts: int | None = 8, stream: int = 0) -> "SyntheticObjective":
+        """The noise sizes measured on real MRPC studies with SmolLM2-135M (`CALIBRATED_MRPC`)."""
+        return cls(name, num_layers, budget, min_experts, max_experts, **CALIBRATED_MRPC, stream=stream)
 
     @staticmethod
     def _train_examples(value: int | None) -> int:
@@ -232,7 +256,8 @@ class SyntheticObjective:
     @property
     def _identity(self) -> str:
         """What the random draws depend on: the objective's shape, not its noise sizes (so they scale)."""
-        return f"{self.name}|{self.num_layers}|{self.budget}|{self.min_experts}|{self.max_experts}"
+        base = f"{self.name}|{self.num_layers}|{self.budget}|{self.min_experts}|{self.max_experts}"
+        return base if not self.stream else f"{base}|stream{self.stream}"
 
     @property
     def _legacy_repr(self) -> str:

@@ -77,6 +77,8 @@ class Race:
         self.looks: list[dict[str, Any]] = []
         self.alpha_spent, self.looked_runs, self.same_question = 0.0, 0, True
         self.level = self.alpha  # the family-wise level of all the race's claims: alpha per segment
+        # a segment spends level - segment_base over the runs from segment_start to max_runs (stats.race.spent_by)
+        self.segment_start, self.segment_base = 0, 0.0
         self._restore()
 
     # --- the loop -----------------------------------------------------------------------------------
@@ -198,11 +200,13 @@ class Race:
     def _look(self, rounds: int) -> str:
         live = self.live()
         seeds = [self.seed(r) for r in range(rounds)]
-        # The error budget left, spread over the fine-tunes the race may still spend (the linear rule of
-        # stats.race when nothing changed; a continued race with a larger budget spends only what is left).
-        left_runs = max(self.max_runs - self.looked_runs, self.runs() - self.looked_runs)
-        available = self.level - self.alpha_spent
-        alpha = available * (self.runs() - self.looked_runs) / left_runs if left_runs else 0.0
+        # The error budget this look may spend (stats.race.spent_by): a fraction of the segment's budget that
+        # grows with the fine-tunes spent since the segment began; a fixed block spends all of it at once.
+        if self.last_round is not None:
+            alpha = self.level - self.alpha_spent
+        else:
+            target = stats.spent_by(self.runs() - self.segment_start, self.max_runs - self.segment_start)
+            alpha = max(0.0, self.segment_base + (self.level - self.segment_base) * target - self.alpha_spent)
         result = stats.look({e.label: e.validation for e in live}, seeds, alpha=alpha, delta=self.delta)
         self.alpha_spent += alpha
         self.looked_runs = self.runs()
@@ -233,7 +237,8 @@ class Race:
         decision = Decision(verdict, self.config.metric, self.delta, self.level, self.max_runs, self.runs(),
                             self.complete_rounds(), [e.label for e in live], chosen.label if chosen else None,
                             stopped, list(self.entries.values()), self.looks, stage=self.stage,
-                            alpha_spent=self.alpha_spent)
+                            alpha_spent=self.alpha_spent, segment_start=self.segment_start,
+                            segment_base=self.segment_base)
         if verdict == UNDECIDED and len(live) >= 2 and self.looks:
             last = self.looks[-1]
             means = sorted((last["means"][e.label] for e in live if e.label in last["means"]), reverse=True)
@@ -283,7 +288,8 @@ class Race:
         """racing.json as it stands (an interrupted race resumes from it)."""
         state = Decision(UNDECIDED, self.config.metric, self.delta, self.level, self.max_runs, self.runs(),
                          self.complete_rounds(), [e.label for e in self.live()], None, "running",
-                         list(self.entries.values()), self.looks, stage=self.stage, alpha_spent=self.alpha_spent)
+                         list(self.entries.values()), self.looks, stage=self.stage, alpha_spent=self.alpha_spent,
+                         segment_start=self.segment_start, segment_base=self.segment_base)
         self.study.folder.write_racing(state.to_dict())
 
     def _restore(self) -> None:
@@ -303,9 +309,14 @@ class Race:
         self.looks, self.alpha_spent = list(before.looks), before.alpha_spent
         self.level = max(before.level, self.alpha)
         self.looked_runs = self.looks[-1]["runs"] if self.looks else 0
+        self.segment_start, self.segment_base = before.segment_start, before.segment_base
         self.same_question = (before.min_effect, before.level, before.max_runs) == (self.delta, self.level,
                                                                                       self.max_runs)
-        if not self.same_question and self.level - self.alpha_spent < 1e-12 and self.looks:
+        if self.same_question or not self.looks:
+            return
+        # another question or budget: what is left is spread over the runs from here on
+        self.segment_start, self.segment_base = self.looked_runs, self.alpha_spent
+        if self.level - self.alpha_spent < 1e-12:
             self.level += self.alpha
             self.study.message(f"{self.stage}: the earlier looks spent the error budget; this continuation opens a "
                                f"new one of {self.alpha:g}, so the race's claims together hold at family-wise level "

@@ -76,6 +76,8 @@ class Decision:
     more_seeds: dict[str, float] = field(default_factory=dict)   # undecided: seeds per contender to settle it
     stage: str = "racing"                  # or "finalists" (the fixed block, one look at the end)
     alpha_spent: float = 0.0
+    segment_start: int = 0                 # runs when the current error-budget segment began
+    segment_base: float = 0.0              # error budget spent before it
 
     # --- reading it ---------------------------------------------------------------------------------
     def contender(self, label: str | None) -> Entry | None:
