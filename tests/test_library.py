@@ -254,11 +254,11 @@ def test_router_stats_during_batched_generation_count_real_tokens_only():
 
 
 def test_the_readme_library_example_runs_as_written(tmp_path, monkeypatch, capsys):
-    text = (REPO / "README.md").read_text()
-    section = text[text.index("## Use it as a library"):]
+    text = (REPO / "docs" / "library.md").read_text()
+    section = text[text.index("## MoLA experts in any causal LM"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    exec(compile(code, "docs/library.md", "exec"), {"__name__": "readme"})
     out = capsys.readouterr().out
     assert "trainable params:" in out
     assert (tmp_path / "mola-out" / "adapter" / "adapter_model.safetensors").is_file()

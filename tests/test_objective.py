@@ -98,11 +98,11 @@ def test_import_objective_refuses_what_cannot_be_imported() -> None:
 def test_the_readme_objective_example_runs_as_written(tmp_path: Path, monkeypatch, capsys) -> None:
     import re
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = text[text.index("### Your own objective"):]
+    text = (Path(__file__).resolve().parents[1] / "docs" / "library.md").read_text()
+    section = text[text.index("## Your own objective"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README.md", "exec"), {"__name__": "readme_objective"})
+    exec(compile(code, "docs/library.md", "exec"), {"__name__": "readme_objective"})
     out = capsys.readouterr().out
     folder = tmp_path / "objective-study"
     rows = [r for r in _rows(folder / "trials.csv") if not r["duplicate_of"]]  # not answered from the cache
