@@ -226,3 +226,28 @@ def test_mola_train_starts_from_an_official_checkpoint(tmp_path, capsys):
                                          "--init-from", str(tmp_path / "official"), "--out", str(tmp_path / "c")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "--allocation" in err, err
+
+
+def test_mola_search_convert_goes_both_ways_and_analyze_reads_an_official_checkpoint(tmp_path, reference, capsys):
+    from mola_search.analysis.adapter import analyze_adapter
+    from mola_search.cli.common import run_main
+    from mola_search.cli.search import main
+
+    model, ids, logits = reference
+    official = tmp_path / "official"
+    write_official_folder(official, official_state_dict(model))
+    ours_dir, back = tmp_path / "ours", tmp_path / "back"
+    assert run_main("mola-search", main, ["convert", str(official), str(ours_dir), "--top-k", ",".join(map(str, TOP_K))]) == 0
+    converted = MoLAModel.from_pretrained(random_llama(SHAPE), ours_dir).eval()
+    assert torch.allclose(logits_of(converted, ids), logits, atol=1e-5)  # the official model's outputs
+    assert run_main("mola-search", main, ["convert", str(ours_dir), str(back)]) == 0
+    assert "official checkpoint folder" in capsys.readouterr().out
+    again = tmp_path / "again"
+    assert run_main("mola-search", main, ["convert", str(back), str(again), "--top-k", ",".join(map(str, TOP_K))]) == 0
+    assert torch.allclose(logits_of(MoLAModel.from_pretrained(random_llama(SHAPE), again).eval(), ids), logits,
+                          atol=1e-5)
+    # analyze takes the official checkpoint as it is: the same redundancy as the converted folder
+    capsys.readouterr()
+    assert run_main("mola-search", main, ["analyze", str(official), "--top-k", ",".join(map(str, TOP_K)), "--json"]) == 0
+    direct = json.loads(capsys.readouterr().out)
+    assert direct["experts"] == list(analyze_adapter(ours_dir).config.experts)

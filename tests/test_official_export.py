@@ -336,3 +336,26 @@ def test_an_existing_export_is_not_overwritten(tmp_path):
     with pytest.raises(UserError, match=r"^`out` .* exists and is not an empty folder"):
         write_official_export(SPEC, study(model=model_folder(tmp_path / "m")), splits_of(YES_NO), tmp_path / "export")
     assert [p.name for p in (tmp_path / "export").iterdir()] == ["mine.txt"]
+
+
+@pytest.mark.integration  # the study's task data: the real MRPC
+@pytest.mark.skipif(not (Path(os.environ.get("MOLA_DATA_DIR", "../shared/data")) / "mrpc").is_dir(),
+                    reason="needs the MRPC data (MOLA_DATA_DIR)")
+def test_mola_search_exports_a_study_in_the_official_layout_or_refuses_in_one_line(tmp_path, capsys):
+    """`mola-search export --format official --out`: a tokenizer the official loader cannot read is refused
+    before anything is written; with a model folder it can read, the folder holds what the scripts need."""
+    from helpers import MODEL, search
+
+    study, out = tmp_path / "study", tmp_path / "export"
+    assert search(["--task", "mrpc", "--model", "tiny-llama-L4", "--objective", "synthetic:upper", "--executor",
+                   "local", "--no-pilot", "--trials", "6", "--max-finalist-runs", "8", "--out", str(study)]) == 0
+    capsys.readouterr()
+    assert search(["export", str(study), "--format", "official", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mola-search: error: ") and "\n" not in err and not out.exists()
+    assert search(["export", str(study), "--format", "official"]) == 2
+    assert "pass --out" in capsys.readouterr().err
+    folder = model_folder(tmp_path / "model")
+    assert search(["export", str(study), "--format", "official", "--out", str(out), "--model", folder]) == 0
+    assert {"train.sh", "evaluate.sh", "NOTES.md", "data"} <= {p.name for p in out.iterdir()}
+    assert folder in (out / "train.sh").read_text() and MODEL != folder

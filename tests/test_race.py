@@ -225,3 +225,33 @@ def test_kill_9_mid_race_then_resume_loses_no_finished_run(tmp_path: Path) -> No
     assert all(after[p] == t for p, t in before.items())  # every finished run kept, none retrained
     racing = _racing(folder)
     assert racing["stopped"] != "running" and racing["runs"] == len(after)
+
+
+def test_every_json_file_a_study_writes_is_strict_json(tmp_path: Path, capsys) -> None:
+    """No NaN or Infinity anywhere: json.loads with parse_constant refusing them reads every file (and export)."""
+    folder = tmp_path / "strict"
+    assert search([*BASE, "--out", str(folder), "--max-finalist-runs", "8"]) == 0
+    capsys.readouterr()
+
+    def refuse(token: str):
+        raise ValueError(f"non-standard JSON: {token}")
+
+    files = sorted(folder.rglob("*.json"))
+    assert {"study.json", "racing.json", "best_allocation.json", "metrics.json"} <= {p.name for p in files}
+    for path in files:
+        json.loads(path.read_text(), parse_constant=refuse)
+    assert search(["export", str(folder), "--format", "json"]) == 0
+    json.loads(capsys.readouterr().out, parse_constant=refuse)
+
+
+@pytest.mark.integration  # real MRPC data, a tiny model really trained
+def test_mola_search_trains_with_the_official_balance_loss_and_its_coefficient(tmp_path: Path) -> None:
+    """--balance-loss official reaches every trial: a finalist's adapter records it with the official 0.001."""
+    folder = tmp_path / "official-loss"
+    assert search(["--task", "mrpc", "--model", "tiny-llama-L4", "--executor", "local", "--no-pilot", "--trials", "2",
+                   "--max-train-examples", "8", "--max-eval-examples", "8", "--finalist-train-examples", "8",
+                   "--finalist-eval-examples", "8", "--batch-size", "4", "--micro-batch-size", "4",
+                   "--max-finalist-runs", "4", "--balance-loss", "official", "--out", str(folder)]) == 0
+    config = json.loads(next(folder.glob("finalists/*/seed*/adapter/adapter_config.json")).read_text())
+    assert config["balance_loss"] == "official" and config["aux_loss_coef"] == pytest.approx(0.001)
+    assert json.loads((folder / "study.json").read_text())["balance_loss"] == "official"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from mola_search.cli.common import OneLineParser
+from mola_search.cli.common import OneLineParser, top_k_arg
 
 
 def report_main(argv: list[str]) -> int:
@@ -25,7 +25,10 @@ def report_main(argv: list[str]) -> int:
 def analyze_main(argv: list[str]) -> int:
     p = OneLineParser(prog="mola-search analyze",
                                 description="Expert redundancy and routing of one trained MoLA adapter.")
-    p.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors), or an official "
+                                   "MoLA checkpoint (GCYZSL/MoLA; converted on the fly)")
+    p.add_argument("--top-k", dest="top_k", type=top_k_arg,
+                   help="an official checkpoint's top-k (not recorded there; default: its allocation.json, else 2)")
     p.add_argument("--router-stats", help="router_stats.json (default: next to the adapter or in its run folder)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--out", help="also write redundancy.png / routing.png / balance.png into this folder")
@@ -36,7 +39,12 @@ def analyze_main(argv: list[str]) -> int:
     from mola_search.analysis.adapter import analyze_adapter, format_table
     from mola_search.analysis.redundancy import QUANTITIES, QUANTITY_LABELS
 
-    a = analyze_adapter(args.adapter, args.router_stats)
+    import tempfile
+
+    from mola_search.mola.official_checkpoint import as_adapter_folder
+
+    with tempfile.TemporaryDirectory() as scratch:  # an official checkpoint, converted for the reading only
+        a = analyze_adapter(as_adapter_folder(args.adapter, scratch, top_k=args.top_k), args.router_stats)
     if args.json:
         print(json.dumps(a.to_dict(), indent=1))
     else:

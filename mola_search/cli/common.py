@@ -84,3 +84,12 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return raw
 
 
+
+
+def top_k_arg(text: str) -> int | tuple[int, ...]:
+    """`--top-k 2` or a per-layer list `--top-k 1,2,2`."""
+    parts = [x.strip() for x in text.split(",")]
+    if not all(x.isdigit() and int(x) >= 1 for x in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a top-k: use an integer >= 1 or a comma list, e.g. 1,2,2")
+    values = tuple(int(x) for x in parts)
+    return values[0] if len(values) == 1 else values

@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mola_search.cli.common import OneLineParser, load_config_file, run_main
+from mola_search.cli.common import OneLineParser, load_config_file, run_main, top_k_arg
 from mola_search.errors import UserError
 
-SUBCOMMANDS = ("decide", "export", "report", "analyze", "compare")
+SUBCOMMANDS = ("decide", "export", "convert", "report", "analyze", "compare")
 
 # flag dest -> StudyConfig field (flags absent from the command line leave preset/config values alone)
 _STUDY_FLAGS = ("task", "model", "budget", "out", "space", "objective", "trials", "sampler", "seed", "data_dir", "dtype",
@@ -30,7 +30,8 @@ _STUDY_FLAGS = ("task", "model", "budget", "out", "space", "objective", "trials"
                 "max_concurrent", "scheduler", "finalist_top_n", "finalist_seeds", "finalist_train_examples",
                 "finalist_eval_examples", "metric", "pilot", "pilot_seeds", "auto_fidelity", "noise_threshold",
                 "time_budget", "strategy", "supernet_factor", "oneshot_trials", "oneshot_eval_examples",
-                "oneshot_checks", "final_stage", "min_effect", "max_finalist_runs", "race_min_seeds")
+                "oneshot_checks", "final_stage", "min_effect", "max_finalist_runs", "race_min_seeds", "balance_loss",
+                "aux_loss_coef")
 _FIDELITY_FLAGS = {"max_train_examples": "max_train_examples", "max_eval_examples": "max_eval_examples",
                    "epochs": "epochs", "max_steps": "max_steps"}
 _TRAIN_FLAGS = ("lr", "batch_size", "micro_batch_size", "cutoff_len", "activation_checkpointing")
@@ -38,7 +39,7 @@ _TRAIN_FLAGS = ("lr", "batch_size", "micro_batch_size", "cutoff_len", "activatio
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="mola-search", description=__doc__.splitlines()[0],
-                      epilog="subcommands: decide, export, report, analyze, compare (see `mola-search <subcommand> -h`)",
+                      epilog="subcommands: decide, export, convert, report, analyze, compare (see `mola-search <subcommand> -h`)",
                       argument_default=argparse.SUPPRESS)
     p.add_argument("--config", help="YAML/JSON study settings; flags override them")
     p.add_argument("--resume", metavar="STUDY_DIR", help="continue the study in this folder")
@@ -114,6 +115,11 @@ def _fidelity_flags(p: argparse.ArgumentParser) -> None:
     f.add_argument("--cutoff-len", type=int, dest="cutoff_len")
     f.add_argument("--activation-checkpointing", action="store_true", dest="activation_checkpointing",
                    help="trials recompute each decoder layer in backward: same results, less memory per trial")
+    f.add_argument("--balance-loss", dest="balance_loss",
+                   help="per-module (default) | official (GCYZSL/MoLA's: pooled per decoder layer, summed, coefficient "
+                        "0.001; docs/official-code.md); mola-official is an alias")
+    f.add_argument("--aux-loss-coef", type=float, dest="aux_loss_coef",
+                   help="weight of the balance loss (default: 0.01 per-module, 0.001 official)")
 
 
 def _resource_flags(p: argparse.ArgumentParser) -> None:
@@ -173,7 +179,7 @@ def study_config_from_args(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
-        return {"decide": decide_main, "export": export_main, "report": _analysis("report_main"),
+        return {"decide": decide_main, "export": export_main, "convert": convert_main, "report": _analysis("report_main"),
                 "analyze": _analysis("analyze_main"), "compare": _analysis("compare_main")}[argv[0]](argv[1:])
     args = build_parser().parse_args(argv)
     from mola_search.search.config import StudyConfig
@@ -253,33 +259,89 @@ def _summarize(folder: Path) -> str:
 
 
 def export_main(argv: list[str]) -> int:
-    p = OneLineParser(prog="mola-search export", description="Print or write a study's best allocation.")
+    p = OneLineParser(prog="mola-search export",
+                      description="Print or write a study's exported allocation, or a folder for the official code.")
     p.add_argument("study", help="study folder")
-    p.add_argument("--format", choices=["json", "mola-flags"], default="json")
-    p.add_argument("--output", help="write here instead of stdout")
+    p.add_argument("--format", choices=["json", "mola-flags", "official"], default="json",
+                   help="json (the spec and the decision) | mola-flags (one line for the official mola_training.py) "
+                        "| official (a folder: flags, dataset, train.sh, evaluate.sh, NOTES.md; needs --out)")
+    p.add_argument("--output", help="json / mola-flags: write here instead of stdout")
+    p.add_argument("--out", help="official: the folder to write (must not exist, or be empty)")
+    p.add_argument("--model", help="official: what the official scripts load as --base_model (default: the study's)")
     args = p.parse_args(argv)
+    from mola_search._io import dumps
     from mola_search.search.study.best import exported_best
 
-    spec, meta = exported_best(Path(args.study))
+    folder = Path(args.study)
+    spec, meta = exported_best(folder)
+    if args.format == "official":
+        return _export_official(folder, spec, args)
     if args.format == "json":
-        text = json.dumps({**spec.to_dict(), **meta}, indent=2) + "\n"
+        text = dumps({**spec.to_dict(), **meta})
     else:  # refused (one line, exit 2) when the official code cannot run the study's model
-        from mola_search.mola.official import official_flags
-        from mola_search.search.config import StudyConfig
-        from mola_search.train.run import RunConfig
-
-        study = StudyConfig.load(Path(args.study))
-        # The "mola" objective fine-tunes with RunConfig's adapter settings (search.trial sets none of them);
-        # what another objective trained (a synthetic one: nothing) is not recorded.
-        settings = RunConfig() if study.objective.strip().lower() == "mola" else None
-        flags, notes = official_flags(spec, study.model, settings)
-        for note in notes:
-            print(f"# note: {note}", file=sys.stderr)
-        text = flags + "\n"
+        text = _mola_flags(folder, spec) + "\n"
     if args.output:
         Path(args.output).write_text(text)
     else:
         sys.stdout.write(text)
+    return 0
+
+
+def _mola_flags(folder: Path, spec) -> str:
+    from mola_search.mola.official import official_flags
+    from mola_search.search.config import StudyConfig
+    from mola_search.train.run import RunConfig
+
+    study = StudyConfig.load(folder)
+    # The "mola" objective fine-tunes with RunConfig's adapter settings and the study's balance loss; what another
+    # objective trained (a synthetic one: nothing) is not recorded.
+    settings = (RunConfig(balance_loss=study.balance_loss, aux_loss_coef=study.aux_loss_coef)
+                if study.objective.strip().lower() == "mola" else None)
+    flags, notes = official_flags(spec, study.model, settings)
+    for note in notes:
+        print(f"# note: {note}", file=sys.stderr)
+    return flags
+
+
+def _export_official(folder: Path, spec, args) -> int:
+    """A folder the official scripts train and evaluate the exported allocation with, as the study trained it."""
+    from mola_search.official.export import write_official_export
+    from mola_search.search.context import effective_fidelity
+    from mola_search.search.config import StudyConfig
+    from mola_search.tasks import load_task
+
+    if not args.out:
+        raise UserError("`--format official` writes a folder: pass `out` (a new or empty folder)")
+    study = StudyConfig.load(folder)
+    settings = {**study.to_dict(), "fidelity": effective_fidelity(folder, study).to_dict()}
+    out = write_official_export(spec, settings, load_task(study.task, study.data_dir, val_seed=0).splits, args.out,
+                                model=args.model)
+    print(f"{out}: train.sh trains {spec.source or 'the exported allocation'} with the official mola_training.py; "
+          "NOTES.md lists what does not carry over")
+    return 0
+
+
+def convert_main(argv: list[str]) -> int:
+    """`mola-search convert SRC DST`: an official MoLA checkpoint to one of our adapter folders, or back."""
+    p = OneLineParser(prog="mola-search convert",
+                      description="Convert an official MoLA checkpoint (GCYZSL/MoLA) into an adapter folder, or an "
+                                  "adapter folder into the official checkpoint layout (the direction is read from SRC).")
+    p.add_argument("source", help="an official checkpoint folder, or one of our adapter folders")
+    p.add_argument("target", help="the folder to write")
+    p.add_argument("--top-k", dest="top_k", type=top_k_arg,
+                   help="official checkpoints do not record top-k: the one it was trained with (default: its "
+                        "allocation.json, else 2)")
+    p.add_argument("--model", help="our adapter -> official: the base model the checkpoint is for")
+    args = p.parse_args(argv)
+    from mola_search.mola.official_checkpoint import (convert_adapter_to_official, convert_official_to_adapter,
+                                                      is_official_checkpoint)
+
+    if is_official_checkpoint(args.source):
+        out = convert_official_to_adapter(args.source, args.target, args.top_k)
+        print(f"{out}: an adapter folder (mola-train --init-from, mola-search analyze, MoLAModel.from_pretrained)")
+    else:
+        out = convert_adapter_to_official(args.source, args.target, base_model=args.model)
+        print(f"{out}: an official checkpoint folder (the official evaluation script's --lora_weights)")
     return 0
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mola_search.errors import UserError
+from mola_search.mola.config import canonical_balance_loss
 from mola_search.search.samplers import SAMPLERS
 from mola_search.trial.settings import TrialSettings
 from mola_search.trial.synthetic import SYNTHETIC_NAMES, SYNTHETIC_PREFIX
@@ -118,6 +119,8 @@ class StudyConfig:
     time_budget: float | None = None          # minutes for the whole study (--auto-fidelity stays within it)
     train: dict[str, Any] = field(default_factory=dict)
     fidelity: dict[str, Any] = field(default_factory=dict)   # overrides of the space's fidelity
+    balance_loss: str = "per-module"          # "per-module" or "official" (GCYZSL/MoLA's; MoLAConfig.balance_loss)
+    aux_loss_coef: float | None = None        # None: the balance loss's own coefficient (0.01, official 0.001)
     preset: str | None = None
     # --strategy one-shot: a supernet trained once, allocations scored by masking (search.supernet)
     strategy: str = "standalone"
@@ -167,6 +170,10 @@ class StudyConfig:
             raise UserError(f"`trials` must be at least 1, got {self.trials}")
         if self.finalist_seeds < 0 or self.finalist_top_n < 0:
             raise UserError("finalist counts must be >= 0")
+        object.__setattr__(self, "balance_loss", canonical_balance_loss(self.balance_loss))
+        if self.aux_loss_coef is not None and not self.aux_loss_coef >= 0:
+            raise UserError(f"`aux_loss_coef` is {self.aux_loss_coef}: use a weight >= 0 (or leave it out: the "
+                            "balance loss's own)")
         if self.final_stage not in FINAL_STAGES:
             raise UserError(f"unknown final stage '{self.final_stage}': use {' or '.join(FINAL_STAGES)}")
         if self.min_effect is not None and not self.min_effect > 0:
@@ -241,6 +248,7 @@ class StudyConfig:
         """What each of this study's trials needs to know of it."""
         return TrialSettings(task=self.task, model=self.model, objective=self.objective, metric=self.metric,
                              dtype=self.dtype, device=self.device, data_dir=self.data_dir, train=dict(self.train),
+                             balance_loss=self.balance_loss, aux_loss_coef=self.aux_loss_coef,
                              cpus=self.cpus_per_trial, gpus=self.gpus_per_trial,
                              final_train_examples=self.finalist_train_examples,
                              final_eval_examples=self.finalist_eval_examples)

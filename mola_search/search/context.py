@@ -112,6 +112,17 @@ def finished_search_fidelity(study: StudyContext) -> Fidelity:
     return Fidelity.from_dict(attrs[FIDELITY]) if attrs.get(FIDELITY) else study.space.fidelity
 
 
+def effective_fidelity(folder: str | Path, config: StudyConfig) -> Fidelity:
+    """The trial fidelity a study searched at, read from its storage (the pilot's choice when it ran), else the
+    space's with the study's overrides: what an export reproduces."""
+    from mola_search.search.study.records import FIDELITY
+
+    handle = StudyFolder(folder)
+    attrs = handle.open_optuna(config.storage, config.study_name).user_attrs if handle.has_storage() or \
+        config.storage else {}
+    return Fidelity.from_dict(attrs[FIDELITY]) if attrs.get(FIDELITY) else resolve_space(config).fidelity
+
+
 def raced_contenders(study: StudyContext) -> list[Any]:
     """The allocations a study already retrained at finalist fidelity (its finalists/ folders, in label order),
     as contenders: a race continues with them rather than with a new choice."""

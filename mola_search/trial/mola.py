@@ -73,7 +73,8 @@ def _run_config(settings: TrialSettings, fidelity: Fidelity, request: TrialReque
                                **({"max_steps": fidelity.max_steps} if fidelity.max_steps else {}),
                                "epochs": fidelity.epochs})
     return RunConfig(task=settings.task, model=settings.model, dtype=settings.dtype, device=trial_device(settings),
-                     data_dir=settings.data_dir, train=train_cfg,
+                     data_dir=settings.data_dir, train=train_cfg, balance_loss=settings.balance_loss,
+                     aux_loss_coef=settings.aux_loss_coef,
                      max_train_examples=train_examples or fidelity.max_train_examples,
                      max_eval_examples=eval_examples or fidelity.max_eval_examples,
                      eval_splits=("validation", "test") if request.final else (),

@@ -23,6 +23,8 @@ class TrialSettings:
     device: str = "auto"
     data_dir: str | None = None
     train: dict[str, Any] = field(default_factory=dict)
+    balance_loss: str = "per-module"
+    aux_loss_coef: float | None = None
     cpus: float = 1.0
     gpus: float = 0.0
     final_train_examples: int | None = None

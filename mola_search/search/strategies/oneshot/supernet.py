@@ -126,7 +126,8 @@ def _plan(study: "StudyContext", fidelity: Any) -> dict[str, Any]:
     examples = min(train_size, math.ceil(config.supernet_factor * per_trial))
     train_cfg = TrainConfig(**{**config.train, "seed": config.seed, "max_steps": steps})
     run = RunConfig(task=config.task, model=config.model, dtype=config.dtype, device=config.device,
-                    data_dir=config.data_dir, train=train_cfg, max_train_examples=examples,
+                    data_dir=config.data_dir, train=train_cfg, balance_loss=config.balance_loss,
+                    aux_loss_coef=config.aux_loss_coef, max_train_examples=examples,
                     max_eval_examples=config.oneshot_eval_examples, eval_splits=())
     return {"data": data, "run": run, "steps": steps, "trial_steps": trial_steps, "examples": examples,
             "sandwich": Sandwich(study.space, study.num_layers, study.budget, config.seed)}
