@@ -15,9 +15,9 @@ from pathlib import Path
 from mola_search.analysis import figures
 from mola_search.analysis.importance import EXPERTS_MOVED
 from mola_search.analysis.document import Bullets, Figure, Para, Section, Table, write
-from mola_search.analysis.report import analyse_layers, _fmt
-from mola_search.analysis.results import result_table
-from mola_search.analysis.studydata import load_study, require_completed
+from mola_search.analysis.report import LayerFindings, analyse_layers, _fmt
+from mola_search.analysis.results import ResultRow, ResultTable, result_table
+from mola_search.analysis.studydata import StudyData, load_study, require_completed
 from mola_search.errors import UserError
 from mola_search.allocation import run_length
 
@@ -30,6 +30,21 @@ def default_out(folders: Sequence[str | Path]) -> Path:
 
 def compare_studies(folders: Sequence[str | Path], out: str | Path | None = None, *, n_boot: int = 1000) -> Path:
     """Write compare-<a>-vs-<b>/index.html (+ summary.md, PNGs); returns the page's path."""
+    studies = _load_studies(folders)
+    names = _unique_names([d.folder.name for d in studies])
+    tables = [result_table(d) for d in studies]
+    findings = [analyse_layers(d, n_boot=n_boot) for d in studies]
+    out = _clean_out(folders, out)
+    bests = [t.row("best") for t in tables]
+    sections = [_overview_section(names, studies, tables, bests), _allocations_section(names, bests, out),
+                _layers_section(names, findings, out)]
+    subtitle = " vs ".join(f"`{d.folder}`" for d in studies) + f"; written {time.strftime('%Y-%m-%d %H:%M')}"
+    page, _ = write(out, "mola-search comparison: " + " vs ".join(names), subtitle, sections)
+    return page
+
+
+def _load_studies(folders: Sequence[str | Path]) -> list[StudyData]:
+    """The completed studies of two or more different folders (UserError otherwise)."""
     if len(folders) < 2:
         raise UserError("compare needs at least two study folders")
     resolved = [Path(f).resolve() for f in folders]
@@ -38,14 +53,21 @@ def compare_studies(folders: Sequence[str | Path], out: str | Path | None = None
     studies = [load_study(f) for f in folders]
     for d in studies:
         require_completed(d, what="compare")
-    names = _unique_names([d.folder.name for d in studies])
-    tables = [result_table(d) for d in studies]
-    findings = [analyse_layers(d, n_boot=n_boot) for d in studies]
+    return studies
+
+
+def _clean_out(folders: Sequence[str | Path], out: str | Path | None) -> Path:
+    """The output folder (default_out unless given), created, without the PNGs of an earlier comparison."""
     out = Path(out) if out else default_out(folders)
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.png"):
         old.unlink()
+    return out
 
+
+def _overview_section(names: Sequence[str], studies: Sequence[StudyData], tables: Sequence[ResultTable],
+                      bests: Sequence[ResultRow | None]) -> Section:
+    """1. Studies: one column per study (settings, census, best allocation and score, best seed)."""
     overview = Section("1. Studies", anchor="studies")
     head = ["", *names]
     rows = []
@@ -59,7 +81,6 @@ def compare_studies(folders: Sequence[str | Path], out: str | Path | None = None
     row("space / sampler", [f"{d.config.space} / {d.config.sampler}" for d in studies])
     row("trials complete / pruned / failed",
         [f"{d.count('COMPLETE')} / {d.count('PRUNED')} / {d.count('FAIL')}" for d in studies])
-    bests = [t.row("best") for t in tables]
     row("best allocation", [f"`{run_length(b.allocation)}` ({b.name})" if b and b.allocation else "–" for b in bests])
     row("metric", [f"`{d.metric}`" for d in studies])
     row("noise floor", [d.noise_line() for d in studies])
@@ -76,7 +97,11 @@ def compare_studies(folders: Sequence[str | Path], out: str | Path | None = None
     for name, d in zip(names, studies):
         if not d.finished:
             overview.add(Para(f"{name} is still running or was interrupted: " + "; ".join(d.notes) + ".", "warning"))
+    return overview
 
+
+def _allocations_section(names: Sequence[str], bests: Sequence[ResultRow | None], out: Path) -> Section:
+    """2. Each study's best allocation relative to its even split, over relative depth (allocations.png)."""
     alloc = Section("2. Best allocations over relative depth", anchor="allocations")
     shapes = {n: [c / (sum(b.allocation) / len(b.allocation)) for c in b.allocation]
               for n, b in zip(names, bests) if b is not None and b.allocation}
@@ -85,7 +110,11 @@ def compare_studies(folders: Sequence[str | Path], out: str | Path | None = None
                                      title="Best allocations relative to an even split")
         alloc.add(Figure("allocations.png", "Each study's best allocation as a multiple of its even split "
                                             "(1 = rectangle), over relative depth."))
+    return alloc
 
+
+def _layers_section(names: Sequence[str], findings: Sequence[LayerFindings], out: Path) -> Section:
+    """3. Which layers matter: per-layer effects (layer_effects.png), the block table, each study's findings."""
     layers = Section("3. Which layers matter, per study", anchor="layers")
     effects = {n: f.per_layer for n, f in zip(names, findings) if f.per_layer.usable}
     if effects:
@@ -96,12 +125,7 @@ def compare_studies(folders: Sequence[str | Path], out: str | Path | None = None
             zero=True)
         layers.add(Figure("layer_effects.png", "Least-squares estimates of the score change per expert added to a "
                                                "layer, over relative depth; shaded: simultaneous 95% intervals."))
-    block_rows = []
-    for n, f in zip(names, findings):
-        for e in f.per_block.effects:
-            moved, lo, hi = e.moved()
-            block_rows.append([n, e.label, f"{moved:+.2g}", f"[{lo:+.2g}, {hi:+.2g}]",
-                               "yes" if e in f.per_block.claims() else "no"])
+    block_rows = _block_rows(names, findings)
     if block_rows:
         layers.add(Table(["study", "block", f"score for {EXPERTS_MOVED} experts moved in", "simultaneous 95%",
                           "claimed"], block_rows))
@@ -110,10 +134,18 @@ def compare_studies(folders: Sequence[str | Path], out: str | Path | None = None
     agreement = _agreement(names, findings)
     if agreement:
         layers.add(Para(agreement))
+    return layers
 
-    subtitle = " vs ".join(f"`{d.folder}`" for d in studies) + f"; written {time.strftime('%Y-%m-%d %H:%M')}"
-    page, _ = write(out, "mola-search comparison: " + " vs ".join(names), subtitle, [overview, alloc, layers])
-    return page
+
+def _block_rows(names: Sequence[str], findings: Sequence[LayerFindings]) -> list[list[str]]:
+    """One row per study and block: the score for EXPERTS_MOVED experts moved in, its interval, claimed or not."""
+    rows = []
+    for n, f in zip(names, findings):
+        for e in f.per_block.effects:
+            moved, lo, hi = e.moved()
+            rows.append([n, e.label, f"{moved:+.2g}", f"[{lo:+.2g}, {hi:+.2g}]",
+                         "yes" if e in f.per_block.claims() else "no"])
+    return rows
 
 
 def _unique_names(names: list[str]) -> list[str]:

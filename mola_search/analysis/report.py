@@ -440,13 +440,24 @@ def _history_section(data: StudyData, out: Path) -> Section:
 
 
 def _adapter_sections(data: StudyData, out: Path) -> list[Section]:
-    """5 redundancy and 6 routing, from the trained adapters of the best finalist and the rectangle seed."""
-    from mola_search.analysis import figures
-    from mola_search.analysis.adapter import analyze_adapter
-    from mola_search.analysis.redundancy import QUANTITIES, QUANTITY_LABELS
+    """6 redundancy and 7 routing, from the trained adapters of the best finalist and the rectangle seed."""
+    analyses = _adapter_analyses(data)
+    if not analyses:
+        why = ("the objective is synthetic: no adapter is trained" if data.config.objective.startswith("synthetic")
+               else "no finalist run folder holds a trained adapter yet")
+        red = Section("6. Expert redundancy", anchor="redundancy")
+        rout = Section("7. Routing", anchor="routing")
+        red.add(Para(f"Not available: {why}."))
+        rout.add(Para(f"Not available: {why}."))
+        return [red, rout]
+    return [_redundancy_section(analyses, data.num_layers, out), _routing_section(analyses, data.num_layers, out)]
 
-    red = Section("6. Expert redundancy", anchor="redundancy")
-    rout = Section("7. Routing", anchor="routing")
+
+def _adapter_analyses(data: StudyData) -> dict[str, list]:
+    """analyze_adapter of every trained run of the best finalist and the rectangle seed, by display name;
+    finalists without a trained adapter are left out."""
+    from mola_search.analysis.adapter import analyze_adapter
+
     best = data.best_finalist()
     rect = data.finalist_for_seed("rectangle")
     chosen: list[tuple[str, FinalistRecord]] = []
@@ -459,13 +470,15 @@ def _adapter_sections(data: StudyData, out: Path) -> list[Section]:
         found = [analyze_adapter(p) for p in fin.adapters()]
         if found:
             analyses[name] = found
-    if not analyses:
-        why = ("the objective is synthetic: no adapter is trained" if data.config.objective.startswith("synthetic")
-               else "no finalist run folder holds a trained adapter yet")
-        red.add(Para(f"Not available: {why}."))
-        rout.add(Para(f"Not available: {why}."))
-        return [red, rout]
-    L = data.num_layers
+    return analyses
+
+
+def _redundancy_section(analyses: dict[str, list], L: int, out: Path) -> Section:
+    """6. Expert redundancy: pairwise expert distances per layer, averaged over each finalist's seeds."""
+    from mola_search.analysis import figures
+    from mola_search.analysis.redundancy import QUANTITIES, QUANTITY_LABELS
+
+    red = Section("6. Expert redundancy", anchor="redundancy")
     panels: dict[str, dict[str, dict[str, list[float]]]] = {}
     for name, runs in analyses.items():
         kinds = runs[0].kinds()
@@ -484,12 +497,19 @@ def _adapter_sections(data: StudyData, out: Path) -> list[Section]:
         rows.append([str(j), *[str(analyses[n][0].config.experts[j]) for n in panels],
                      *[_fmt(panels[n]["delta"]["all"][j], 4) for n in panels]])
     red.add(Table(head, rows))
+    return red
 
+
+def _routing_section(analyses: dict[str, list], L: int, out: Path) -> Section:
+    """7. Routing: selection shares of the first routed run, and the load-balance loss per layer."""
+    from mola_search.analysis import figures
+
+    rout = Section("7. Routing", anchor="routing")
     routed = {n: [r for r in runs if r.routing is not None] for n, runs in analyses.items()}
     routed = {n: r for n, r in routed.items() if r}
     if not routed:
         rout.add(Para("Not available: the finalist runs have no router_stats.json."))
-        return [red, rout]
+        return rout
     first_name, first_runs = next(iter(routed.items()))
     figures.routing_heatmaps(out / "routing.png", first_runs[0].routing,
                              f"Routing of {first_name}, first training seed, on the validation split")
@@ -516,7 +536,7 @@ def _adapter_sections(data: StudyData, out: Path) -> list[Section]:
         rows.append([str(j), *[_fmt(balances[n][j], 3) for n in balances],
                      _fmt(max((v for v in first_runs[0].routing.share[j] if v == v), default=math.nan), 3)])
     rout.add(Table(["layer", *[f"{n}: balance loss" for n in balances], f"{first_name}: top expert share"], rows))
-    return [red, rout]
+    return rout
 
 
 def _mean_runs(series: Sequence[Sequence[float]]) -> list[float]:

@@ -181,16 +181,43 @@ def estimate_noise(scores: Mapping[str, Mapping[int, float]], *, metric: str = D
     names, seeds, kept_notes = _complete_subtable(table)
     notes += kept_notes
     base = dict(metric=metric, fidelity=dict(fidelity) if fidelity is not None else None, level=float(level))
+    kept = {n: {s: table[n][s] for s in seeds} for n in names}
     if len(names) < 2 or len(seeds) < 2:
         notes.append(f"need >= 2 allocations x 2 seeds with scores, have {len(names)} x {len(seeds)}")
-        kept = {n: {s: table[n][s] for s in seeds} for n in names}
-        nan = math.nan
-        return NoiseFloor(allocations=tuple(names), seeds=tuple(seeds), scores=kept, allocation_share=nan,
-                          share_ci=(nan, nan), seed_share=nan, allocation_var=nan, seed_var=nan, residual_var=nan,
-                          f_statistic=nan, p_value=nan, min_detectable_difference=nan, can_separate=False,
-                          notes=tuple(notes), **base)
+        return _not_estimated(names, seeds, kept, notes, base)
 
-    y = np.array([[table[n][s] for s in seeds] for n in names], dtype=float)
+    v = _anova(np.array([[table[n][s] for s in seeds] for n in names], dtype=float))
+    z = float(stats.norm.ppf((1 + level) / 2))
+    f_stat, p_value, share, share_ci = _allocation_test(v, level, notes)
+    total = v.var_a + v.var_s + v.var_e
+    return NoiseFloor(
+        allocations=tuple(names), seeds=tuple(seeds), scores=kept,
+        allocation_share=share, share_ci=share_ci, seed_share=v.var_s / total if total > 0 else math.nan,
+        allocation_var=v.var_a, seed_var=v.var_s, residual_var=v.var_e, f_statistic=f_stat, p_value=p_value,
+        min_detectable_difference=z * math.sqrt(2 * v.var_e), can_separate=bool(share_ci[0] > 0),
+        notes=tuple(notes), **base)
+
+
+# ------------------------------------------------------------------------------------------ internals
+
+
+@dataclass(frozen=True)
+class _Anova:
+    """Two-way ANOVA without replication of a complete a x b table (allocations x seeds): the mean squares
+    MS_A, MS_E and the variance components var_A, var_S, var_E of the module docstring."""
+
+    b: int  # seeds
+    df_a: int  # a - 1
+    df_e: int  # (a - 1)(b - 1)
+    ms_a: float
+    ms_e: float
+    var_a: float
+    var_s: float
+    var_e: float
+
+
+def _anova(y: np.ndarray) -> _Anova:
+    """Sums of squares of y[i, j] = mu + alpha_i + beta_j + e[i, j], and the expected-mean-squares estimates."""
     a, b = y.shape
     df_a, df_s, df_e = a - 1, b - 1, (a - 1) * (b - 1)
     centred = y - y.mean()
@@ -202,36 +229,36 @@ def estimate_noise(scores: Mapping[str, Mapping[int, float]], *, metric: str = D
     # an additive table or identical rows must not become F = 1e17 or a share of 100%.
     ss_a, ss_s, ss_e = (0.0 if ss <= 1e-24 * ss_total else ss for ss in (ss_a, ss_s, ss_e))
     ms_a, ms_s, ms_e = ss_a / df_a, ss_s / df_s, ss_e / df_e
-    var_a = max(0.0, (ms_a - ms_e) / b)
-    var_s = max(0.0, (ms_s - ms_e) / a)
-    var_e = ms_e
-    z = float(stats.norm.ppf((1 + level) / 2))
+    return _Anova(b=b, df_a=df_a, df_e=df_e, ms_a=ms_a, ms_e=ms_e, var_a=max(0.0, (ms_a - ms_e) / b),
+                  var_s=max(0.0, (ms_s - ms_e) / a), var_e=ms_e)
 
-    if ms_e > 0:
-        f_stat = ms_a / ms_e
-        p_value = float(stats.f.sf(f_stat, df_a, df_e))
-        theta_low, theta_high = _theta_interval(f_stat, df_a, df_e, b, level)
+
+def _allocation_test(v: _Anova, level: float, notes: list[str]) -> tuple[float, float, float, tuple[float, float]]:
+    """(F, p-value, allocation share, share interval). A zero residual (MS_E = 0) has no F distribution:
+    the answer is then certain (a real effect, or nothing to separate) and a note says which."""
+    if v.ms_e > 0:
+        f_stat = v.ms_a / v.ms_e
+        p_value = float(stats.f.sf(f_stat, v.df_a, v.df_e))
+        theta_low, theta_high = _theta_interval(f_stat, v.df_a, v.df_e, v.b, level)
         share_ci = (_share_of_theta(theta_low), _share_of_theta(theta_high))
-        share = var_a / (var_a + var_e)
-    else:
-        if ms_a > 0:
-            notes.append("residual variance is exactly zero: scores are additive in allocation and seed, "
-                         "every allocation difference is real")
-            f_stat, p_value, share, share_ci = math.inf, 0.0, 1.0, (1.0, 1.0)
-        else:
-            notes.append("residual and allocation variance are both exactly zero: every allocation scored "
-                         "the same at each seed, there is nothing to separate")
-            f_stat, p_value, share, share_ci = math.nan, 1.0, math.nan, (math.nan, math.nan)
-    total = var_a + var_s + var_e
-    return NoiseFloor(
-        allocations=tuple(names), seeds=tuple(seeds), scores={n: {s: table[n][s] for s in seeds} for n in names},
-        allocation_share=share, share_ci=share_ci, seed_share=var_s / total if total > 0 else math.nan,
-        allocation_var=var_a, seed_var=var_s, residual_var=var_e, f_statistic=f_stat, p_value=p_value,
-        min_detectable_difference=z * math.sqrt(2 * var_e), can_separate=bool(share_ci[0] > 0),
-        notes=tuple(notes), **base)
+        return f_stat, p_value, v.var_a / (v.var_a + v.var_e), share_ci
+    if v.ms_a > 0:
+        notes.append("residual variance is exactly zero: scores are additive in allocation and seed, "
+                     "every allocation difference is real")
+        return math.inf, 0.0, 1.0, (1.0, 1.0)
+    notes.append("residual and allocation variance are both exactly zero: every allocation scored "
+                 "the same at each seed, there is nothing to separate")
+    return math.nan, 1.0, math.nan, (math.nan, math.nan)
 
 
-# ------------------------------------------------------------------------------------------ internals
+def _not_estimated(names: list[str], seeds: list[int], kept: dict[str, dict[int, float]], notes: list[str],
+                   base: dict[str, Any]) -> NoiseFloor:
+    """The NoiseFloor of a table too small to analyse (< 2 allocations or < 2 seeds): NaN numbers, no verdict."""
+    nan = math.nan
+    return NoiseFloor(allocations=tuple(names), seeds=tuple(seeds), scores=kept, allocation_share=nan,
+                      share_ci=(nan, nan), seed_share=nan, allocation_var=nan, seed_var=nan, residual_var=nan,
+                      f_statistic=nan, p_value=nan, min_detectable_difference=nan, can_separate=False,
+                      notes=tuple(notes), **base)
 
 
 def _theta_interval(f_stat: float, df_a: int, df_e: int, b: int, level: float) -> tuple[float, float]:

@@ -120,6 +120,17 @@ def custom_mapper(cfg: Mapping[str, Any], where: str) -> Callable[[Row], Example
         raise UserError(
             f"{where}: give either label_field + label_words or options_field + answer_field"
         )
+    fill = _template_filler(template, fields, where)
+    if label_mode:
+        return _label_mapper(cfg, fill, where)
+    return _options_mapper(cfg, fields, fill, where)
+
+
+_Filler = Callable[[Row, Mapping[str, str]], str]
+
+
+def _template_filler(template: str, fields: set[str], where: str) -> _Filler:
+    """(row, extra fields) -> prompt; a template field missing from both, or a misfit, is a UserError."""
 
     def fill(row: Row, extra: Mapping[str, str]) -> str:
         missing = sorted(f for f in fields if f not in row and f not in extra)
@@ -133,23 +144,30 @@ def custom_mapper(cfg: Mapping[str, Any], where: str) -> Callable[[Row], Example
         except (KeyError, IndexError, AttributeError, ValueError) as err:
             raise UserError(f"{where}: template does not fit the data ({err!r})") from None
 
-    if label_mode:
-        label_field = _require(cfg, "label_field", where)
-        choices, lookup = _label_lookup(_require(cfg, "label_words", where), where)
+    return fill
 
-        def to_example(row: Row) -> Example:
-            if label_field not in row:
-                raise UserError(f"{where}: label_field {label_field!r} is not in the data")
-            value = row[label_field]
-            if _key(value) not in lookup:
-                raise UserError(
-                    f"{where}: label value {value!r} is not in label_words "
-                    f"(known: {', '.join(lookup)})"
-                )
-            return Example(fill(row, {}), choices, lookup[_key(value)], meta=_meta(row))
 
-        return to_example
+def _label_mapper(cfg: Mapping[str, Any], fill: _Filler, where: str) -> Callable[[Row], Example]:
+    """label_field + label_words: the row's label value picks one of the answer words."""
+    label_field = _require(cfg, "label_field", where)
+    choices, lookup = _label_lookup(_require(cfg, "label_words", where), where)
 
+    def to_example(row: Row) -> Example:
+        if label_field not in row:
+            raise UserError(f"{where}: label_field {label_field!r} is not in the data")
+        value = row[label_field]
+        if _key(value) not in lookup:
+            raise UserError(
+                f"{where}: label value {value!r} is not in label_words "
+                f"(known: {', '.join(lookup)})"
+            )
+        return Example(fill(row, {}), choices, lookup[_key(value)], meta=_meta(row))
+
+    return to_example
+
+
+def _options_mapper(cfg: Mapping[str, Any], fields: set[str], fill: _Filler, where: str) -> Callable[[Row], Example]:
+    """options_field + answer_field: lettered options filled into {options}, the answer a letter or index."""
     options_field = _require(cfg, "options_field", where)
     answer_field = _require(cfg, "answer_field", where)
     if "options" not in fields:
