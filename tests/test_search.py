@@ -220,6 +220,7 @@ def test_kill_9_mid_study_then_resume_loses_and_reruns_nothing(tmp_path: Path) -
     (["--budget", "5"], "budget 5 is infeasible for 8 layers"),
     (["--budget", "65"], "budget 65 is infeasible"),
     (["--sampler", "bogus"], "unknown sampler 'bogus'"),
+    (["--gpus-per-trial", "2"], "--gpus-per-trial 2: a trial trains on one GPU"),
     (["--preset", "bogus"], "unknown preset 'bogus'"),
     (["--objective", "synthetic:bogus"], "unknown objective 'synthetic:bogus'"),
     (["--objective", "bogus"], "unknown objective 'bogus'"),

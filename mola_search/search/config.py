@@ -130,6 +130,13 @@ class StudyConfig:
     oneshot_checks: int = 6                   # one-shot-ranked allocations also trained standalone (for tau)
 
     def __post_init__(self) -> None:
+        """Validate the settings as data: each check raises a one-line UserError naming the parameter."""
+        for check in (self._check_choices, self._check_pilot, self._check_counts, self._check_final,
+                      self._check_oneshot, self._check_resources):
+            check()
+        object.__setattr__(self, "balance_loss", canonical_balance_loss(self.balance_loss))
+
+    def _check_choices(self) -> None:
         objective = str(self.objective).strip().lower()
         prefix, _, name = objective.partition(":")
         python = prefix == "python" and all(name.partition(":")[::2])
@@ -138,17 +145,17 @@ class StudyConfig:
             # checked up front: an unknown name would otherwise train the real model, or fail every trial
             raise UserError(f"unknown objective '{self.objective}': use mola, python:<module>:<function>, "
                             f"{SYNTHETIC_PREFIX} or " + ", ".join(f"{SYNTHETIC_PREFIX}:{n}" for n in SYNTHETIC_NAMES))
-        if self.sampler not in SAMPLERS:
-            raise UserError(f"unknown sampler '{self.sampler}': choose one of {', '.join(SAMPLERS)}")
-        if self.executor not in EXECUTORS:
-            raise UserError(f"unknown executor '{self.executor}': use {' or '.join(repr(e) for e in EXECUTORS)}")
-        if self.scheduler not in PRUNERS:
-            raise UserError(f"unknown pruner '{self.scheduler}': use {', '.join(PRUNERS)}")
-        if self.metric not in METRICS:
-            raise UserError(f"unknown metric '{self.metric}': use {', '.join(METRICS)}")
+        for value, choices, what in ((self.sampler, SAMPLERS, "sampler"), (self.executor, EXECUTORS, "executor"),
+                                     (self.scheduler, PRUNERS, "pruner"), (self.metric, METRICS, "metric"),
+                                     (self.strategy, STRATEGIES, "strategy"),
+                                     (self.final_stage, FINAL_STAGES, "final stage")):
+            if value not in choices:
+                raise UserError(f"unknown {what} '{value}': use one of {', '.join(choices)}")
         if self.scheduler == "wilcoxon" and self.metric in ("f1", "mcc"):
             raise UserError(f"`scheduler` wilcoxon pairs per-example scores, and {self.metric} has none: "
                             "use `metric` gold_logprob|margin|accuracy or `scheduler` asha|none")
+
+    def _check_pilot(self) -> None:
         if not 0 <= self.pilot_seeds < FINALIST_SEED_BASE:
             raise UserError(f"`pilot_seeds` is {self.pilot_seeds}: use 2..{FINALIST_SEED_BASE - 1}")
         if self.pilot and self.trials < len(PILOT_SHAPES) * self.pilot_seeds:
@@ -162,20 +169,21 @@ class StudyConfig:
             raise UserError(f"`noise_threshold` is {self.noise_threshold}: use a fraction in (0, 1)")
         if self.max_doublings < 0:
             raise UserError(f"`max_doublings` is {self.max_doublings}: use an integer >= 0")
-        if self.time_budget is not None and not self.time_budget > 0:
-            raise UserError(f"`time_budget` is {self.time_budget}: use minutes > 0")
         if self.auto_fidelity and not self.pilot:
             raise UserError("`auto_fidelity` chooses the fidelity from the pilot's noise floor: drop `pilot=False`")
+
+    def _check_counts(self) -> None:
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise UserError(f"`time_budget` is {self.time_budget}: use minutes > 0")
         if self.trials < 1:
             raise UserError(f"`trials` must be at least 1, got {self.trials}")
         if self.finalist_seeds < 0 or self.finalist_top_n < 0:
             raise UserError("finalist counts must be >= 0")
-        object.__setattr__(self, "balance_loss", canonical_balance_loss(self.balance_loss))
         if self.aux_loss_coef is not None and not self.aux_loss_coef >= 0:
             raise UserError(f"`aux_loss_coef` is {self.aux_loss_coef}: use a weight >= 0 (or leave it out: the "
                             "balance loss's own)")
-        if self.final_stage not in FINAL_STAGES:
-            raise UserError(f"unknown final stage '{self.final_stage}': use {' or '.join(FINAL_STAGES)}")
+
+    def _check_final(self) -> None:
         if self.min_effect is not None and not self.min_effect > 0:
             raise UserError(f"`min_effect` is {self.min_effect}: use a difference > 0 in the metric's units "
                             f"(default for {self.metric}: {MIN_EFFECTS.get(self.metric)})")
@@ -185,21 +193,29 @@ class StudyConfig:
             raise UserError(f"`race_min_seeds` is {self.race_min_seeds}: a look needs at least 2 seeds")
         if not 0 < self.race_level < 1:
             raise UserError(f"`race_level` is {self.race_level}: use a probability in (0, 1), e.g. 0.05")
-        if self.strategy not in STRATEGIES:
-            raise UserError(f"unknown strategy '{self.strategy}': use {' or '.join(STRATEGIES)}")
-        if self.strategy == "one-shot":
-            if objective != "mola":
-                raise UserError(f"`strategy` one-shot trains a MoLA supernet, so it needs `objective` mola "
-                                f"(got {self.objective!r})")
-            if not self.supernet_factor > 0:
-                raise UserError(f"`supernet_factor` is {self.supernet_factor}: use a number > 0")
-            if self.oneshot_trials < 1 or self.oneshot_checks < 0:
-                raise UserError(f"`oneshot_trials` {self.oneshot_trials} / `oneshot_checks` {self.oneshot_checks}: "
-                                "use >= 1 allocations scored and >= 0 checks")
-            if self.oneshot_eval_examples is not None and self.oneshot_eval_examples < 1:
-                raise UserError(f"`oneshot_eval_examples` is {self.oneshot_eval_examples}: use >= 1 (or None: all)")
+
+    def _check_oneshot(self) -> None:
+        if self.strategy != "one-shot":
+            return
+        if str(self.objective).strip().lower() != "mola":
+            raise UserError(f"`strategy` one-shot trains a MoLA supernet, so it needs `objective` mola "
+                            f"(got {self.objective!r})")
+        if not self.supernet_factor > 0:
+            raise UserError(f"`supernet_factor` is {self.supernet_factor}: use a number > 0")
+        if self.oneshot_trials < 1 or self.oneshot_checks < 0:
+            raise UserError(f"`oneshot_trials` {self.oneshot_trials} / `oneshot_checks` {self.oneshot_checks}: "
+                            "use >= 1 allocations scored and >= 0 checks")
+        if self.oneshot_eval_examples is not None and self.oneshot_eval_examples < 1:
+            raise UserError(f"`oneshot_eval_examples` is {self.oneshot_eval_examples}: use >= 1 (or None: all)")
+
+    def _check_resources(self) -> None:
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
             raise UserError("`cpus_per_trial` must be > 0 and `gpus_per_trial` >= 0")
+        if self.gpus_per_trial > 1:
+            # A trial trains one model on one device (`cuda` of what Ray assigns it): a second GPU would sit idle.
+            raise UserError(f"`gpus_per_trial` {self.gpus_per_trial:g}: a trial trains on one GPU, so more would sit "
+                            "idle; use 1 (a whole GPU) or a fraction to share one (e.g. 0.5), and run more trials at "
+                            "once instead")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "StudyConfig":
