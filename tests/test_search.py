@@ -370,3 +370,26 @@ def test_the_configs_choices_are_the_registries_names() -> None:
 
     assert set(config.STRATEGIES) == set(STRATEGIES) and set(config.EXECUTORS) == set(EXECUTORS)
     assert set(config.SAMPLERS) == {"tpe", "cmaes", "gp", "random"}
+
+
+def test_checkpointing_turns_on_when_memory_not_compute_limits_the_trials(monkeypatch) -> None:
+    """4 CPUs, 8 GB for tasks, 4 GB per trial: memory allows 2 where the cores allow 4. The executor turns
+    activation checkpointing on for the trials (same numbers, about 0.61 of the memory: 3 fit) and says so;
+    a user who chose (either way) keeps the choice."""
+    from mola_search.search.executors import RayExecutor, _cluster
+    from mola_search.search.study import StudyFolder
+
+    monkeypatch.setattr(_cluster, "cluster_resources", lambda config: (4.0, 0.0, 8000.0))
+    executor = RayExecutor(StudyConfig(task="mrpc"), StudyFolder("unused"), 8)
+    n, line = executor.concurrency(4000.0, measured=True)
+    assert n == 3 and executor.settings.train["activation_checkpointing"] is True
+    assert "memory, not compute, limited this to 2 of 4: activation checkpointing is on" in line
+    for chosen in (False, True):
+        executor = RayExecutor(StudyConfig(task="mrpc", train={"activation_checkpointing": chosen}),
+                               StudyFolder("unused"), 8)
+        n, line = executor.concurrency(4000.0, measured=True)
+        assert n == 2 and executor.settings.train["activation_checkpointing"] is chosen
+        assert "limited this" not in line
+    plenty = RayExecutor(StudyConfig(task="mrpc"), StudyFolder("unused"), 8)
+    monkeypatch.setattr(_cluster, "cluster_resources", lambda config: (4.0, 0.0, 64000.0))
+    assert plenty.concurrency(4000.0, measured=True)[0] == 4 and "activation_checkpointing" not in plenty.settings.train

@@ -114,7 +114,10 @@ def _fidelity_flags(p: argparse.ArgumentParser) -> None:
     f.add_argument("--micro-batch-size", type=int, dest="micro_batch_size")
     f.add_argument("--cutoff-len", type=int, dest="cutoff_len")
     f.add_argument("--activation-checkpointing", action="store_true", dest="activation_checkpointing",
-                   help="trials recompute each decoder layer in backward: same results, less memory per trial")
+                   help="trials recompute each decoder layer in backward: same results, less memory per trial (on by "
+                        "default where memory, not cores or GPUs, limits how many trials run at once)")
+    f.add_argument("--no-activation-checkpointing", action="store_false", dest="activation_checkpointing",
+                   help="never turn activation checkpointing on, even when memory limits the trials at once")
     f.add_argument("--balance-loss", dest="balance_loss",
                    help="per-module (default) | official (GCYZSL/MoLA's: pooled per decoder layer, summed, coefficient "
                         "0.001; docs/official-code.md); mola-official is an alias")

@@ -87,22 +87,44 @@ def auto_concurrency(cpus: float, gpus: float, memory_mb: float, *, cpus_per_tri
     return max(1, min(slots.values())), slots
 
 
-def ray_concurrency(config: StudyConfig, trial_mb: float, measured: bool) -> tuple[int, str]:
-    """`config.max_concurrent` when set; otherwise what the Ray cluster's CPUs, GPUs and memory hold at
-    `trial_mb` per trial (measured on this study's finished trials, or estimated before the first), and
-    a line saying so for the progress output."""
-    if config.max_concurrent:
-        return config.max_concurrent, f"max concurrent {config.max_concurrent} (--max-concurrent)"
+CHECKPOINTED_MEMORY = 0.61
+"""A trial's peak memory with activation checkpointing over its peak without (bench_trial.py, cpu-quick: 1.70 of
+2.78 GB; docs/performance.md)."""
+
+
+def cluster_resources(config: StudyConfig) -> tuple[float, float, float]:
+    """(CPUs, GPUs, MB of memory for tasks) of the Ray cluster."""
     import ray
 
     init_ray(config)
     resources = ray.cluster_resources()
-    memory_mb = float(resources.get("memory", 0.0)) / 2**20
-    n, slots = auto_concurrency(float(resources.get("CPU", 1.0)), float(resources.get("GPU", 0.0)), memory_mb,
-                                cpus_per_trial=config.cpus_per_trial, gpus_per_trial=config.gpus_per_trial,
-                                trial_mb=trial_mb)
-    checkpointing = bool(config.train.get("activation_checkpointing"))
-    return n, concurrency_line(n, slots, memory_mb, trial_mb, measured=measured, checkpointing=checkpointing)
+    return float(resources.get("CPU", 1.0)), float(resources.get("GPU", 0.0)), float(resources.get("memory", 0.0)) / 2**20
+
+
+def ray_concurrency(config: StudyConfig, trial_mb: float, measured: bool, *, checkpointed: bool = False,
+                    can_checkpoint: bool = False) -> tuple[int, str, bool]:
+    """`config.max_concurrent` when set; otherwise what the Ray cluster's CPUs, GPUs and memory hold at
+    `trial_mb` per trial (measured on this study's finished trials, or estimated before the first), a line
+    saying so for the progress output, and whether activation checkpointing should be on.
+
+    When memory rather than cores or GPUs limits the count and `can_checkpoint` (the trials fine-tune MoLA and
+    the user chose nothing about checkpointing), the trials recompute each decoder layer in backward: the same
+    numbers in about CHECKPOINTED_MEMORY of the memory, so more of them fit. `checkpointed`: the trials already
+    do (then `trial_mb`, the largest peak measured, may include runs without it: it is used as it is)."""
+    if config.max_concurrent:
+        return config.max_concurrent, f"max concurrent {config.max_concurrent} (--max-concurrent)", False
+    cpus, gpus, memory_mb = cluster_resources(config)
+    per = dict(cpus_per_trial=config.cpus_per_trial, gpus_per_trial=config.gpus_per_trial)
+    n, slots = auto_concurrency(cpus, gpus, memory_mb, trial_mb=trial_mb, **per)
+    compute = min(v for k, v in slots.items() if k != "memory")
+    if slots["memory"] < compute and can_checkpoint and not checkpointed:
+        fewer = n
+        n, slots = auto_concurrency(cpus, gpus, memory_mb, trial_mb=CHECKPOINTED_MEMORY * trial_mb, **per)
+        line = concurrency_line(n, slots, memory_mb, CHECKPOINTED_MEMORY * trial_mb, measured=measured,
+                                checkpointing=True)
+        return n, (f"{line}; memory, not compute, limited this to {fewer} of {compute}: activation checkpointing is "
+                   f"on for these trials (the same numbers in about {CHECKPOINTED_MEMORY:.0%} of the memory)"), True
+    return n, concurrency_line(n, slots, memory_mb, trial_mb, measured=measured, checkpointing=checkpointed), False
 
 
 def concurrency_line(n: int, slots: dict[str, int], memory_mb: float, trial_mb: float, *, measured: bool,

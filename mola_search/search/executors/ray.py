@@ -11,6 +11,7 @@ through a shared disk; a finalist's run folder is sent to the driver's node (`_s
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from mola_search.search.config import StudyConfig
@@ -31,7 +32,15 @@ class RayExecutor(Executor):
         _cluster.check_cluster(config)
 
     def concurrency(self, trial_mb: float, measured: bool) -> tuple[int, str]:
-        return _cluster.ray_concurrency(self.config, trial_mb, measured)
+        """Trials at once; turns activation checkpointing on for the trials when memory binds (and the user
+        chose nothing about it): the same trained numbers, more trials at once."""
+        chosen = "activation_checkpointing" in self.config.train
+        n, line, checkpoint = _cluster.ray_concurrency(
+            self.config, trial_mb, measured, checkpointed=bool(self.settings.train.get("activation_checkpointing")),
+            can_checkpoint=not chosen and self.objective is None and self.settings.objective == "mola")
+        if checkpoint and not self.settings.train.get("activation_checkpointing"):
+            self.settings = replace(self.settings, train={**self.settings.train, "activation_checkpointing": True})
+        return n, line
 
     def search(self, driver: StudyDriver, fidelity: Fidelity, concurrency: int | None = None) -> None:
         """Search trials as Tune trials; if Tune itself gives up (e.g. Ray's memory monitor killed a trial's
