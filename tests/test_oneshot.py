@@ -305,7 +305,7 @@ def test_one_shot_needs_the_mola_objective(tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "s").exists()
     rc = run_main("mola-search", main, ["--strategy", "two-shot", "--out", str(tmp_path / "s")])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and "standalone or one-shot" in err, err
+    assert rc == 2 and "use one of standalone, one-shot" in err, err
 
 
 def test_a_converged_sampler_does_not_stop_the_one_shot_scoring(tmp_path: Path, monkeypatch) -> None:

@@ -109,6 +109,8 @@ def test_rounds_share_seeds_and_the_decision_reaches_every_output(tmp_path: Path
     assert best["live"] and best["decision_words"].startswith(f"decision: {best['decision']}")
     summary = (folder / "summary.md").read_text()
     assert "## Decision" in summary and f"decision: {best['decision']}" in summary.lower()
+    # the throughput table: every phase's runs as the study recorded them, and the study's runs per hour
+    assert f"| race | {racing['runs']} |" in summary and "| search | 8 |" in summary and "runs per hour" in summary
     assert out[-1].startswith(f"decision: {best['decision']}") and "Next: mola-search " in out[-1]
     if best["decision"] != "winner":
         assert "not a best" in best["chosen_by"] and "tie-break" in out[-1]

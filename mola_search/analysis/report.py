@@ -110,6 +110,7 @@ def build_report(folder: str | Path, out: str | Path | None = None, *, n_boot: i
         _importance_section(data, findings, out),
         _history_section(data, out),
         *_adapter_sections(data, out),
+        _throughput_section(data),
         _provenance_section(data, started),
     ]
     if not data.finished:
@@ -545,6 +546,25 @@ def _mean_runs(series: Sequence[Sequence[float]]) -> list[float]:
         finite = [v for v in values if v == v]
         out.append(sum(finite) / len(finite) if finite else math.nan)
     return out
+
+
+def _throughput_section(data: StudyData) -> Section:
+    """What each phase ran, its hours and peak memory: what the next study can be sized from."""
+    from mola_search.search.study.throughput import phase_use, throughput_lines
+
+    handle = StudyFolder(data.folder)
+    lines = throughput_lines(phase_use(data.study, handle, handle.read_oneshot(), handle.read_racing()),
+                             wall_time_s=(data.best or {}).get("study_wall_time_s"),
+                             cpus_per_trial=data.config.cpus_per_trial, gpus_per_trial=data.config.gpus_per_trial)
+    s = Section("Throughput", anchor="throughput")
+    if not lines:
+        return s.add(Para("No run recorded its time or memory."))
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:] if line.startswith("|")]
+    s.add(Table([c.strip() for c in lines[0].strip("|").split("|")], rows))
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            s.add(Para(line.strip()))
+    return s
 
 
 def _provenance_section(data: StudyData, started: float) -> Section:

@@ -14,6 +14,7 @@ from mola_search.search.study.best import best_record, decision_record
 from mola_search.search.study.decision import WINNER, Decision
 from mola_search.search.study.records import best_search_trial, trial_origin, trial_spec
 from mola_search.search.study.summary import summary_markdown
+from mola_search.search.study.throughput import phase_use, throughput_lines
 
 
 def write_outputs(study: StudyContext, final: FinalResult, sections: Sequence[str] = (),
@@ -24,24 +25,27 @@ def write_outputs(study: StudyContext, final: FinalResult, sections: Sequence[st
     without it, or if it fails, summary.md holds the decision, the noise floor and the finalists, then
     `sections`."""
     config, folder = study.config, study.folder
-    best = _export(study, final)
-    folder.write_finalists_csv(final.finalists)
     wall = time.time() - study.started
+    best = _export(study, final, wall)
+    folder.write_finalists_csv(final.finalists)
     analysis = None
     if summarize is not None:
         try:
             analysis = summarize(folder.root)
         except Exception as exc:  # noqa: BLE001 - the study is done; a failing analysis must not hide it
             study.message(f"summary.md keeps the plain summary: the analysis failed ({type(exc).__name__}: {exc})")
+    uses = phase_use(study.driver.study, folder, folder.read_oneshot(), folder.read_racing())
+    throughput = throughput_lines(uses, wall_time_s=wall, cpus_per_trial=config.cpus_per_trial,
+                                  gpus_per_trial=config.gpus_per_trial)
     folder.write_summary(summary_markdown(folder.name, config.to_dict(), study.driver.study, final.finalists, best,
                                           wall, noise=folder.read_noise(), analysis=analysis, sections=sections,
-                                          decision=final.decision, folder=str(folder.root)))
+                                          decision=final.decision, folder=str(folder.root), throughput=throughput))
     study.message(f"done in {wall / 60:.1f} min: {folder.summary_md}")
     study.message(_last_line(final.decision, best, str(folder.root)))
     return best
 
 
-def _export(study: StudyContext, final: FinalResult) -> Finalist | None:
+def _export(study: StudyContext, final: FinalResult, wall: float) -> Finalist | None:
     """best_allocation.json: the decided allocation (the winner, or the tie-break's pick of the tie set), or
     without finalists the best search trial trained with the study seed. The file says which rule chose it."""
     config, decision = study.config, final.decision
@@ -55,7 +59,8 @@ def _export(study: StudyContext, final: FinalResult) -> Finalist | None:
             chosen_by = (f"{decision.decision}: not a best; the tie-break picked it from the tie set "
                          f"({', '.join(e.name for e in decision.contenders if e.label in decision.live)}); test "
                          "reported once")
-        record = {**best_record(chosen, config.to_dict(), chosen_by), **decision_record(decision, str(study.folder.root))}
+        record = {**best_record(chosen, config.to_dict(), chosen_by), **decision_record(decision, str(study.folder.root)),
+                  "study_wall_time_s": round(wall, 1)}
         study.folder.write_best(chosen.spec, record)
         return chosen
     trial = best_search_trial(study.driver.study, config.seed)
@@ -63,7 +68,8 @@ def _export(study: StudyContext, final: FinalResult) -> Finalist | None:
         return None
     best = Finalist(f"t{trial.number:03d}", trial.number, trial_origin(trial).text, trial_spec(trial),
                     [trial.value], [], seeds=[config.seed])
-    record = best_record(best, config.to_dict(), f"validation {config.metric} of one search trial")
+    record = {**best_record(best, config.to_dict(), f"validation {config.metric} of one search trial"),
+              "study_wall_time_s": round(wall, 1)}
     record.update(decision="undecided", decision_words="decision: undecided: no finalist was retrained, so nothing "
                   "separates this trial from the others beyond one seed's validation score")
     study.folder.write_best(best.spec, record)

@@ -158,6 +158,8 @@ class Race:
 
         def on_done(r: TrialRequest, outcome: TrialOutcome) -> None:
             entry = by_number[r.number]
+            entry.wall_s[r.train_seed] = round(outcome.wall_time_s, 2)
+            entry.peak_mb[r.train_seed] = round(outcome.peak_rss_mb, 1)
             if outcome.failure is None and outcome.metrics:
                 self.study.folder.write_run_metrics(r.out, outcome.metrics)
                 self._record(entry, r.train_seed, outcome.metrics)
@@ -306,6 +308,7 @@ class Race:
             if entry is not None:
                 entry.status, entry.reason, entry.dropped_at = old.status, old.reason, old.dropped_at
                 entry.failures, entry.attempts = dict(old.failures), dict(old.attempts)
+                entry.wall_s, entry.peak_mb = dict(old.wall_s), dict(old.peak_mb)
         self.looks, self.alpha_spent = list(before.looks), before.alpha_spent
         self.level = max(before.level, self.alpha)
         self.looked_runs = self.looks[-1]["runs"] if self.looks else 0

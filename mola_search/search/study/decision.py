@@ -42,6 +42,8 @@ class Entry:
     test_accuracy: dict[int, float] = field(default_factory=dict)
     failures: dict[int, str] = field(default_factory=dict)      # seed -> why its last attempt failed
     attempts: dict[int, int] = field(default_factory=dict)      # seed -> failed attempts
+    wall_s: dict[int, float] = field(default_factory=dict)      # seed -> the run's wall time
+    peak_mb: dict[int, float] = field(default_factory=dict)     # seed -> the run process's peak resident memory
 
     @property
     def name(self) -> str:
@@ -138,7 +140,7 @@ class Decision:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         for c in out["contenders"]:
-            for key in ("validation", "test", "test_accuracy", "failures", "attempts"):
+            for key in ("validation", "test", "test_accuracy", "failures", "attempts", "wall_s", "peak_mb"):
                 c[key] = {str(k): v for k, v in c[key].items()}
         out["words"] = self.words()
         return out
@@ -149,7 +151,7 @@ class Decision:
         contenders = []
         for c in raw.pop("contenders", []):
             c = {k: v for k, v in c.items() if k in Entry.__dataclass_fields__}
-            for key in ("validation", "test", "test_accuracy"):
+            for key in ("validation", "test", "test_accuracy", "wall_s", "peak_mb"):
                 c[key] = {int(k): (math.nan if v is None else float(v)) for k, v in (c.get(key) or {}).items()}
             c["failures"] = {int(k): str(v) for k, v in (c.get("failures") or {}).items()}
             c["attempts"] = {int(k): int(v) for k, v in (c.get("attempts") or {}).items()}

@@ -195,6 +195,12 @@ class StudyFolder:
             return None
         return raw.get("outcome")
 
+    def pilot_outcomes(self) -> list[dict[str, Any]]:
+        """Every kept pilot outcome (all rounds), for throughput accounting."""
+        root = self.root / PILOT_DIR
+        found = [read_json(p) for p in sorted(root.glob("round*/*.json"))] if root.is_dir() else []
+        return [raw["outcome"] for raw in found if raw and isinstance(raw.get("outcome"), dict)]
+
     # --- finalist runs --------------------------------------------------------------------------------
     def finalist_run_dir(self, label: str, seed: int) -> Path:
         return self.root / FINALISTS_DIR / label / f"seed{seed}"

@@ -19,11 +19,13 @@ FILES_NOTE = ("Files: `noise.json` (pilot), `trials.csv` (every trial), `finalis
 def summary_markdown(name: str, config: dict[str, Any], study: Any, finalists: Sequence[Finalist],
                      best: Finalist | None, wall_time_s: float | None, noise: Any = None,
                      analysis: str | None = None, sections: Sequence[str] = (), decision: Any = None,
-                     folder: str = "runs/<study>") -> str:
+                     folder: str = "runs/<study>", throughput: Sequence[str] = ()) -> str:
     """summary.md: the study's settings and trial counts, the decision, then `analysis` (Markdown from the report,
     its own title dropped) or, without it, the noise floor, the finalists and `sections` (Markdown lines,
     e.g. the one-shot trust section)."""
     lines = _header(name, config, study, best, wall_time_s) + decision_lines(decision, folder)
+    if throughput:
+        lines += ["", "## Throughput", "", *throughput]
     if analysis is not None:
         body = analysis.strip().splitlines()
         while body and not body[0].startswith("## "):  # its own title and subtitle: the lines above say it

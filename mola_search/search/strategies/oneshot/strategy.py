@@ -27,6 +27,15 @@ if TYPE_CHECKING:
     from mola_search.search.context import StudyContext
 
 
+def _peak_rss_mb() -> float:
+    """This (the driver's) process's peak resident memory so far: the supernet's training and scoring."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / 1024 if sys.platform != "darwin" else peak / 2**20, 1)
+
+
 @register_strategy
 class OneShot(Strategy):
     name = "one-shot"
@@ -60,7 +69,8 @@ class OneShot(Strategy):
                            supernet={k: log.get(k) for k in ("max_experts", "factor", "trial_steps", "steps",
                                                              "train_examples", "wall_time_s")},
                            scoring={"scored": len(scoring.ranked_allocations(self.oneshot)), "examples": examples,
-                                    "seconds_per_allocation": self.oneshot.user_attrs.get("seconds_per_allocation")})
+                                    "seconds_per_allocation": self.oneshot.user_attrs.get("seconds_per_allocation"),
+                                    "peak_rss_mb": _peak_rss_mb()})
         study.folder.write_oneshot(self.trust.to_dict())
         driver = study.driver
         if driver.study.user_attrs.get(SEEDS_ENQUEUED):  # resumed: the checks queued before are the ones trained
