@@ -5,7 +5,8 @@
 #      randomly initialised model with LLaMA-2-7B's shapes with the paper's allocation 2468 at budget 160,
 #   3. a two-trial Ray study with --gpus-per-trial 0.5 (two trials share one GPU) on SmolLM2, on a small
 #      generated classification task (the machine has no task data); no pruner, so both trials must finish,
-#   4. one summary table.
+#   4. one summary table: the step ratios to the frozen base's floor (MoLA, PEFT LoRA) on both models, the
+#      peak GPU memory (and RSS) of each of the two trials sharing one GPU (--gpus-per-trial 0.5).
 # `--cpu` runs the same steps end to end with tiny models on the CPU; CI runs it that way so it cannot rot.
 # Results are written under $OUT (default: a new temporary folder).
 set -euo pipefail
@@ -78,6 +79,9 @@ for name in ("bench_small", "bench_big"):
 rows = list(csv.DictReader((out / "study" / "trials.csv").open()))
 states = ", ".join(f"#{r['number']} {r['state']} {r['score'] or r['failure'][:60]} on {r['node'][:8]}" for r in rows)
 print(f"| two-trial study | {states} |")
+memory = ", ".join(f"#{r['number']} {float(r['peak_gpu_mb'] or 0) / 1024:.2f} GB GPU, "
+                   f"{float(r['peak_rss_mb'] or 0) / 1024:.2f} GB RSS" for r in rows)
+print(f"| peak memory per trial (two sharing one device) | {memory} |")
 print(f"| wall time | {wall} s |")
 ok = len(rows) == 2 and all(r["state"] == "COMPLETE" for r in rows)
 sys.exit(0 if ok else 1)

@@ -48,6 +48,7 @@ class TrialOutcome:
     wall_time_s: float = 0.0
     node: str = ""
     peak_rss_mb: float = 0.0                               # the trial process's peak resident memory
+    peak_gpu_mb: float = 0.0                               # the trial's peak CUDA memory allocated (0: no GPU)
 
     @property
     def score(self) -> float | None:

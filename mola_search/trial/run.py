@@ -53,6 +53,7 @@ def run_trial(settings: TrialSettings, fidelity: Fidelity, request: TrialRequest
         outcome.failure = _reason(exc)
     outcome.wall_time_s = time.perf_counter() - start
     outcome.peak_rss_mb = _peak_rss_mb()
+    outcome.peak_gpu_mb = _peak_gpu_mb()
     return outcome
 
 
@@ -63,6 +64,15 @@ def _peak_rss_mb() -> float:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024 if sys.platform != "darwin" else peak / 2**20
+
+
+def _peak_gpu_mb() -> float:
+    """The peak CUDA memory this process allocated (a Ray trial's own; 0 where no GPU was used). Reset before
+    each trial by the run (train.run), so in-process it is the last trial's."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return 0.0
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
 
 def _reason(exc: BaseException) -> str:

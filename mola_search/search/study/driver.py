@@ -24,7 +24,7 @@ from mola_search.search.seeds import Seed
 from mola_search.search.space import SearchSpace
 from mola_search.search.study.folder import StudyFolder
 from mola_search.search.study.records import (BUDGET, DUPLICATE_OF, FAILURE, FORCED, METRICS, NODE, NUM_LAYERS, ORIGIN,
-                                              PEAK_RSS, PILOT, RETRY_OF, RUNG_SCORES, SEED_EXACT, SEEDS_ENQUEUED,
+                                              PEAK_GPU, PEAK_RSS, PILOT, RETRY_OF, RUNG_SCORES, SEED_EXACT, SEEDS_ENQUEUED,
                                               TRAIN_SEED, WALL_TIME, best_search_trial, forced, forced_spec,
                                               spec_attrs, trial_seed)
 from mola_search.trial import TrialOutcome, TrialRequest
@@ -207,6 +207,8 @@ class StudyDriver:
         trial.set_user_attr(NODE, outcome.node)
         if outcome.peak_rss_mb:
             trial.set_user_attr(PEAK_RSS, round(outcome.peak_rss_mb, 1))
+        if outcome.peak_gpu_mb:
+            trial.set_user_attr(PEAK_GPU, round(outcome.peak_gpu_mb, 1))
         if outcome.metrics:
             trial.set_user_attr(METRICS, outcome.metrics)
         if outcome.failure:

@@ -26,6 +26,7 @@ METRICS = "metrics"          # accuracy / gold_logprob / margin / f1 / mcc of th
 WALL_TIME = "wall_time_s"
 NODE = "node"
 PEAK_RSS = "peak_rss_mb"     # the trial process's peak resident memory (sizes the default concurrency)
+PEAK_GPU = "peak_gpu_mb"     # the trial's peak CUDA memory allocated (GPU trials only)
 SEED_EXACT = "seed_exact_in_encoding"
 RETRY_OF = "retry_of"
 

@@ -14,11 +14,11 @@ from typing import Any
 
 from optuna.trial import TrialState
 
-from mola_search.search.study.records import (ALLOCATION, DUPLICATE_OF, FAILURE, METRICS, NODE, ORIGIN, PILOT, RANK,
-                                              RUNG_SCORES, TOP_K, TRAIN_SEED, WALL_TIME)
+from mola_search.search.study.records import (ALLOCATION, DUPLICATE_OF, FAILURE, METRICS, NODE, ORIGIN, PEAK_GPU,
+                                              PEAK_RSS, PILOT, RANK, RUNG_SCORES, TOP_K, TRAIN_SEED, WALL_TIME)
 
 TRIAL_COLUMNS = ("number", "origin", "state", "score", "rung_scores", "train_seed", "pilot", "accuracy", "allocation",
-                 "top_k", "rank", "wall_time_s", "failure", "duplicate_of", "node")
+                 "top_k", "rank", "wall_time_s", "failure", "duplicate_of", "node", "peak_rss_mb", "peak_gpu_mb")
 FINALIST_COLUMNS = ("label", "trial", "origin", "allocation", "state", "seeds", "validation_mean", "validation_std",
                     "test_mean", "test_std", "test_accuracy_mean", "test_scores", "failures")
 ONESHOT_COLUMNS = ("number", "origin", "state", "score", "accuracy", "allocation", "top_k", "duplicate_of", "failure")
@@ -42,6 +42,7 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
             "top_k": ",".join(map(str, a.get(TOP_K, []))), "rank": ",".join(map(str, a.get(RANK, []))),
             "wall_time_s": a.get(WALL_TIME, ""), "failure": a.get(FAILURE, ""),
             "duplicate_of": a.get(DUPLICATE_OF, ""), "node": a.get(NODE, ""),
+            "peak_rss_mb": a.get(PEAK_RSS, ""), "peak_gpu_mb": a.get(PEAK_GPU, ""),
         })
     return rows
 
