@@ -25,14 +25,14 @@ from dataclasses import dataclass, field
 
 from mola_search.analysis.studydata import (EXTRA_METRICS, PAPER_SHAPES, FinalistRecord, StudyData,
                                             per_example_key)
-from mola_search.search.study import Origin
+from mola_search.search.study import HasOrigin
 from mola_search.stats.family import holm_adjusted
 from mola_search.stats.paired import EXAMPLES_X_SEEDS, PER_SEED, Paired, paired_comparison, paired_examples
 
 FAMILY_ALPHA = 0.05  # each family of claims (verdicts, majority) holds at this family-wise error rate
 
 @dataclass
-class ResultRow:
+class ResultRow(HasOrigin):
     name: str
     origin: str
     number: int
@@ -70,14 +70,6 @@ class ResultRow:
     @property
     def acc_std(self) -> float:
         return _std(self.accuracy)
-
-    @property
-    def is_seed(self) -> bool:
-        return Origin(self.origin).is_seed
-
-    @property
-    def seed_name(self) -> str:
-        return Origin(self.origin).name if self.is_seed else ""
 
 
 @dataclass

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mola_search.errors import UserError
-from mola_search.search.study import Origin, StudyFolder
+from mola_search.search.study import HasOrigin, Origin, StudyFolder
 from mola_search.search.study import records
 from mola_search.search.study.folder import NOISE_JSON
 
@@ -38,7 +38,7 @@ def per_example_key(metric: str) -> str:
 
 
 @dataclass
-class TrialRecord:
+class TrialRecord(HasOrigin):
     """One Optuna trial, as the report sees it."""
 
     number: int
@@ -61,14 +61,6 @@ class TrialRecord:
     metrics: dict[str, float] = field(default_factory=dict)   # validation metrics of the last rung
 
     @property
-    def is_seed(self) -> bool:
-        return Origin(self.origin).is_seed
-
-    @property
-    def seed_name(self) -> str:
-        return Origin(self.origin).name if self.is_seed else ""
-
-    @property
     def last_score(self) -> float | None:
         """The final score, or for a pruned trial the score of the last rung it reached."""
         if self.value is not None:
@@ -77,7 +69,7 @@ class TrialRecord:
 
 
 @dataclass
-class FinalistRecord:
+class FinalistRecord(HasOrigin):
     """One allocation retrained with several training seeds (`finalists/<label>/seed<train_seed>/`).
 
     `validation` / `test` hold the study metric (`metric`; "accuracy" for a study
@@ -99,14 +91,6 @@ class FinalistRecord:
     trainable_params: int | None = None
     metrics: dict[int, dict[str, Any]] = field(default_factory=dict)        # train seed -> metrics.json
     dirs: dict[int, Path] = field(default_factory=dict)                     # train seed -> run folder
-
-    @property
-    def is_seed(self) -> bool:
-        return Origin(self.origin).is_seed
-
-    @property
-    def seed_name(self) -> str:
-        return Origin(self.origin).name if self.is_seed else ""
 
     @property
     def name(self) -> str:

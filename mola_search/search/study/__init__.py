@@ -7,6 +7,6 @@ from mola_search.search.study.best import choose_best
 from mola_search.search.study.driver import Proposal, StudyDriver
 from mola_search.search.study.finalist import Contender, Finalist, finalist_label
 from mola_search.search.study.folder import StudyFolder
-from mola_search.search.study.origin import Origin
+from mola_search.search.study.origin import HasOrigin, Origin
 
-__all__ = ["Contender", "Finalist", "Origin", "Proposal", "StudyDriver", "StudyFolder", "choose_best", "finalist_label"]
+__all__ = ["Contender", "Finalist", "HasOrigin", "Origin", "Proposal", "StudyDriver", "StudyFolder", "choose_best", "finalist_label"]

@@ -60,3 +60,18 @@ class Origin:
 
     def __str__(self) -> str:
         return self.text
+
+
+class HasOrigin:
+    """For a record with an `origin` string (a trial, a finalist, a result row): whether it is a seeded shape,
+    and which. The one place that reads the origin of a record."""
+
+    origin: str
+
+    @property
+    def is_seed(self) -> bool:
+        return Origin(self.origin).is_seed
+
+    @property
+    def seed_name(self) -> str:
+        return Origin(self.origin).name if self.is_seed else ""
