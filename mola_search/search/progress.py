@@ -60,7 +60,7 @@ class RunProgress:
         self.what = what
 
     def run_done(self, label: str, seed: int, score: float | None, failure: str | None = None,
-                 what: str = "test") -> None:
+                 what: str = "score") -> None:
         self.done += 1
         elapsed = time.time() - self.start
         eta = elapsed / self.done * (self.total - self.done)

@@ -166,8 +166,9 @@ class Race:
             if r.train_seed not in entry.validation:
                 entry.attempts[r.train_seed] = entry.attempts.get(r.train_seed, 0) + 1
                 entry.failures[r.train_seed] = outcome.failure or "the run produced no validation score"
-            runs.run_done(entry.label, r.train_seed, outcome.test_score, outcome.failure,
-                          what=f"test {self.config.metric}")
+            # the race decides on validation; test is read once, after it, for the report
+            runs.run_done(entry.label, r.train_seed, entry.validation.get(r.train_seed), outcome.failure,
+                          what=f"validation {self.config.metric}")
 
         self.study.executor.run(requests, self.study.fidelity, on_done, name=f"{self.stage}-seed{seed}",
                                 concurrency=self.study.concurrency(self.stage))
