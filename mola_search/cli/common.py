@@ -51,7 +51,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def run_main(prog: str, main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    """Call `main`; a UserError becomes `prog: error: <message>` on stderr and exit code 2, with the
+    """Call `main`; a UserError becomes `prog: error: <message>` on stderr and its exit code (2; a
+    ResourceTimeout 3), with the
     parameters it names (errors.with_flags) shown as the flags of the command's parsers."""
     _PARSERS.clear()
     try:
@@ -61,7 +62,7 @@ def run_main(prog: str, main: Callable[[list[str] | None], int | None], argv: li
         for parser in _PARSERS:
             flags.update(parser.flags())
         print(f"{prog}: error: {with_flags(str(exc), flags)}", file=sys.stderr)
-        return UserError.exit_code
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mola_search.cli.common import OneLineParser, load_config_file, run_main, top_k_arg
-from mola_search.errors import UserError
+from mola_search.errors import ResourceTimeout, UserError
 
 SUBCOMMANDS = ("decide", "export", "convert", "report", "analyze", "compare")
 
@@ -27,7 +27,8 @@ SUBCOMMANDS = ("decide", "export", "convert", "report", "analyze", "compare")
 _STUDY_FLAGS = ("task", "model", "budget", "out", "space", "objective", "trials", "sampler", "seed", "data_dir", "dtype",
                 "device",
                 "storage", "study_name", "executor", "address", "cpus_per_trial", "gpus_per_trial",
-                "max_concurrent", "scheduler", "finalist_top_n", "finalist_seeds", "finalist_train_examples",
+                "max_concurrent", "resource_timeout", "scheduler", "finalist_top_n", "finalist_seeds",
+                "finalist_train_examples",
                 "finalist_eval_examples", "metric", "pilot", "pilot_seeds", "auto_fidelity", "noise_threshold",
                 "time_budget", "strategy", "supernet_factor", "oneshot_trials", "oneshot_eval_examples",
                 "oneshot_checks", "final_stage", "min_effect", "max_finalist_runs", "race_min_seeds", "balance_loss",
@@ -132,6 +133,14 @@ def _resource_flags(p: argparse.ArgumentParser) -> None:
     r.add_argument("--cpus-per-trial", type=float, dest="cpus_per_trial")
     r.add_argument("--gpus-per-trial", type=float, dest="gpus_per_trial", help="fractions share a GPU, e.g. 0.25")
     r.add_argument("--max-concurrent", type=int, dest="max_concurrent")
+    _resource_timeout_flag(r)
+
+
+def _resource_timeout_flag(group) -> None:
+    group.add_argument("--resource-timeout", type=float, dest="resource_timeout", metavar="MINUTES",
+                       help="Ray: while no node can run a trial (a node lost, no free CPUs or GPUs) the study says "
+                            "what it waits for every minute, and after this long ends (exit 3) with every finished "
+                            "trial kept, for --resume (default 30; 0 = wait forever)")
 
 
 def _final_flags(p: argparse.ArgumentParser) -> None:
@@ -213,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
 
 # What a resume may change: how much more to search, where to run, how many fresh seeds a fixed block gets
 # (finished runs are kept; more seeds add runs, fewer report the first ones), and the race's question and budget.
-RESUMABLE = ("trials", "executor", "address", "cpus_per_trial", "gpus_per_trial", "max_concurrent", "finalist_seeds",
-             "min_effect", "max_finalist_runs", "time_budget")
+RESUMABLE = ("trials", "executor", "address", "cpus_per_trial", "gpus_per_trial", "max_concurrent", "resource_timeout",
+             "finalist_seeds", "min_effect", "max_finalist_runs", "time_budget")
 
 
 def decide_main(argv: list[str]) -> int:
@@ -229,12 +238,16 @@ def decide_main(argv: list[str]) -> int:
     for flag, dest, kind in (("--executor", "executor", str), ("--address", "address", str),
                              ("--cpus-per-trial", "cpus_per_trial", float), ("--max-concurrent", "max_concurrent", int)):
         p.add_argument(flag, dest=dest, type=kind)
+    _resource_timeout_flag(p)
     args = vars(p.parse_args(argv))
     folder = Path(args.pop("study"))
     from mola_search.search.runner import decide_study
 
     try:
         decide_study(folder, summarize=_summarize, **args)
+    except ResourceTimeout as exc:
+        raise ResourceTimeout(f"{exc}; finished runs are kept: `mola-search decide {folder}` continues the race "
+                              "once the cluster has them") from None
     except KeyboardInterrupt:
         print(f"mola-search: interrupted; finished runs are kept: `mola-search decide {folder}` continues the race",
               file=sys.stderr)
@@ -247,6 +260,9 @@ def _run(config, folder: Path, resume: bool = False) -> int:
 
     try:
         run_study(config, folder, resume=resume, summarize=_summarize)
+    except ResourceTimeout as exc:
+        raise ResourceTimeout(f"{exc}; finished trials and runs are kept: `mola-search --resume {folder}` continues "
+                              "the study once the cluster has them") from None
     except KeyboardInterrupt:
         print(f"mola-search: interrupted; finished trials and runs are kept: `mola-search --resume {folder}` "
               "continues the study", file=sys.stderr)

@@ -39,6 +39,10 @@ MIN_EFFECTS = {"gold_logprob": 0.01, "margin": 0.02, "accuracy": 0.01, "f1": 0.0
 # The race's budget: at the noise measured on MRPC (docs/strategies.md, benchmarks/decision_benchmark.py) 40
 # fine-tunes over four contenders declared a 2-delta winner in 82% of races (31 spent on average).
 DEFAULT_FINALIST_RUNS = 40
+# Minutes a Ray study waits while no node can run a trial (a node lost, no free CPUs or GPUs) before it ends with
+# its finished trials kept: long enough for a preempted or restarted node to come back, short enough that a batch
+# job does not sit out its allocation on an empty cluster (docs/gpus-and-clusters.md).
+DEFAULT_RESOURCE_TIMEOUT = 30.0
 
 PRESETS: dict[str, dict[str, Any]] = {
     # A whole study (the pilot's 9 runs and 5 more trials, then 4 finalists x 2 seeds = 22 fine-tunes) in about
@@ -97,6 +101,8 @@ class StudyConfig:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     max_concurrent: int | None = None
+    resource_timeout: float | None = DEFAULT_RESOURCE_TIMEOUT  # minutes no trial can be placed before the study
+                                              # ends cleanly (Ray; 0 or None: wait forever)
     scheduler: str = "asha"                   # the pruner: "asha", "wilcoxon" or "none" (--pruner)
     asha_reduction_factor: float = 2.0
     seed_names: tuple[str, ...] = ("triangle", "inverted_triangle", "hourglass", "rectangle", "diamond", "alphalora")
@@ -209,6 +215,9 @@ class StudyConfig:
             raise UserError(f"`oneshot_eval_examples` is {self.oneshot_eval_examples}: use >= 1 (or None: all)")
 
     def _check_resources(self) -> None:
+        if self.resource_timeout is not None and not self.resource_timeout >= 0:
+            raise UserError(f"`resource_timeout` is {self.resource_timeout}: use minutes >= 0 (0: wait for "
+                            "resources forever)")
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
             raise UserError("`cpus_per_trial` must be > 0 and `gpus_per_trial` >= 0")
         if self.gpus_per_trial > 1:
