@@ -97,6 +97,7 @@ def open_study(config: StudyConfig, folder: str | Path, *, resume: bool = False,
     if not resume:  # written once the storage exists: study.json marks a study others may open
         config.save(folder.root)
     executor = make_executor(config, folder, num_layers, objective)
+    executor.say = progress.message
     return StudyContext(config, folder, space, driver, executor, progress, num_layers, budget, seeds, objective,
                         trial_mb_estimate=trial_mb)
 

@@ -1,5 +1,6 @@
 """Ray Tune's side of the Ray executor: the searcher that asks the study's Optuna driver, the scheduler that
-asks its pruner, the callback that hands independent runs' outcomes back, and the function a worker runs.
+asks its pruner, the callback that hands independent runs' outcomes back, the callback that says what trials
+wait for (`_wait`), and the function a worker runs.
 
 Imported only when a study runs on Ray (it imports Ray Tune at module level).
 """
@@ -14,6 +15,7 @@ from ray import tune
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
+from mola_search.search.executors._wait import ResourceWait, trial_counts
 from mola_search.search.study import Proposal, StudyDriver
 from mola_search.trial import Fidelity, TrialOutcome, TrialRequest, TrialSettings, run_trial
 
@@ -158,3 +160,19 @@ class Finished(tune.Callback):
         self.told.append(request.to_payload())
         if self.on_done:
             self.on_done(request, outcome)
+
+
+class ResourceWatch(tune.Callback):
+    """Each step of Tune's loop, tells `ResourceWait` how many trials are PENDING and RUNNING; it says what they
+    wait for when no node can place one, and raises `ResourceTimeout` out of `Tuner.fit()` after
+    `resource_timeout` minutes (mola_search.search.executors._wait)."""
+
+    def __init__(self, wait: ResourceWait | None) -> None:
+        self.wait = wait
+
+    def __getstate__(self) -> dict[str, Any]:  # pickled into tuner.pkl like the others: no live output stream
+        return {**self.__dict__, "wait": None}
+
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        if self.wait is not None:
+            self.wait.step(*trial_counts([t.status for t in trials]))

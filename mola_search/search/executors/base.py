@@ -38,6 +38,7 @@ class Executor(ABC):
                  objective: Callable[..., Any] | None = None) -> None:
         self.config, self.folder, self.num_layers, self.objective = config, folder, num_layers, objective
         self.settings = config.trial_settings()
+        self.say: Callable[[str], None] = _print  # progress lines of independent runs (the study sets its own)
 
     @classmethod
     def check(cls, config: StudyConfig) -> None:
@@ -55,6 +56,10 @@ class Executor(ABC):
     def run(self, requests: Sequence[TrialRequest], fidelity: Fidelity, on_done: RunDone, *, name: str = "runs",
             concurrency: int | None = None) -> None:
         """Run independent requests (never pruned); `on_done` gets every one's outcome."""
+
+
+def _print(text: str) -> None:
+    print(text, flush=True)
 
 
 def make_executor(config: StudyConfig, folder: StudyFolder, num_layers: int,

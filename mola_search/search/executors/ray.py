@@ -6,6 +6,10 @@ stopped either way is told to Optuna as PRUNED (never as a completed trial with 
 
 Independent runs (the pilot, the finalists) come back as `TrialOutcome`s through Tune's results, not
 through a shared disk; a finalist's run folder is sent to the driver's node (`_sink`).
+
+While no node can run a trial (a node lost, no free CPUs or GPUs), both say what they wait for every minute and
+end the study with `ResourceTimeout` after `resource_timeout` minutes (`_wait`); that is never a Tune failure
+to retry or to fail runs for: finished trials and runs are kept, and a resumed study runs the rest.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+from mola_search.errors import ResourceTimeout
 from mola_search.search.config import StudyConfig
 from mola_search.search.executors import _cluster
 from mola_search.search.executors.base import Executor, RunDone, register_executor
@@ -26,6 +31,10 @@ MAX_TUNE_RESTARTS = 3
 @register_executor
 class RayExecutor(Executor):
     name = "ray"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._seen_nodes: dict[str, str] = {}  # node id -> "id at address", for every node any phase saw alive
 
     @classmethod
     def check(cls, config: StudyConfig) -> None:
@@ -42,6 +51,14 @@ class RayExecutor(Executor):
             self.settings = replace(self.settings, train={**self.settings.train, "activation_checkpointing": True})
         return n, line
 
+    def _watch(self, say: Any) -> Any:
+        """The Tune callback that says what trials wait for, and ends the study after `resource_timeout`."""
+        from mola_search.search.executors._tune import ResourceWatch
+        from mola_search.search.executors._wait import ResourceWait
+
+        need = {"CPU": self.config.cpus_per_trial, "GPU": self.config.gpus_per_trial}
+        return ResourceWatch(ResourceWait(need, self.config.resource_timeout, say, seen=self._seen_nodes))
+
     def search(self, driver: StudyDriver, fidelity: Fidelity, concurrency: int | None = None) -> None:
         """Search trials as Tune trials; if Tune itself gives up (e.g. Ray's memory monitor killed a trial's
         actor while it started), the trials it had in flight are FAILED with the reason and Tune is started
@@ -55,6 +72,8 @@ class RayExecutor(Executor):
             try:
                 self._search_once(driver, fidelity, live, concurrency)
                 return
+            except ResourceTimeout:  # the study ends; the trials still waiting are re-queued by --resume
+                raise
             except Exception as exc:  # noqa: BLE001 - Tune raised out of fit(): record it, keep the study going
                 reason = tune_failure(exc)
                 for proposal in list(live.values()):
@@ -77,7 +96,7 @@ class RayExecutor(Executor):
                                         num_samples=driver.remaining(), max_concurrent_trials=concurrency,
                                         metric="score", mode="max"),
             run_config=tune.RunConfig(name="tune", storage_path=str(self.folder.ray_dir), verbose=0,
-                                      log_to_file=True),
+                                      log_to_file=True, callbacks=[self._watch(driver.progress.message)]),
         )
         tuner.fit()
 
@@ -122,10 +141,12 @@ class RayExecutor(Executor):
             param_space={"request": tune.grid_search([r.to_payload() for r in requests])},
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, metric="score", mode="max"),
             run_config=tune.RunConfig(name=name, storage_path=str(self.folder.ray_dir), verbose=0,
-                                      log_to_file=True, callbacks=[Finished(on_done, told)]),
+                                      log_to_file=True, callbacks=[Finished(on_done, told), self._watch(self.say)]),
         )
         try:
             tuner.fit()
+        except ResourceTimeout:  # the study ends; the runs not told yet run again when it is resumed
+            raise
         except Exception as exc:  # noqa: BLE001 - Tune gave up: the runs it never finished are failed, with why
             reason = tune_failure(exc)
             for r in requests:

@@ -1,0 +1,177 @@
+"""A Ray study that cannot place a trial says what it waits for, and ends after `resource_timeout` minutes.
+
+Left alone, Ray Tune waits without a word while no node can run a trial: a killed worker node left a study
+silent for minutes ("node marked dead", then nothing until a node joined). Tune's own warning
+(`TUNE_WARN_INSUFFICENT_RESOURCE_THRESHOLD_S`) is a log record at WARNING level, which the study's Ray
+logging (ERROR) hides; it names only the cluster's CPU and GPU totals and cannot end the run. So the Ray
+executor adds a Tune callback (`_tune.ResourceWatch`) whose `on_step_begin` (Tune's controller calls it every
+step, about every 0.1 s when nothing happens) hands this module's `ResourceWait` two facts from Tune's own
+trial list: are trials PENDING, and is none RUNNING. Only while that holds does it ask Ray anything
+(`ray.available_resources()`, `ray.nodes()`, at most every `CHECK_S`), so a healthy study pays nothing:
+
+- a trial that could be placed (a CPU free, or a placement group Tune reserved and whose actor is starting)
+  is a trial starting, not a wait: the clock stops;
+- otherwise, after `GRACE_S`, one line names what one trial asks for and what the cluster has: "waiting for
+  1 CPU for a trial: the cluster has 0 CPUs free of 0 (node 6f1c2a9b3d4e at 127.0.0.1 lost)", repeated every
+  `RESOURCE_WAIT_MESSAGE_S` while the wait lasts, and a last line when a trial runs again;
+- after `resource_timeout` minutes of waiting (counted from the first step no trial could be placed) it
+  raises `ResourceTimeout` out of `Tuner.fit()`. Tune's `run` loop cleans up (stops its actors) and
+  re-raises; the executor lets it through (it is not a Tune failure to retry), and the CLI prints it on one
+  line with the resume command and exits 3. Raising skips Tune's end-of-run callbacks on purpose: ending
+  the run through a Stopper would hand the unfinished trials to the searcher as stopped (pruned) and the
+  independent runs to `on_done` as failed, and the pilot would keep a failure it never had. As it is, every
+  finished trial and run was already recorded as it ended; search trials still waiting stay RUNNING in the
+  Optuna storage and `--resume` marks them interrupted and queues them again, as after Ctrl-C; independent
+  runs not yet told are run again by the resumed phase.
+
+The same callback watches both Tune uses: search trials (`RayExecutor.search`) and independent runs
+(`RayExecutor.run`: the pilot, the finalists, the race's rounds).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from mola_search.errors import ResourceTimeout
+
+GRACE_S = 10.0                   # no trial placeable for less than this: not worth a line yet
+RESOURCE_WAIT_MESSAGE_S = 60.0   # the wait is said again this often
+CHECK_S = 2.0                    # while trials wait, the cluster is asked at most this often
+
+
+@dataclass
+class ClusterView:
+    """What the cluster has, from Ray: free and total amounts of each resource over the alive nodes, each alive
+    node's totals, and the nodes that were alive once and are not now (id prefix and address)."""
+
+    free: dict[str, float]
+    total: dict[str, float]
+    nodes: list[dict[str, float]] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)
+
+
+def ray_cluster_view(seen: dict[str, str]) -> ClusterView:
+    """The cluster as Ray sees it now; `seen` (node id -> "id at address") keeps every node ever seen alive,
+    so that a node that died says "lost"."""
+    import ray
+
+    nodes, lost = [], []
+    for node in ray.nodes():
+        node_id = str(node.get("NodeID", ""))
+        name = f"{node_id[:12]} at {node.get('NodeManagerAddress', '?')}"
+        if node.get("Alive"):
+            seen[node_id] = name
+            nodes.append({k: float(v) for k, v in (node.get("Resources") or {}).items()})
+        elif node_id in seen:
+            lost.append(seen[node_id])
+    total: dict[str, float] = {}
+    for resources in nodes:
+        for key, value in resources.items():
+            total[key] = total.get(key, 0.0) + value
+    free = {k: float(v) for k, v in ray.available_resources().items()}
+    return ClusterView(free=free, total=total, nodes=nodes, lost=lost)
+
+
+def _amount(kind: str, value: float) -> str:
+    if kind == "memory":
+        return f"{value / 2**30:.1f} GB of memory"
+    return f"{value:g} {kind}" + ("s" if value != 1 else "")
+
+
+def _has(kind: str, view: ClusterView) -> str:
+    free, total = view.free.get(kind, 0.0), view.total.get(kind, 0.0)
+    if kind == "memory":
+        return f"{free / 2**30:.1f} GB of memory free of {total / 2**30:.1f}"
+    return f"{_amount(kind, free)} free of {total:g}"
+
+
+def _reserved(view: ClusterView, kind: str) -> float:
+    """Of `kind`, what placement groups hold and no actor uses yet: Ray names a group's resource
+    `<kind>_group_<group id>` (and `<kind>_group_<bundle>_<group id>` per bundle, not counted twice here)."""
+    prefix = f"{kind}_group_"
+    return sum(v for k, v in view.free.items() if k.startswith(prefix) and "_" not in k[len(prefix):])
+
+
+def shortfall(need: Mapping[str, float], view: ClusterView) -> str | None:
+    """Why one trial asking for `need` ({"CPU": 1, "GPU": 0.5, ...}) cannot be placed now, or None when it can
+    (its resources are free, or a placement group holds them for a trial that is starting)."""
+    need = {k: float(v) for k, v in need.items() if v}
+    short = [k for k, v in need.items() if view.free.get(k, 0.0) + _reserved(view, k) < v]
+    if short:
+        why = (f"waiting for {' and '.join(_amount(k, need[k]) for k in short)} for a trial: the cluster has "
+               + " and ".join(_has(k, view) for k in short))
+    elif view.nodes and not any(all(n.get(k, 0.0) >= v for k, v in need.items()) for n in view.nodes):
+        largest = max(view.nodes, key=lambda n: tuple(n.get(k, 0.0) for k in need))
+        why = (f"waiting for a node with {' and '.join(_amount(k, v) for k, v in need.items())} for a trial: the "
+               "cluster has that much only over several nodes (the largest has "
+               f"{' and '.join(_amount(k, largest.get(k, 0.0)) for k in need)})")
+    else:
+        return None
+    if view.lost:
+        why += f" (node{'s' if len(view.lost) > 1 else ''} {', '.join(view.lost)} lost)"
+    return why
+
+
+def _minutes(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+class ResourceWait:
+    """Watches, step by step, whether trials wait for resources (see the module docstring).
+
+    `step(pending, running)` is called with Tune's counts of PENDING and RUNNING trials; `say(text)` prints a
+    progress line; `view()` returns a `ClusterView`. Raises `ResourceTimeout` once no trial could be placed
+    for `timeout_min` minutes (0 or None: never)."""
+
+    def __init__(self, need: Mapping[str, float], timeout_min: float | None, say: Callable[[str], None],
+                 view: Callable[[], ClusterView] | None = None, clock: Callable[[], float] = time.monotonic,
+                 seen: dict[str, str] | None = None) -> None:
+        self.need, self.timeout_s = dict(need), (timeout_min or 0.0) * 60.0
+        self.say, self.clock = say, clock
+        seen = {} if seen is None else seen   # shared by the executor's phases: a node lost before still says so
+        self.view = view or (lambda: ray_cluster_view(seen))
+        self.since: float | None = None     # the first step at which no trial could be placed
+        self.checked = -float("inf")        # when the cluster was last asked
+        self.said: float | None = None      # when the wait was last said
+        self.why: str | None = None
+
+    def step(self, pending: int, running: int) -> None:
+        now = self.clock()
+        if not pending or running:
+            self._over(now)
+            return
+        if now - self.checked < CHECK_S:
+            return
+        self.checked = now
+        why = shortfall(self.need, self.view())
+        if why is None:   # a trial can be placed (or is being placed): it is starting, not waiting
+            self._over(now)
+            return
+        self.why = why
+        if self.since is None:
+            self.since = now
+        waited = now - self.since
+        if self.timeout_s and waited >= self.timeout_s:
+            raise ResourceTimeout(f"{why}; no trial could run for {_minutes(waited)}, so the study stopped "
+                                  f"(`resource_timeout` {self.timeout_s / 60:g} min)")
+        due = self.said is None and waited >= GRACE_S or (self.said is not None
+                                                          and now - self.said >= RESOURCE_WAIT_MESSAGE_S)
+        if due:
+            self.said = now
+            limit = (f"the study stops after {_minutes(self.timeout_s)} without one (--resource-timeout)"
+                     if self.timeout_s else "it waits for as long as it takes (--resource-timeout 0)")
+            self.say(f"{why}; no trial has run for {_minutes(waited)}, {limit}")
+
+    def _over(self, now: float) -> None:
+        if self.said is not None and self.since is not None:
+            self.say(f"resources are back after {_minutes(now - self.since)} of waiting: trials run again")
+        self.since, self.said, self.why = None, None, None
+
+
+def trial_counts(statuses: Sequence[Any]) -> tuple[int, int]:
+    """(PENDING, RUNNING) among Tune trial statuses."""
+    return sum(1 for s in statuses if s == "PENDING"), sum(1 for s in statuses if s == "RUNNING")
