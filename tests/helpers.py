@@ -1,11 +1,15 @@
 """Helpers shared by several test files, so that no test file imports another.
 
-Three groups, each moved here unchanged from the test file that first had it:
+Four groups, each moved here from the test file that first had it:
 
 * `mola-search` end to end (from test_search.py): the CLI in this process (`search`) or as its own process
   (`MOLA_SEARCH`), trials.csv and the Optuna study of a folder, and kill-mid-study-then-resume.
 * study folders built in code (from test_results.py): `make_study`, `effect_study` and their parts.
 * a user objective (from test_objective.py): `peak_in_the_middle` and the rows/values it is checked with.
+* Ray nodes as `ray start` processes (from test_cluster_disks.py; test_node_loss.py kills one): a free port,
+  starting and stopping a node in a session of its own, waiting for the cluster's node count, and kill -9 of
+  every process of a node's session (its raylet, agents and workers; Ray gives workers process groups of their
+  own, not sessions).
 
 This file holds no tests. It is on sys.path as `helpers` because tests/ (no __init__.py) is the rootdir
 of its test modules (pytest's default "prepend" import mode).
@@ -17,6 +21,7 @@ import csv
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -317,3 +322,63 @@ def _rows(path: Path) -> list[dict[str, str]]:
 def _value(allocation: str, seed: int) -> float:
     experts = [int(x) for x in allocation.split(",")]
     return sum(experts[3:5]) / sum(experts) - 0.001 * seed
+
+
+# ------------------------------------------------------------------------------------------ ray start nodes
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_process(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """`argv` in a session of its own (its pid is the session id), output to `log`."""
+    return subprocess.Popen(argv, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def kill_session(sid: int) -> list[int]:
+    """kill -9 of every process in session `sid` (a node `start_process` started: `ray start`, its raylet, agents
+    and the workers the raylet forked, which Ray puts in process groups of their own); returns their pids."""
+    killed = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # after "pid (comm)": state, ppid, pgrp, session
+            try:
+                os.kill(int(stat.parent.name), signal.SIGKILL)
+                killed.append(int(stat.parent.name))
+            except ProcessLookupError:
+                pass
+    return killed
+
+
+def wait_for_nodes(address: str, env: dict[str, str], count: int, timeout: float = 120) -> None:
+    probe = ("import ray; ray.init(address=%r, logging_level='ERROR'); "
+             "print(sum(1 for n in ray.nodes() if n['Alive']))" % address)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+        if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(count)]:
+            return
+        time.sleep(2)
+    raise AssertionError(f"the cluster did not reach {count} nodes: {out.stdout[-500:]} {out.stderr[-1500:]}")

@@ -15,57 +15,17 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from helpers import MOLA_SEARCH, read_trials
+from helpers import (MOLA_SEARCH, RAY, free_port, read_trials, start_process, stop_process,
+                     wait_for_nodes)
 
-RAY = str(Path(sys.executable).with_name("ray"))
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
                                  reason="needs root and unshare(1) for a private mount namespace"),
               pytest.mark.slow, pytest.mark.netns]  # netns: conftest runs it where 127.0.0.1 is the only address
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(argv, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _wait_for_nodes(address: str, env: dict[str, str], count: int, timeout: float = 120) -> None:
-    probe = ("import ray; ray.init(address=%r, logging_level='ERROR'); "
-             "print(sum(1 for n in ray.nodes() if n['Alive']))" % address)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
-        if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(count)]:
-            return
-        time.sleep(2)
-    raise AssertionError(f"the cluster did not reach {count} nodes: {out.stdout[-500:]} {out.stderr[-1500:]}")
 
 
 def test_finalists_on_a_node_without_the_study_folder_reach_the_driver(tmp_path: Path) -> None:
@@ -82,12 +42,12 @@ def test_finalists_on_a_node_without_the_study_folder_reach_the_driver(tmp_path:
     private.mkdir()
     cache.mkdir()
     (private / "sentinel").write_text("only the driver's disk has this")
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
            "MOLA_CACHE_DIR": str(cache), "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("MOLA_SEARCH_FAULTS", None)
-    head = _start([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "0",
+    head = start_process([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "0",
                    "--include-dashboard", "false", "--block"], env, tmp_path / "head.log")
     view = tmp_path / "worker-view.txt"
     worker_script = (f"mount --make-rprivate / && mount -t tmpfs none {private} && mount -t tmpfs none {cache} && "
@@ -95,8 +55,8 @@ def test_finalists_on_a_node_without_the_study_folder_reach_the_driver(tmp_path:
                      f"exec {RAY} start --address {address} --node-ip-address 127.0.0.1 --num-cpus 2 --block")
     worker = None
     try:
-        worker = _start(["unshare", "-m", "sh", "-c", worker_script], env, tmp_path / "worker.log")
-        _wait_for_nodes(address, env, 2)
+        worker = start_process(["unshare", "-m", "sh", "-c", worker_script], env, tmp_path / "worker.log")
+        wait_for_nodes(address, env, 2)
         assert view.read_text().strip() == "private", "the worker node must not see the driver's study folder"
         settings = tmp_path / "two.yaml"
         settings.write_text("seed_names: [triangle, rectangle]\nfidelity: {max_train_examples: 8, max_eval_examples: 6,"
@@ -127,5 +87,5 @@ def test_finalists_on_a_node_without_the_study_folder_reach_the_driver(tmp_path:
         assert (folder / "best_allocation.json").is_file()
     finally:
         if worker is not None:
-            _stop(worker)
-        _stop(head)
+            stop_process(worker)
+        stop_process(head)

@@ -67,14 +67,12 @@ def test_a_trial_that_fits_or_is_being_placed_is_no_wait() -> None:
     assert shortfall({"CPU": 1}, starting) is None
 
 
-def test_said_within_the_grace_then_every_minute_then_the_end_of_the_wait() -> None:
+def test_a_lost_node_is_said_at_once_then_every_minute_then_the_end_of_the_wait() -> None:
     wait, clock, said, views = _watch(LOST, timeout_min=None)
-    _run(wait, clock, _wait.GRACE_S - 1)
-    assert said == []  # a short stall is a trial starting
-    _run(wait, clock, _wait.CHECK_S + 1)
-    assert len(said) == 1 and said[0].startswith("waiting for 1 CPU for a trial: the cluster has 0 CPUs free of 0 "
-                                                 "(node 6f1c2a9b3d4e at 127.0.0.1 lost); no trial has run for 1")
-    assert said[0].endswith("it waits for as long as it takes (--resource-timeout 0)"), said
+    _run(wait, clock, 0.5)
+    assert len(said) == 1 and said[0] == ("waiting for 1 CPU for a trial: the cluster has 0 CPUs free of 0 (node "
+                                          "6f1c2a9b3d4e at 127.0.0.1 lost); no trial has run for 0 s, it waits for "
+                                          "as long as it takes (--resource-timeout 0)"), said
     _run(wait, clock, 3 * (_wait.RESOURCE_WAIT_MESSAGE_S + _wait.CHECK_S))
     assert len(said) == 4, said  # repeated every minute (at the first look at the cluster after it)
     views["now"] = IDLE
@@ -82,6 +80,20 @@ def test_said_within_the_grace_then_every_minute_then_the_end_of_the_wait() -> N
     assert said[-1].startswith("resources are back after 3 min") and said[-1].endswith("trials run again"), said
     _run(wait, clock, 3 * _wait.RESOURCE_WAIT_MESSAGE_S)
     assert len(said) == 5
+
+
+def test_taken_resources_are_said_after_the_grace_and_again_when_ray_marks_the_node_dead() -> None:
+    # a node killed a moment ago: its CPU still counts, nothing is free; Ray marks it dead some 20 s later
+    busy = ClusterView(free={}, total={"CPU": 1.0}, nodes=[{"CPU": 0.0}, {"CPU": 1.0}])
+    wait, clock, said, views = _watch(busy, timeout_min=None)
+    _run(wait, clock, _wait.GRACE_S - 1)
+    assert said == []  # a short stall may be a trial starting
+    _run(wait, clock, _wait.CHECK_S + 1)
+    assert len(said) == 1 and said[0].startswith("waiting for 1 CPU for a trial: the cluster has 0 CPUs free of 1; "
+                                                 "no trial has run for 1"), said
+    views["now"] = LOST
+    _run(wait, clock, _wait.CHECK_S + 0.5)
+    assert len(said) == 2 and "0 CPUs free of 0 (node 6f1c2a9b3d4e at 127.0.0.1 lost)" in said[1], said
 
 
 def test_running_trials_or_none_pending_is_no_wait_and_asks_ray_nothing() -> None:

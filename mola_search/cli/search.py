@@ -247,7 +247,7 @@ def decide_main(argv: list[str]) -> int:
         decide_study(folder, summarize=_summarize, **args)
     except ResourceTimeout as exc:
         raise ResourceTimeout(f"{exc}; finished runs are kept: `mola-search decide {folder}` continues the race "
-                              "once the cluster has them") from None
+                              "once a node can run one") from None
     except KeyboardInterrupt:
         print(f"mola-search: interrupted; finished runs are kept: `mola-search decide {folder}` continues the race",
               file=sys.stderr)
@@ -262,7 +262,7 @@ def _run(config, folder: Path, resume: bool = False) -> int:
         run_study(config, folder, resume=resume, summarize=_summarize)
     except ResourceTimeout as exc:
         raise ResourceTimeout(f"{exc}; finished trials and runs are kept: `mola-search --resume {folder}` continues "
-                              "the study once the cluster has them") from None
+                              "the study once a node can run a trial") from None
     except KeyboardInterrupt:
         print(f"mola-search: interrupted; finished trials and runs are kept: `mola-search --resume {folder}` "
               "continues the study", file=sys.stderr)

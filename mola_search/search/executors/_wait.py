@@ -11,9 +11,12 @@ trial list: are trials PENDING, and is none RUNNING. Only while that holds does 
 
 - a trial that could be placed (a CPU free, or a placement group Tune reserved and whose actor is starting)
   is a trial starting, not a wait: the clock stops;
-- otherwise, after `GRACE_S`, one line names what one trial asks for and what the cluster has: "waiting for
-  1 CPU for a trial: the cluster has 0 CPUs free of 0 (node 6f1c2a9b3d4e at 127.0.0.1 lost)", repeated every
-  `RESOURCE_WAIT_MESSAGE_S` while the wait lasts, and a last line when a trial runs again;
+- otherwise one line names what one trial asks for and what the cluster has: "waiting for 1 CPU for a trial:
+  the cluster has 0 CPUs free of 0 (node 6f1c2a9b3d4e at 127.0.0.1 lost)". It comes at once when no alive
+  node could hold a trial even idle (a node lost, none big enough), after `GRACE_S` when the resources exist
+  but are taken; it is repeated every `RESOURCE_WAIT_MESSAGE_S` and when the lost nodes or the cluster's
+  totals change (a raylet killed a moment ago still counts until Ray marks its node dead, some 15 to 20 s later),
+  and a last line says when a trial runs again;
 - after `resource_timeout` minutes of waiting (counted from the first step no trial could be placed) it
   raises `ResourceTimeout` out of `Tuner.fit()`. Tune's `run` loop cleans up (stops its actors) and
   re-raises; the executor lets it through (it is not a Tune failure to retry), and the CLI prints it on one
@@ -95,6 +98,10 @@ def _reserved(view: ClusterView, kind: str) -> float:
     return sum(v for k, v in view.free.items() if k.startswith(prefix) and "_" not in k[len(prefix):])
 
 
+def _holds(node: Mapping[str, float], need: Mapping[str, float]) -> bool:
+    return all(node.get(k, 0.0) >= v for k, v in need.items() if v)
+
+
 def shortfall(need: Mapping[str, float], view: ClusterView) -> str | None:
     """Why one trial asking for `need` ({"CPU": 1, "GPU": 0.5, ...}) cannot be placed now, or None when it can
     (its resources are free, or a placement group holds them for a trial that is starting)."""
@@ -103,7 +110,7 @@ def shortfall(need: Mapping[str, float], view: ClusterView) -> str | None:
     if short:
         why = (f"waiting for {' and '.join(_amount(k, need[k]) for k in short)} for a trial: the cluster has "
                + " and ".join(_has(k, view) for k in short))
-    elif view.nodes and not any(all(n.get(k, 0.0) >= v for k, v in need.items()) for n in view.nodes):
+    elif view.nodes and not any(_holds(n, need) for n in view.nodes):
         largest = max(view.nodes, key=lambda n: tuple(n.get(k, 0.0) for k in need))
         why = (f"waiting for a node with {' and '.join(_amount(k, v) for k, v in need.items())} for a trial: the "
                "cluster has that much only over several nodes (the largest has "
@@ -137,7 +144,7 @@ class ResourceWait:
         self.since: float | None = None     # the first step at which no trial could be placed
         self.checked = -float("inf")        # when the cluster was last asked
         self.said: float | None = None      # when the wait was last said
-        self.why: str | None = None
+        self.news: tuple = ()               # the lost nodes and the totals it said then
 
     def step(self, pending: int, running: int) -> None:
         now = self.clock()
@@ -147,21 +154,26 @@ class ResourceWait:
         if now - self.checked < CHECK_S:
             return
         self.checked = now
-        why = shortfall(self.need, self.view())
+        view = self.view()
+        why = shortfall(self.need, view)
         if why is None:   # a trial can be placed (or is being placed): it is starting, not waiting
             self._over(now)
             return
-        self.why = why
         if self.since is None:
             self.since = now
         waited = now - self.since
         if self.timeout_s and waited >= self.timeout_s:
             raise ResourceTimeout(f"{why}; no trial could run for {_minutes(waited)}, so the study stopped "
                                   f"(`resource_timeout` {self.timeout_s / 60:g} min)")
-        due = self.said is None and waited >= GRACE_S or (self.said is not None
-                                                          and now - self.said >= RESOURCE_WAIT_MESSAGE_S)
+        # Said at once when no alive node could hold a trial even idle (a node lost, none big enough); after
+        # GRACE_S when the resources exist but are taken; again every minute, and when nodes or totals change.
+        news = (tuple(view.lost), tuple(view.total.get(k, 0.0) for k in sorted(self.need)))
+        if self.said is None:
+            due = waited >= GRACE_S or not any(_holds(n, self.need) for n in view.nodes)
+        else:
+            due = now - self.said >= RESOURCE_WAIT_MESSAGE_S or news != self.news
         if due:
-            self.said = now
+            self.said, self.news = now, news
             limit = (f"the study stops after {_minutes(self.timeout_s)} without one (--resource-timeout)"
                      if self.timeout_s else "it waits for as long as it takes (--resource-timeout 0)")
             self.say(f"{why}; no trial has run for {_minutes(waited)}, {limit}")
@@ -169,7 +181,7 @@ class ResourceWait:
     def _over(self, now: float) -> None:
         if self.said is not None and self.since is not None:
             self.say(f"resources are back after {_minutes(now - self.since)} of waiting: trials run again")
-        self.since, self.said, self.why = None, None, None
+        self.since, self.said = None, None
 
 
 def trial_counts(statuses: Sequence[Any]) -> tuple[int, int]:
