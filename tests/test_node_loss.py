@@ -148,8 +148,10 @@ def test_a_lost_node_is_said_within_a_minute_then_resource_timeout_ends_the_stud
         print(f"finalists: kill -9 of the worker node -> first wait line after {said:.1f} s, exit 3 after "
               f"{ended:.1f} s")
         assert _wait_lines(output) and said < 60, output[-3000:]
-        assert re.search(rf"^mola-search: error: waiting for 1 CPU for a trial: the cluster has {LOST}; no trial "
-                         r"could run for 3\d s, so the study stopped \(--resource-timeout 0\.5 min\)", error), error
+        # (30 s: Ray may not have marked the node dead yet, some 18 s after the kill here)
+        assert re.search(rf"^mola-search: error: waiting for 1 CPU for a trial: the cluster has "
+                         rf"(0 CPUs free of 1|{LOST}); no trial could run for 3\d s, so the study stopped "
+                         r"\(--resource-timeout 0\.5 min\)", error), error
         assert len(trained(read_trials(folder))) == TRIALS and not (folder / "summary.md").exists()
         assert all(_finalist_metrics(folder)[name] == text for name, text in runs.items())  # kept as they were
 
