@@ -96,12 +96,14 @@ def test_taken_resources_are_said_after_the_grace_and_again_when_ray_marks_the_n
     assert len(said) == 2 and "0 CPUs free of 0 (node 6f1c2a9b3d4e at 127.0.0.1 lost)" in said[1], said
 
 
-def test_running_trials_or_none_pending_is_no_wait_and_asks_ray_nothing() -> None:
-    asked = []
-    wait = ResourceWait({"CPU": 1}, 1.0, print, view=lambda: asked.append(1) or LOST, clock=Clock())
+def test_running_trials_or_none_pending_is_no_wait_and_asks_ray_only_for_its_nodes() -> None:
+    asked, noted = [], []
+    wait = ResourceWait({"CPU": 1}, 1.0, print, view=lambda: asked.append(1) or LOST, clock=Clock(),
+                        remember=lambda: noted.append(wait.clock.now))
     _run(wait, wait.clock, 120, pending=3, running=1)   # a smaller cluster, still making progress
     _run(wait, wait.clock, 120, pending=0, running=0)   # nothing asked of it (the searcher is done)
     assert asked == []
+    assert len(noted) == 8 and noted[0] == pytest.approx(1000.1)  # at once, then every REMEMBER_S (30 s)
 
 
 def test_resource_timeout_ends_the_wait_with_a_one_line_error() -> None:

@@ -6,8 +6,9 @@ silent for minutes ("node marked dead", then nothing until a node joined). Tune'
 logging (ERROR) hides; it names only the cluster's CPU and GPU totals and cannot end the run. So the Ray
 executor adds a Tune callback (`_tune.ResourceWatch`) whose `on_step_begin` (Tune's controller calls it every
 step, about every 0.1 s when nothing happens) hands this module's `ResourceWait` two facts from Tune's own
-trial list: are trials PENDING, and is none RUNNING. Only while that holds does it ask Ray anything
-(`ray.available_resources()`, `ray.nodes()`, at most every `CHECK_S`), so a healthy study pays nothing:
+trial list: are trials PENDING, and is none RUNNING. Only while that holds does it ask Ray what the cluster
+has (`ray.available_resources()`, `ray.nodes()`, at most every `CHECK_S`); otherwise it only notes the alive
+nodes every `REMEMBER_S` (one `ray.nodes()`), to name a node that is lost later:
 
 - a trial that could be placed (a CPU free, or a placement group Tune reserved and whose actor is starting)
   is a trial starting, not a wait: the clock stops;
@@ -43,6 +44,7 @@ from mola_search.errors import ResourceTimeout
 GRACE_S = 10.0                   # no trial placeable for less than this: not worth a line yet
 RESOURCE_WAIT_MESSAGE_S = 60.0   # the wait is said again this often
 CHECK_S = 2.0                    # while trials wait, the cluster is asked at most this often
+REMEMBER_S = 30.0                # while trials run, the alive nodes are listed this often (to name a lost one)
 
 
 @dataclass
@@ -54,6 +56,16 @@ class ClusterView:
     total: dict[str, float]
     nodes: list[dict[str, float]] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)
+
+
+def remember_nodes(seen: dict[str, str]) -> None:
+    """Adds Ray's alive nodes to `seen` (node id -> "id at address")."""
+    import ray
+
+    for node in ray.nodes():
+        if node.get("Alive"):
+            node_id = str(node.get("NodeID", ""))
+            seen[node_id] = f"{node_id[:12]} at {node.get('NodeManagerAddress', '?')}"
 
 
 def ray_cluster_view(seen: dict[str, str]) -> ClusterView:
@@ -131,16 +143,20 @@ class ResourceWait:
     """Watches, step by step, whether trials wait for resources (see the module docstring).
 
     `step(pending, running)` is called with Tune's counts of PENDING and RUNNING trials; `say(text)` prints a
-    progress line; `view()` returns a `ClusterView`. Raises `ResourceTimeout` once no trial could be placed
-    for `timeout_min` minutes (0 or None: never)."""
+    progress line; `view()` returns a `ClusterView`, and `remember()` notes the nodes alive now, at the first
+    step and every `REMEMBER_S` while nothing waits (by default both ask Ray, with `seen` the nodes noted: a node
+    that dies later is named lost, also when Ray marked it dead before anything waited). Raises
+    `ResourceTimeout` once no trial could be placed for `timeout_min` minutes (0 or None: never)."""
 
     def __init__(self, need: Mapping[str, float], timeout_min: float | None, say: Callable[[str], None],
                  view: Callable[[], ClusterView] | None = None, clock: Callable[[], float] = time.monotonic,
-                 seen: dict[str, str] | None = None) -> None:
+                 seen: dict[str, str] | None = None, remember: Callable[[], None] | None = None) -> None:
         self.need, self.timeout_s = dict(need), (timeout_min or 0.0) * 60.0
         self.say, self.clock = say, clock
         seen = {} if seen is None else seen   # shared by the executor's phases: a node lost before still says so
         self.view = view or (lambda: ray_cluster_view(seen))
+        self.remember = remember or ((lambda: None) if view else (lambda: remember_nodes(seen)))
+        self.remembered = -float("inf")     # when the alive nodes were last noted
         self.since: float | None = None     # the first step at which no trial could be placed
         self.checked = -float("inf")        # when the cluster was last asked
         self.said: float | None = None      # when the wait was last said
@@ -150,6 +166,9 @@ class ResourceWait:
         now = self.clock()
         if not pending or running:
             self._over(now)
+            if now - self.remembered >= REMEMBER_S:
+                self.remembered = now
+                self.remember()
             return
         if now - self.checked < CHECK_S:
             return
