@@ -59,12 +59,21 @@ def test_the_wait_names_the_resource_and_the_lost_node() -> None:
                                             "only over several nodes (the largest has 1 CPU)")
 
 
-def test_a_trial_that_fits_or_is_being_placed_is_no_wait() -> None:
+def test_a_trial_that_fits_or_is_starting_is_no_wait() -> None:
     assert shortfall({"CPU": 1}, IDLE) is None
-    # Tune reserved a placement group for a trial whose actor is starting: CPU is 0, the group's CPU is free
-    starting = ClusterView(free={"CPU_group_3f2a": 1.0, "CPU_group_0_3f2a": 1.0, "memory": 1.0},
-                           total={"CPU": 1.0}, nodes=[{"CPU": 1.0}])
+    # Tune placed a group for a trial whose actor is starting: nothing is free, the study's group holds the CPU
+    starting = ClusterView(free={"memory": 1.0}, total={"CPU": 1.0}, nodes=[{"CPU": 1.0}], placed={"CPU": 1.0})
     assert shortfall({"CPU": 1}, starting) is None
+
+
+def test_what_the_studys_placement_groups_hold() -> None:
+    # as Ray 2.60 shows a placed group of one 1-CPU bundle (measured), beside another job's group
+    ours, theirs = "dc8083a2281971b82099e243f5bb01000000", "0a1b2c3d4e5f60718293a4b5c6d702000000"
+    cluster = {"CPU": 2.0, f"CPU_group_{ours}": 1.0, f"CPU_group_0_{ours}": 1.0, f"bundle_group_{ours}": 1000.0,
+               f"bundle_group_0_{ours}": 1000.0, f"CPU_group_{theirs}": 1.0, f"GPU_group_{theirs}": 1.0}
+    assert _wait._placed(cluster, "01000000") == {"CPU": 1.0, "bundle": 1000.0}
+    assert _wait._placed(cluster, "02000000") == {"CPU": 1.0, "GPU": 1.0}
+    assert _wait._placed(cluster, "") == {}
 
 
 def test_a_lost_node_is_said_at_once_then_every_minute_then_the_end_of_the_wait() -> None:
@@ -83,14 +92,14 @@ def test_a_lost_node_is_said_at_once_then_every_minute_then_the_end_of_the_wait(
 
 
 def test_taken_resources_are_said_after_the_grace_and_again_when_ray_marks_the_node_dead() -> None:
-    # a node killed a moment ago: its CPU still counts, nothing is free; Ray marks it dead some 20 s later
+    # a node killed a moment ago: its CPU still counts, nothing is free; Ray marks it dead some 18 s later
     busy = ClusterView(free={}, total={"CPU": 1.0}, nodes=[{"CPU": 0.0}, {"CPU": 1.0}])
     wait, clock, said, views = _watch(busy, timeout_min=None)
     _run(wait, clock, _wait.GRACE_S - 1)
     assert said == []  # a short stall may be a trial starting
     _run(wait, clock, _wait.CHECK_S + 1)
     assert len(said) == 1 and said[0].startswith("waiting for 1 CPU for a trial: the cluster has 0 CPUs free of 1; "
-                                                 "no trial has run for 1"), said
+                                                 f"no trial has run for {_wait.GRACE_S:.0f} s"), said
     views["now"] = LOST
     _run(wait, clock, _wait.CHECK_S + 0.5)
     assert len(said) == 2 and "0 CPUs free of 0 (node 6f1c2a9b3d4e at 127.0.0.1 lost)" in said[1], said

@@ -10,7 +10,7 @@ trial list: are trials PENDING, and is none RUNNING. Only while that holds does 
 has (`ray.available_resources()`, `ray.nodes()`, at most every `CHECK_S`); otherwise it only notes the alive
 nodes every `REMEMBER_S` (one `ray.nodes()`), to name a node that is lost later:
 
-- a trial that could be placed (a CPU free, or a placement group Tune reserved and whose actor is starting)
+- a trial that could be placed (a CPU free, or a placement group Tune placed for it while its actor starts)
   is a trial starting, not a wait: the clock stops;
 - otherwise one line names what one trial asks for and what the cluster has: "waiting for 1 CPU for a trial:
   the cluster has 0 CPUs free of 0 (node 6f1c2a9b3d4e at 127.0.0.1 lost)". It comes at once when no alive
@@ -41,7 +41,7 @@ from typing import Any
 
 from mola_search.errors import ResourceTimeout
 
-GRACE_S = 10.0                   # no trial placeable for less than this: not worth a line yet
+GRACE_S = 20.0                   # resources taken for less than this: not worth a line yet
 RESOURCE_WAIT_MESSAGE_S = 60.0   # the wait is said again this often
 CHECK_S = 2.0                    # while trials wait, the cluster is asked at most this often
 REMEMBER_S = 30.0                # while trials run, the alive nodes are listed this often (to name a lost one)
@@ -50,12 +50,14 @@ REMEMBER_S = 30.0                # while trials run, the alive nodes are listed 
 @dataclass
 class ClusterView:
     """What the cluster has, from Ray: free and total amounts of each resource over the alive nodes, each alive
-    node's totals, and the nodes that were alive once and are not now (id prefix and address)."""
+    node's totals, the nodes that were alive once and are not now (id prefix and address), and what this
+    study's placement groups hold (trials starting, while none runs)."""
 
     free: dict[str, float]
     total: dict[str, float]
     nodes: list[dict[str, float]] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)
+    placed: dict[str, float] = field(default_factory=dict)
 
 
 def remember_nodes(seen: dict[str, str]) -> None:
@@ -87,7 +89,22 @@ def ray_cluster_view(seen: dict[str, str]) -> ClusterView:
         for key, value in resources.items():
             total[key] = total.get(key, 0.0) + value
     free = {k: float(v) for k, v in ray.available_resources().items()}
-    return ClusterView(free=free, total=total, nodes=nodes, lost=lost)
+    return ClusterView(free=free, total=total, nodes=nodes, lost=lost,
+                       placed=_placed(ray.cluster_resources(), ray.get_runtime_context().get_job_id()))
+
+
+def _placed(cluster: Mapping[str, float], job_id: str) -> dict[str, float]:
+    """What this job's placement groups hold, by resource. Ray adds `<kind>_group_<group id>` to the cluster's
+    resources for each placed group (and `<kind>_group_<bundle>_<group id>` per bundle, not counted twice), and a
+    group id ends with the id of the job that made it. While no trial of this study runs, a group Tune placed
+    for one is a trial starting: its actor holds the group's resources while its process comes up, which takes
+    seconds (more than 10 on a busy machine), and none of it shows as free."""
+    placed: dict[str, float] = {}
+    for key, value in cluster.items():
+        kind, sep, group = key.partition("_group_")
+        if sep and "_" not in group and job_id and group.endswith(job_id):
+            placed[kind] = placed.get(kind, 0.0) + float(value)
+    return placed
 
 
 def _amount(kind: str, value: float) -> str:
@@ -103,22 +120,15 @@ def _has(kind: str, view: ClusterView) -> str:
     return f"{_amount(kind, free)} free of {total:g}"
 
 
-def _reserved(view: ClusterView, kind: str) -> float:
-    """Of `kind`, what placement groups hold and no actor uses yet: Ray names a group's resource
-    `<kind>_group_<group id>` (and `<kind>_group_<bundle>_<group id>` per bundle, not counted twice here)."""
-    prefix = f"{kind}_group_"
-    return sum(v for k, v in view.free.items() if k.startswith(prefix) and "_" not in k[len(prefix):])
-
-
 def _holds(node: Mapping[str, float], need: Mapping[str, float]) -> bool:
     return all(node.get(k, 0.0) >= v for k, v in need.items() if v)
 
 
 def shortfall(need: Mapping[str, float], view: ClusterView) -> str | None:
     """Why one trial asking for `need` ({"CPU": 1, "GPU": 0.5, ...}) cannot be placed now, or None when it can
-    (its resources are free, or a placement group holds them for a trial that is starting)."""
+    (its resources are free, or this study's placement groups hold them for a trial that is starting)."""
     need = {k: float(v) for k, v in need.items() if v}
-    short = [k for k, v in need.items() if view.free.get(k, 0.0) + _reserved(view, k) < v]
+    short = [k for k, v in need.items() if view.free.get(k, 0.0) + view.placed.get(k, 0.0) < v]
     if short:
         why = (f"waiting for {' and '.join(_amount(k, need[k]) for k in short)} for a trial: the cluster has "
                + " and ".join(_has(k, view) for k in short))
