@@ -139,6 +139,25 @@ def test_a_wait_that_ends_restarts_the_timeout() -> None:
         _run(wait, clock, 15)
 
 
+def test_a_cluster_that_does_not_answer_is_looked_at_again_and_never_ends_the_run() -> None:
+    answers = iter([RuntimeError("GCS busy"), LOST, LOST])
+
+    def view():
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    said: list[str] = []
+    wait = ResourceWait({"CPU": 1}, None, said.append, view=view, clock=Clock(),
+                        remember=lambda: 1 / 0)
+    _run(wait, wait.clock, 1, pending=0, running=1)  # remember() raising is ignored
+    _run(wait, wait.clock, 0.5)                        # the first look raises: nothing said, nothing raised
+    assert said == []
+    _run(wait, wait.clock, _wait.CHECK_S + 0.1)
+    assert len(said) == 1 and "lost" in said[0]
+
+
 def test_trial_counts() -> None:
     assert trial_counts(["PENDING", "RUNNING", "TERMINATED", "PENDING", "ERROR"]) == (2, 1)
 

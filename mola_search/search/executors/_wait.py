@@ -178,12 +178,14 @@ class ResourceWait:
             self._over(now)
             if now - self.remembered >= REMEMBER_S:
                 self.remembered = now
-                self.remember()
+                _quietly(self.remember)
             return
         if now - self.checked < CHECK_S:
             return
         self.checked = now
-        view = self.view()
+        view = _quietly(self.view)
+        if view is None:  # Ray did not answer (its GCS is busy with a failure): look again at the next check
+            return
         why = shortfall(self.need, view)
         if why is None:   # a trial can be placed (or is being placed): it is starting, not waiting
             self._over(now)
@@ -211,6 +213,14 @@ class ResourceWait:
         if self.said is not None and self.since is not None:
             self.say(f"resources are back after {_minutes(now - self.since)} of waiting: trials run again")
         self.since, self.said = None, None
+
+
+def _quietly(ask: Callable[[], Any]) -> Any:
+    """`ask()`, or None if it raised: a question to Ray's state must never end the Tune run it watches."""
+    try:
+        return ask()
+    except Exception:  # noqa: BLE001 - Ray's state calls raise RPC, timeout and connection errors of many kinds
+        return None
 
 
 def trial_counts(statuses: Sequence[Any]) -> tuple[int, int]:
