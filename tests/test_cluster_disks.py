@@ -67,13 +67,13 @@ def test_finalists_on_a_node_without_the_study_folder_reach_the_driver(tmp_path:
         driver = subprocess.run(
             [*MOLA_SEARCH, "--task", "mrpc", "--model", "tiny-llama-L4", "--executor", "ray", "--address", address,
              "--config", str(settings), "--trials", "2", "--budget", "12", "--max-concurrent", "2", "--no-pilot",
-             "--finalists", "0", "--finalist-seeds", "2", "--out", str(folder)],
+             "--finalists", "0", "--max-finalist-runs", "4", "--out", str(folder)],
             env={**env, "MOLA_DATA_DIR": str(tmp_path / "data")}, capture_output=True, text=True, timeout=600)
         assert driver.returncode == 0, driver.stdout[-3000:] + driver.stderr[-3000:]
         rows = read_trials(folder)
         assert [r["state"] for r in rows] == ["COMPLETE", "COMPLETE"], [r["failure"] for r in rows]
         runs = sorted(folder.glob("finalists/*/seed*"))
-        assert len(runs) == 4, runs   # 2 allocations x 2 finalist seeds, all trained on the worker node
+        assert len(runs) == 4, runs   # a race of 2 rounds x 2 contenders, all trained on the worker node
         for run in runs:
             metrics = json.loads((run / "metrics.json").read_text())
             assert metrics["test"]["n"] == 12 and metrics["train_seed"] == int(run.name[4:])  # the 12 test rows
@@ -84,7 +84,8 @@ def test_finalists_on_a_node_without_the_study_folder_reach_the_driver(tmp_path:
         assert len(finalists) == 3 and all(",COMPLETE," in line for line in finalists[1:]), finalists
         nodes = {r["node"] for r in rows}
         assert len(nodes) == 1  # one worker node trained everything (the head has no CPUs)
-        assert (folder / "best_allocation.json").is_file()
+        best = json.loads((folder / "best_allocation.json").read_text())
+        assert best["runs_spent"] == 4 and best["rounds"] == 2, best  # the race's runs reached the driver
     finally:
         if worker is not None:
             stop_process(worker)

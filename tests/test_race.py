@@ -3,7 +3,8 @@
 The statistics are checked on tables with a known truth; the stage end to end on the synthetic objective
 (in-process, seconds): rounds share seeds, a worse contender is dropped, the decision reaches
 best_allocation.json, summary.md and the last printed line, `decide` continues without training anything
-twice, a failing contender is retried once and then reported as failed, and a killed race resumes.
+twice, a failing contender is retried once and then reported as failed (and runs again when the study is
+continued), and a killed race resumes.
 """
 
 from __future__ import annotations
@@ -163,6 +164,17 @@ def test_a_failing_contender_is_retried_once_then_reported_failed(tmp_path: Path
     assert "injected failure" in triangle["reason"]
     summary = (folder / "summary.md").read_text()
     assert "| failed |" in summary and "injected failure" in summary
+    first = _racing(folder)
+    assert first["failed_runs"] == 2 and first["runs"] == first["failed_runs"] + sum(
+        len(c["validation"]) for c in first["contenders"])
+    # the fault is gone (a node back, memory freed): continuing the study runs the failed contender again, and
+    # its two failed attempts do not eat the race's budget, which counts scored runs
+    monkeypatch.delenv("MOLA_SEARCH_FAULTS")
+    assert search(["decide", str(folder), "--max-finalist-runs", "16"]) == 0
+    again = _racing(folder)
+    triangle = next(c for c in again["contenders"] if c["number"] == 0)
+    assert triangle["status"] != "failed" and "1000" in triangle["validation"], triangle
+    assert again["runs"] - again["failed_runs"] <= 16 and again["failed_runs"] == 2
 
 
 def test_the_fixed_block_is_one_look_at_the_whole_budget(tmp_path: Path) -> None:

@@ -182,7 +182,7 @@ def test_relative_data_dir_and_out_reach_ray_trials_and_finalists(cluster, tmp_p
     try:
         rc = search(["--task", "mrpc", "--model", "tiny-llama-L4", "--executor", "ray", "--address", cluster.address,
                      "--config", str(spaces), "--trials", "2", "--budget", "12", "--max-concurrent", "2",
-                     "--finalists", "0", "--finalist-seeds", "1", "--no-pilot", "--out", "runs/rel"])
+                     "--finalists", "0", "--max-finalist-runs", "2", "--no-pilot", "--out", "runs/rel"])
     finally:
         _disconnect()
     assert rc == 0
@@ -193,8 +193,8 @@ def test_relative_data_dir_and_out_reach_ray_trials_and_finalists(cluster, tmp_p
     metrics = sorted(folder.glob("finalists/*/seed1000/metrics.json"))
     assert len(metrics) == 2, metrics  # written by Ray trials, into the study folder, not their own cwd
     assert (folder / "best_allocation.json").is_file()
-    out = capsys.readouterr().out  # each finalist run is announced as it ends, with an ETA
-    assert "[finalist 1/2]" in out and "[finalist 2/2]" in out and "ETA" in out, out
+    out = capsys.readouterr().out  # each run of the race is announced as it ends, with an ETA
+    assert "[race 1/2]" in out and "[race 2/2]" in out and "ETA" in out, out
 
 
 def test_a_user_objective_from_a_module_workers_cannot_import_runs_on_ray(cluster, tmp_path: Path, capsys) -> None:
@@ -205,8 +205,8 @@ def test_a_user_objective_from_a_module_workers_cannot_import_runs_on_ray(cluste
 
     from mola_search.search.runner import run_study
 
-    config = replace(_config(tmp_path, trials=10, pilot_seeds=2, finalist_seeds=1), executor="ray",
-                     address=cluster.address, cpus_per_trial=1)
+    config = replace(_config(tmp_path, trials=10, pilot_seeds=2, finalist_seeds=1, max_finalist_runs=4),
+                     executor="ray", address=cluster.address, cpus_per_trial=1)
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("MOLA_TEST_STUDY", str(tmp_path / "s"))
@@ -223,7 +223,7 @@ def test_a_user_objective_from_a_module_workers_cannot_import_runs_on_ray(cluste
     assert fin and all(r["state"] == "COMPLETE" for r in fin), fin
     out = capsys.readouterr().out
     assert "pilot: max concurrent 2 (auto: 2 CPU slots" in out and "GB per trial, estimated)" in out, out
-    assert "finalists: max concurrent 2 (auto: 2 CPU slots" in out and "GB per trial, measured)" in out, out
+    assert "racing: max concurrent 2 (auto: 2 CPU slots" in out and "GB per trial, measured)" in out, out
     stored = load_study(tmp_path / "s").trials
     assert all(t.user_attrs.get("peak_rss_mb", 0) > 50 for t in stored)  # every trial measured its memory
 
@@ -260,7 +260,8 @@ def test_unreachable_cluster_is_one_line_before_any_folder(tmp_path: Path, capsy
 def test_tune_giving_up_fails_the_runs_it_lost_and_resume_reruns_them(cluster, tmp_path: Path, monkeypatch, capsys):
     """Ray's memory monitor can kill a run's actor while Tune starts it; Tune then raises out of fit()
     ("Caught unexpected exception: ... killed due to the node running low on memory"). The study must
-    record the lost finalist runs as failed with that reason, finish, and rerun them on --resume."""
+    retry the lost finalist runs once, record them as failed with that reason when the retry is lost too, finish,
+    and rerun them on --resume."""
     from ray import tune
 
     real_fit = tune.Tuner.fit
@@ -268,7 +269,7 @@ def test_tune_giving_up_fails_the_runs_it_lost_and_resume_reruns_them(cluster, t
 
     def flaky_fit(self):
         calls["n"] += 1
-        if calls["n"] == 2:  # the first Tuner runs the search, the second the finalists
+        if calls["n"] in (2, 3):  # the first Tuner runs the search, the second the finalists, the third their retry
             raise RuntimeError("Caught unexpected exception: 1 worker(s) were killed due to the node running low "
                                "on memory.")
         return real_fit(self)
@@ -276,7 +277,7 @@ def test_tune_giving_up_fails_the_runs_it_lost_and_resume_reruns_them(cluster, t
     monkeypatch.setattr(tune.Tuner, "fit", flaky_fit)
     monkeypatch.delenv("MOLA_SEARCH_FAULTS", raising=False)
     folder = tmp_path / "lost"
-    argv = [*BASE[:-3], "--no-pilot", "--trials", "3", "--finalists", "0", "--finalist-seeds", "2",
+    argv = [*BASE[:-3], "--no-pilot", "--trials", "3", "--finalists", "0", "--finalist-seeds", "2", "--no-racing",
             "--address", cluster.address, "--out", str(folder)]
     try:
         assert search(argv) == 0

@@ -176,8 +176,8 @@ def _decision_section(data: StudyData) -> Section:
     s.add(Para(f"Raced on mean validation `{d.metric}` over shared fresh seeds: every look drops a contender worse "
                f"than the leader (Holm over the pairs); the race stops at a winner, at equivalence within "
                f"±{d.min_effect:g} (two one-sided tests), or when its budget of {d.max_runs} fine-tunes is spent. "
-               f"All its claims together hold at family-wise level {d.level:g} (the error budget is spent in "
-               f"proportion to the fine-tunes used). Test scores chose nothing.", "muted"))
+               f"All its claims together hold at family-wise level {d.level:g} ({d.spending_words()}). Test scores "
+               f"chose nothing.", "muted"))
     rows = [[e.name + (" (exported)" if e.label == d.chosen else ""), f"`{run_length(e.experts)}`", e.status,
              str(len(e.validation)), _fmt(e.val_mean), _fmt(e.test_mean), e.reason or "–"]
             for e in sorted(d.contenders, key=lambda e: (e.status != "live", -(e.val_mean if e.validation else -9e9)))]

@@ -125,14 +125,18 @@ def effective_fidelity(folder: str | Path, config: StudyConfig) -> Fidelity:
 
 
 def raced_contenders(study: StudyContext) -> list[Any]:
-    """The allocations a study already retrained at finalist fidelity (its finalists/ folders, in label order),
-    as contenders: a race continues with them rather than with a new choice."""
+    """The allocations a study already raced (racing.json's contenders, failed ones included) or retrained at
+    finalist fidelity (its finalists/ folders: a study made before races), in label order, as contenders: a race
+    continues with them rather than with a new choice."""
     from mola_search.search.study import Contender
     from mola_search.search.study.records import trial_spec
 
     trials = {t.number: t for t in study.driver.study.get_trials(deepcopy=False)}
+    racing = study.folder.read_racing() or {}
+    labels = {str(c.get("label")) for c in racing.get("contenders") or [] if isinstance(c, dict)}
+    labels |= {label for label, _ in study.folder.finalist_runs()}
     out = []
-    for label, _ in study.folder.finalist_runs():
+    for label in sorted(labels):
         parsed = study.folder.parse_finalist_label(label)
         if parsed is None or parsed[0] not in trials:
             continue

@@ -12,7 +12,7 @@ from mola_search.search.final import FinalResult
 from mola_search.search.study import Finalist
 from mola_search.search.study.best import best_record, decision_record
 from mola_search.search.study.decision import WINNER, Decision
-from mola_search.search.study.records import best_search_trial, trial_origin, trial_spec
+from mola_search.search.study.records import STUDY_WALL, best_search_trial, trial_origin, trial_spec
 from mola_search.search.study.summary import summary_markdown
 from mola_search.search.study.throughput import phase_use, throughput_lines
 
@@ -25,7 +25,11 @@ def write_outputs(study: StudyContext, final: FinalResult, sections: Sequence[st
     without it, or if it fails, summary.md holds the decision, the noise floor and the finalists, then
     `sections`."""
     config, folder = study.config, study.folder
-    wall = time.time() - study.started
+    session = time.time() - study.started
+    earlier = earlier_wall_time(study)  # a resumed or continued study counts its earlier sessions
+    wall = None if earlier is None else earlier + session
+    if wall is not None:
+        study.driver.study.set_user_attr(STUDY_WALL, round(wall, 1))
     best = _export(study, final, wall)
     folder.write_finalists_csv(final.finalists)
     analysis = None
@@ -38,14 +42,29 @@ def write_outputs(study: StudyContext, final: FinalResult, sections: Sequence[st
     throughput = throughput_lines(uses, wall_time_s=wall, cpus_per_trial=config.cpus_per_trial,
                                   gpus_per_trial=config.gpus_per_trial)
     folder.write_summary(summary_markdown(folder.name, config.to_dict(), study.driver.study, final.finalists, best,
-                                          wall, noise=folder.read_noise(), analysis=analysis, sections=sections,
+                                          wall, session_s=session, noise=folder.read_noise(), analysis=analysis,
+                                          sections=sections,
                                           decision=final.decision, folder=str(folder.root), throughput=throughput))
-    study.message(f"done in {wall / 60:.1f} min: {folder.summary_md}")
+    study.message(f"done in {session / 60:.1f} min: {folder.summary_md}")
     study.message(_last_line(final.decision, best, str(folder.root)))
     return best
 
 
-def _export(study: StudyContext, final: FinalResult, wall: float) -> Finalist | None:
+def earlier_wall_time(study: StudyContext) -> float | None:
+    """Seconds the study's earlier sessions spent, as their outputs recorded it: 0 for a study that began in
+    this session, None when earlier sessions ran trials but recorded no time (an interrupted first session,
+    or a study older than the record; best_allocation.json may still hold it)."""
+    recorded = study.driver.study.user_attrs.get(STUDY_WALL)
+    if recorded is None:
+        recorded = (study.folder.read_best() or {}).get("study_wall_time_s")
+    if recorded is not None:
+        return float(recorded)
+    before = [t for t in study.driver.study.get_trials(deepcopy=False)
+              if t.datetime_complete is not None and t.datetime_complete.timestamp() < study.started]
+    return None if before else 0.0
+
+
+def _export(study: StudyContext, final: FinalResult, wall: float | None) -> Finalist | None:
     """best_allocation.json: the decided allocation (the winner, or the tie-break's pick of the tie set), or
     without finalists the best search trial trained with the study seed. The file says which rule chose it."""
     config, decision = study.config, final.decision
@@ -60,7 +79,7 @@ def _export(study: StudyContext, final: FinalResult, wall: float) -> Finalist | 
                          f"({', '.join(e.name for e in decision.contenders if e.label in decision.live)}); test "
                          "reported once")
         record = {**best_record(chosen, config.to_dict(), chosen_by), **decision_record(decision, str(study.folder.root)),
-                  "study_wall_time_s": round(wall, 1)}
+                  **_wall_record(wall)}
         study.folder.write_best(chosen.spec, record)
         return chosen
     trial = best_search_trial(study.driver.study, config.seed)
@@ -69,11 +88,15 @@ def _export(study: StudyContext, final: FinalResult, wall: float) -> Finalist | 
     best = Finalist(f"t{trial.number:03d}", trial.number, trial_origin(trial).text, trial_spec(trial),
                     [trial.value], [], seeds=[config.seed])
     record = {**best_record(best, config.to_dict(), f"validation {config.metric} of one search trial"),
-              "study_wall_time_s": round(wall, 1)}
+              **_wall_record(wall)}
     record.update(decision="undecided", decision_words="decision: undecided: no finalist was retrained, so nothing "
                   "separates this trial from the others beyond one seed's validation score")
     study.folder.write_best(best.spec, record)
     return best
+
+
+def _wall_record(wall: float | None) -> dict[str, float]:
+    return {} if wall is None else {"study_wall_time_s": round(wall, 1)}
 
 
 def _last_line(decision: Decision | None, best: Finalist | None, folder: str) -> str:

@@ -8,7 +8,8 @@ share of the error budget the round's fine-tunes buy): a contender worse than th
 stops at the first of a winner (the leader beats every other live contender), equivalence (every live
 contender within +-`min_effect` of the leader) or undecided (the next round would pass
 `max_finalist_runs` or the study's `time_budget`). A failed run is retried once; a contender whose run fails
-twice leaves the race as failed, with the reason.
+twice leaves the race as failed, with the reason, until the study is resumed or continued: then it runs again.
+The budget and the error spending count scored runs; failed attempts are reported beside them.
 
 Everything is resumable: a run whose metrics.json exists is never trained again, and racing.json keeps the
 looks already made (with the error budget each spent), so a resumed or continued race (`mola-search decide`)
@@ -119,7 +120,8 @@ class Race:
         """Why the next round must not start ("" when it may)."""
         if self.last_round is not None:
             return "the fixed block is done" if rounds >= self.last_round else ""
-        if self.runs() + len(live) > self.max_runs:
+        needed = sum(1 for e in live if self.seed(rounds) not in e.validation)  # fewer when one catches up
+        if self.scored() + needed > self.max_runs:
             return f"the finalist budget of {self.max_runs} fine-tunes is spent"
         budget = self.config.time_budget
         if budget is not None and rounds >= self.first_look:
@@ -142,7 +144,7 @@ class Race:
                 return
             word = "round" if attempt == 0 else "retry of the failed runs of round"
             self.study.message(f"{self.stage}: {word} {round_index + 1}: {len(todo)} contender(s) x seed {seed}, "
-                               f"at finalist fidelity ({self.runs()} of {self.max_runs} fine-tunes spent)")
+                               f"at finalist fidelity ({self._spent_text()})")
             self._train(todo, seed)
         for e in self.live():
             if seed not in e.validation:
@@ -198,6 +200,8 @@ class Race:
             for seed, _, metrics in runs if entry is not None else ():
                 if scheduled is None or seed in scheduled:  # a smaller fixed block reports its first seeds
                     self._record(entry, seed, metrics)
+                    if seed not in entry.wall_s and metrics.get("wall_time_s") is not None:
+                        entry.wall_s[seed] = round(float(metrics["wall_time_s"]), 2)  # a run racing.json missed
 
     # --- looking ------------------------------------------------------------------------------------
     def _look(self, rounds: int) -> str:
@@ -208,11 +212,11 @@ class Race:
         if self.last_round is not None:
             alpha = self.level - self.alpha_spent
         else:
-            target = stats.spent_by(self.runs() - self.segment_start, self.max_runs - self.segment_start)
+            target = stats.spent_by(self.scored() - self.segment_start, self.max_runs - self.segment_start)
             alpha = max(0.0, self.segment_base + (self.level - self.segment_base) * target - self.alpha_spent)
         result = stats.look({e.label: e.validation for e in live}, seeds, alpha=alpha, delta=self.delta)
         self.alpha_spent += alpha
-        self.looked_runs = self.runs()
+        self.looked_runs = self.scored()
         for label in result.dropped:
             entry = self.entries[label]
             gap = result.means[result.leader] - result.means[label]
@@ -220,7 +224,7 @@ class Race:
             entry.reason = (f"worse than {self.entries[result.leader].name} by {gap:.3g} validation "
                             f"{self.config.metric} after {rounds} seeds (Holm over {len(result.pairs)} pairs at "
                             f"{alpha:.2g})")
-        self.looks.append(_look_record(result, rounds, self.runs()))
+        self.looks.append(_look_record(result, rounds, self.scored()))
         self._print_look(result, rounds)
         return result.decision
 
@@ -240,6 +244,7 @@ class Race:
         decision = Decision(verdict, self.config.metric, self.delta, self.level, self.max_runs, self.runs(),
                             self.complete_rounds(), [e.label for e in live], chosen.label if chosen else None,
                             stopped, list(self.entries.values()), self.looks, stage=self.stage,
+                            failed_runs=self.failed_runs(),
                             alpha_spent=self.alpha_spent, segment_start=self.segment_start,
                             segment_base=self.segment_base)
         if verdict == UNDECIDED and len(live) >= 2 and self.looks:
@@ -263,7 +268,19 @@ class Race:
 
     def runs(self) -> int:
         """Fine-tunes spent: every scored run and every failed attempt."""
-        return sum(len(e.validation) + sum(e.attempts.values()) for e in self.entries.values())
+        return self.scored() + self.failed_runs()
+
+    def scored(self) -> int:
+        """Runs with a score: what the budget (`max_runs`) and the error spending count."""
+        return sum(len(e.validation) for e in self.entries.values())
+
+    def failed_runs(self) -> int:
+        return sum(sum(e.attempts.values()) for e in self.entries.values())
+
+    def _spent_text(self) -> str:
+        failed = self.failed_runs()
+        return (f"{self.scored()} of {self.max_runs} fine-tunes spent"
+                + (f", and {failed} failed attempt{'s' if failed != 1 else ''}" if failed else ""))
 
     def _seconds_per_run(self) -> float:
         times = [float(m.get("wall_time_s") or 0.0) for e in self.entries.values() for s in e.validation
@@ -291,7 +308,8 @@ class Race:
         """racing.json as it stands (an interrupted race resumes from it)."""
         state = Decision(UNDECIDED, self.config.metric, self.delta, self.level, self.max_runs, self.runs(),
                          self.complete_rounds(), [e.label for e in self.live()], None, "running",
-                         list(self.entries.values()), self.looks, stage=self.stage, alpha_spent=self.alpha_spent,
+                         list(self.entries.values()), self.looks, stage=self.stage, failed_runs=self.failed_runs(),
+                         alpha_spent=self.alpha_spent,
                          segment_start=self.segment_start, segment_base=self.segment_base)
         self.study.folder.write_racing(state.to_dict())
 
@@ -306,10 +324,14 @@ class Race:
         before = Decision.from_dict(raw)
         for old in before.contenders:
             entry = self.entries.get(old.label)
-            if entry is not None:
-                entry.status, entry.reason, entry.dropped_at = old.status, old.reason, old.dropped_at
-                entry.failures, entry.attempts = dict(old.failures), dict(old.attempts)
-                entry.wall_s, entry.peak_mb = dict(old.wall_s), dict(old.peak_mb)
+            if entry is None:
+                continue
+            entry.status, entry.reason, entry.dropped_at = old.status, old.reason, old.dropped_at
+            entry.failures, entry.attempts = dict(old.failures), dict(old.attempts)
+            entry.wall_s, entry.peak_mb = dict(old.wall_s), dict(old.peak_mb)
+            if entry.status == FAILED:  # a resumed or continued study runs a failed contender again
+                self.study.message(f"{self.stage}: {entry.name} failed before ({entry.reason}); it runs again")
+                entry.status, entry.reason, entry.dropped_at = LIVE, "", None
         self.looks, self.alpha_spent = list(before.looks), before.alpha_spent
         self.level = max(before.level, self.alpha)
         self.looked_runs = self.looks[-1]["runs"] if self.looks else 0

@@ -68,7 +68,7 @@ class Decision:
     min_effect: float                      # delta, in the metric's units
     level: float                           # family-wise error rate of the race's claims
     max_runs: int                          # the race's budget of fine-tunes
-    runs: int                              # fine-tunes spent on finalists (retries included)
+    runs: int                              # fine-tunes spent on finalists (failed attempts included)
     rounds: int                            # seeds every live contender got
     live: list[str]                        # labels still in the race: the winner, or the tie set
     chosen: str | None                     # the exported allocation's label
@@ -77,6 +77,7 @@ class Decision:
     looks: list[dict[str, Any]] = field(default_factory=list)
     more_seeds: dict[str, float] = field(default_factory=dict)   # undecided: seeds per contender to settle it
     stage: str = "racing"                  # or "finalists" (the fixed block, one look at the end)
+    failed_runs: int = 0                   # of `runs`, the attempts that failed (the budget counts the rest)
     alpha_spent: float = 0.0
     segment_start: int = 0                 # runs when the current error-budget segment began
     segment_base: float = 0.0              # error budget spent before it
@@ -94,6 +95,11 @@ class Decision:
         chosen = self.contender(self.chosen)
         names = ", ".join(c.name for c in self.contenders if c.label in self.live)
         spent = f"{self.runs} finalist fine-tunes, {self.rounds} seeds each"
+        if self.failed_runs:
+            spent = f"{self.runs} finalist fine-tunes of which {self.failed_runs} failed, {self.rounds} seeds each"
+        if not self.live:
+            return (f"decision: undecided: every contender failed ({spent}); the failed runs run again on "
+                    f"`--resume` or `mola-search decide`")
         if self.decision == WINNER and chosen is not None:
             gap = self._gap_to_next()
             return (f"decision: winner {chosen.name} ({_experts(chosen)}): better than every other contender on "
@@ -104,6 +110,14 @@ class Decision:
                     f"the tie-break ({TIE_BREAK}), not as a best")
         return (f"decision: undecided between {names} ({self.stopped}; {spent}); "
                 + self._more_text() + (f"; exported {chosen.name} by the tie-break, not as a best" if chosen else ""))
+
+    def spending_words(self) -> str:
+        """How the race spent its error budget over its looks, in words (summary.md and the report)."""
+        scored = self.runs - self.failed_runs
+        if self.stage == "finalists":
+            return f"the whole error budget spent at one look after the fixed block's {scored} scored fine-tunes"
+        return (f"the error budget spent as the cube of the share of the budget used: {scored} of {self.max_runs} "
+                f"scored fine-tunes")
 
     def _gap_to_next(self) -> str:
         if not self.looks:
@@ -133,8 +147,10 @@ class Decision:
             return (f"mola-search decide {folder} --min-effect {self.min_effect / 2:g}   # a finer question: "
                     f"is any of them better by half the effect?")
         finite = [v for v in self.more_seeds.values() if math.isfinite(v)]
+        if not self.live:
+            return f"mola-search decide {folder}"
         extra = (max(1, math.ceil(min(finite)) - self.rounds) * len(self.live)) if finite else 2 * len(self.live)
-        return f"mola-search decide {folder} --max-finalist-runs {self.runs + extra}"
+        return f"mola-search decide {folder} --max-finalist-runs {self.runs - self.failed_runs + extra}"
 
     # --- the file -----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

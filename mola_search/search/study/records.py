@@ -36,6 +36,7 @@ FIDELITY = "fidelity"
 NUM_LAYERS, BUDGET = "num_layers", "budget"
 SEEDS_ENQUEUED = "seeds_enqueued"
 SECONDS_PER_ALLOCATION = "seconds_per_allocation"   # one-shot scoring
+STUDY_WALL = "study_wall_time_s"  # wall time of the sessions that wrote the outputs, summed (resume, decide)
 
 
 def trial_seed(trial: Any, study_seed: int) -> int:

@@ -19,11 +19,13 @@ FILES_NOTE = ("Files: `noise.json` (pilot), `trials.csv` (every trial), `finalis
 def summary_markdown(name: str, config: dict[str, Any], study: Any, finalists: Sequence[Finalist],
                      best: Finalist | None, wall_time_s: float | None, noise: Any = None,
                      analysis: str | None = None, sections: Sequence[str] = (), decision: Any = None,
-                     folder: str = "runs/<study>", throughput: Sequence[str] = ()) -> str:
+                     folder: str = "runs/<study>", throughput: Sequence[str] = (),
+                     session_s: float | None = None) -> str:
     """summary.md: the study's settings and trial counts, the decision, then `analysis` (Markdown from the report,
     its own title dropped) or, without it, the noise floor, the finalists and `sections` (Markdown lines,
-    e.g. the one-shot trust section)."""
-    lines = _header(name, config, study, best, wall_time_s) + decision_lines(decision, folder)
+    e.g. the one-shot trust section). `wall_time_s` counts every session of the study; `session_s`, when it
+    is less, is the last one's (a resumed or continued study)."""
+    lines = _header(name, config, study, best, wall_time_s, session_s) + decision_lines(decision, folder)
     if throughput:
         lines += ["", "## Throughput", "", *throughput]
     if analysis is not None:
@@ -36,15 +38,20 @@ def summary_markdown(name: str, config: dict[str, Any], study: Any, finalists: S
     return "\n".join([*lines, *(["", *sections] if sections else []), "", FILES_NOTE]) + "\n"
 
 
-def _header(name: str, config: dict[str, Any], study: Any, best: Finalist | None, wall: float | None) -> list[str]:
+def _header(name: str, config: dict[str, Any], study: Any, best: Finalist | None, wall: float | None,
+            session: float | None = None) -> list[str]:
     metric = config.get("metric", "accuracy")
     lines = [f"# mola-search study `{name}`", "",
              f"- task **{config.get('task')}**, model **{config.get('model')}**, objective `{config.get('objective')}`, "
              f"metric `{metric}` (validation), budget **{best.spec.budget if best else config.get('budget')}**",
              f"- space `{config.get('space')}`, sampler `{config.get('sampler')}`, pruner `{config.get('scheduler')}`",
              f"- trials: {census_text(census(trial_rows(study), int(config.get('seed') or 0)))}"]
+    if wall is None and session is not None:
+        lines.append(f"- wall time: {session / 60:.1f} min in this session (earlier sessions recorded none)")
     if wall is not None:
-        lines.append(f"- wall time: {wall / 60:.1f} min")
+        earlier = wall - session if session is not None else 0.0
+        lines.append(f"- wall time: {wall / 60:.1f} min" + (f" ({earlier / 60:.1f} min before this session, "
+                                                           f"{session / 60:.1f} min in it)" if earlier > 1 else ""))
     return lines
 
 
@@ -55,10 +62,9 @@ def decision_lines(decision: Any, folder: str) -> list[str]:
                 "seed's validation score (decision: undecided)."]
     metric = decision.metric
     lines = ["", "## Decision", "", _sentence(decision.words()), "",
-             f"Raced on mean validation `{metric}` over shared fresh seeds; δ (`min_effect`) = {decision.min_effect:g}, "
-             f"family-wise level {decision.level:g} for the race's claims (Holm over the pairs at each look, the "
-             f"error budget spent in proportion to the {decision.runs} of {decision.max_runs} fine-tunes used). "
-             f"Test scores chose nothing and are reported once.", "",
+             f"Compared on mean validation `{metric}` over shared fresh seeds; δ (`min_effect`) = "
+             f"{decision.min_effect:g}, family-wise level {decision.level:g} for the claims (Holm over the pairs at "
+             f"each look, {decision.spending_words()}). Test scores chose nothing and are reported once.", "",
              f"| contender | allocation | status | seeds | validation `{metric}` | test `{metric}` | why |",
              "|---|---|---|---|---|---|---|"]
     for e in sorted(decision.contenders, key=lambda e: (e.status != "live", -(e.val_mean if e.validation else -9e9))):
