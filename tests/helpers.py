@@ -30,12 +30,21 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+import pytest
 from optuna.trial import TrialState
 
 from mola_search.cli.common import run_main
 from mola_search.cli.search import main
 from mola_search.search.config import StudyConfig
 from mola_search.trial.objective import ObjectiveTrial
+
+# ------------------------------------------------------------------------------------------ the real task data
+
+# MRPC's JSON Lines, as README's commands find them: $MOLA_DATA_DIR, else shared/data next to the repository.
+DATA_DIR = os.environ.get("MOLA_DATA_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
+needs_data = pytest.mark.skipif(not (Path(DATA_DIR) / "mrpc" / "train.jsonl").is_file(),
+                                reason=f"no MRPC data under {DATA_DIR} (set MOLA_DATA_DIR or place shared/data next "
+                                       "to the repository)")
 
 # ------------------------------------------------------------------------------------------ mola-search end to end
 

@@ -13,15 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import DATA_DIR, needs_data
 from mola_search.cli import train as cli
 from mola_search.cli.common import run_main
 from mola_search.models import load_base_model, tiny_llama
 from mola_search.mola import MoLAModel
 
-REPO = Path(__file__).resolve().parent.parent
-DATA_DIR = os.environ.get("MOLA_DATA_DIR") or str(REPO.parent / "shared" / "data")
-needs_data = pytest.mark.skipif(not (Path(DATA_DIR) / "mrpc" / "train.jsonl").is_file(),
-                                reason=f"no MRPC data under {DATA_DIR}")
 TINY = ["--model", "tiny-llama", "--task", "mrpc", "--data-dir", DATA_DIR]
 
 
@@ -139,6 +136,7 @@ def test_console_entry_exits_2_with_one_line(files):
 
 
 @pytest.mark.slow
+@needs_data
 def test_console_entry_budget_error(files):
     env = {**os.environ, "MOLA_DATA_DIR": DATA_DIR}
     proc = subprocess.run([sys.executable, "-m", "mola_search.cli.train", *TINY, "--budget", "100",

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import DATA_DIR, needs_data
 from mola_search.errors import UserError
 from mola_search.mola import MoLAConfig, MoLAModel
 from mola_search.mola.official_checkpoint import (as_adapter_folder, convert_adapter_to_official,
@@ -200,10 +199,7 @@ def test_init_from_an_official_checkpoint_needs_the_same_allocation(tmp_path, re
     assert "lora_alpha is 16, this run's 32" in message
 
 
-DATA_DIR = os.environ.get("MOLA_DATA_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
-
-
-@pytest.mark.skipif(not (Path(DATA_DIR) / "mrpc" / "train.jsonl").is_file(), reason=f"no MRPC data under {DATA_DIR}")
+@needs_data
 def test_mola_train_starts_from_an_official_checkpoint(tmp_path, capsys):
     """A run's adapter written officially, then `mola-train --init-from <official folder> --max-steps 0`: the
     very scores of the run, example by example."""

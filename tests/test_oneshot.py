@@ -7,12 +7,12 @@ import copy
 import csv
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import DATA_DIR, needs_data
 from mola_search.allocation import AllocationSpec
 from mola_search.errors import UserError
 from mola_search.mola import MoLAConfig, MoLAModel
@@ -222,9 +222,6 @@ def test_saliency_is_the_base_models_and_leaves_the_model_as_it_was(tokenizer) -
 
 # ------------------------------------------------------------------------------------------ a whole study
 
-DATA_DIR = os.environ.get("MOLA_DATA_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
-needs_data = pytest.mark.skipif(not (Path(DATA_DIR) / "mrpc" / "train.jsonl").is_file(),
-                                reason=f"no MRPC data under {DATA_DIR}")
 STUDY = ["--task", "mrpc", "--model", "tiny-llama-L4", "--data-dir", DATA_DIR, "--executor", "local",
          "--strategy", "one-shot", "--oneshot-trials", "16", "--oneshot-checks", "3", "--oneshot-eval-examples", "16",
          "--max-train-examples", "16", "--max-eval-examples", "16", "--batch-size", "8", "--micro-batch-size", "8",

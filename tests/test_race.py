@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import MODEL, search
+from helpers import MODEL, needs_data, search
 from mola_search.stats import race
 from mola_search.stats.family import bonferroni_level, holm, holm_adjusted
 
@@ -259,6 +259,7 @@ def test_every_json_file_a_study_writes_is_strict_json(tmp_path: Path, capsys) -
 
 
 @pytest.mark.integration  # real MRPC data, a tiny model really trained
+@needs_data
 def test_mola_search_trains_with_the_official_balance_loss_and_its_coefficient(tmp_path: Path) -> None:
     """--balance-loss official reaches every trial: a finalist's adapter records it with the official 0.001."""
     folder = tmp_path / "official-loss"
