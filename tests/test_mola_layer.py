@@ -189,7 +189,7 @@ def test_fused_projections_are_adapted_by_default():
 
 
 def test_dropout_pool_keeps_each_element_with_probability_1_minus_p_and_scales_it():
-    from mola_search.mola.layer import DropoutPool
+    from mola_search.mola.layer import DropoutPool, keep
 
     torch.manual_seed(0)
     pool, p = DropoutPool(), 0.2
@@ -200,8 +200,12 @@ def test_dropout_pool_keeps_each_element_with_probability_1_minus_p_and_scales_i
     assert torch.allclose(dropped[kept], torch.full_like(dropped[kept], 1 / (1 - p)))
     # rows are not copies of each other (a slice of iid draws, not a repeated pattern)
     assert (kept[0] != kept[1]).any() and (kept[:, 0] != kept[:, 1]).any()
-    assert pool.mask(x, p, key=5) is pool.mask(x, p)  # the same input (q, k and v read one tensor): one shared mask
-    assert torch.equal(pool.mask(x, p), dropped)
+    bits = pool.mask(x, p)
+    assert bits.dtype == torch.int32 and set(bits.unique().tolist()) == {0, -1}  # all bits set or none
+    assert pool.mask(x, p, key=5) is bits  # the same input (q, k and v read one tensor): one shared mask
+    assert torch.equal(keep(x, bits) != 0, kept)
+    signed = torch.randn(400, 500)  # an AND of the bits: the element itself, or +0
+    assert torch.equal(keep(signed, pool.mask(signed, p)), torch.where(pool.mask(signed, p) != 0, signed, 0.0))
     other = pool.apply(x.clone(), p, key=1)
     assert not torch.equal(other != 0, kept)  # another linear: another slice
     replay = pool.apply(x.clone(), p, key=0)
@@ -209,6 +213,7 @@ def test_dropout_pool_keeps_each_element_with_probability_1_minus_p_and_scales_i
     pool.new_forward()
     again = pool.apply(x, p)
     assert not torch.equal(again != 0, kept)  # a new forward draws a new pool
+    assert pool.mask(x, p, dtype=torch.bfloat16).dtype == torch.int16  # as wide as the dtype it computes in
 
 
 def test_dropout_is_on_in_training_only_and_differs_between_forwards():
@@ -253,33 +258,97 @@ def test_bf16_input_computes_the_adapter_in_bf16_close_to_fp32():
     assert layer.lora_A.grad.dtype == torch.float32 and torch.isfinite(layer.lora_A.grad).all()
 
 
+def _adapters_case(formulation: str, plain: bool = True):
+    """Three float64 members of one input for `_Adapters`: q and k form a block (4 experts, top-2), v another
+    (a sub-network: 3 of its 5 experts, top-1); q's base is trainable and has a bias."""
+    from mola_search.mola.layer import _Plan
+
+    gen = torch.Generator().manual_seed(0)
+    state = RoutingState(balance_loss=formulation)
+
+    def member(d_out: int, experts: int, top_k: int, bias: bool, kind: str) -> MoLALinear:
+        base = nn.Linear(5, d_out, bias=bias).double()
+        base.requires_grad_(kind == "q")
+        layer = MoLALinear(base, experts, top_k, 2, alpha=4.0, dropout=0.0, layer_index=0, state=state,
+                           adapter_dtype=torch.float64, module_kind=kind)
+        with torch.no_grad():
+            for p in (layer.lora_B, layer.router, layer.lora_A):
+                p.normal_(generator=gen)
+        return layer
+
+    members = [member(3, 4, 2, True, "q"), member(2, 4, 2, False, "k"), member(4, 5, 1, True, "v")]
+    members[2].activate(3)
+    rows = torch.tensor([False, True, True, True, True, True]).view(1, 1, 6)  # the first position is padding
+    plan = _Plan(members, rows, balance=True, stats=False)
+    assert plan.blocks == [(0, 2), (2, 3)]
+    x = torch.randn(6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    tensors = []
+    for m in members:
+        results = None if plain else torch.randn(6, m.base_layer.out_features, generator=gen, dtype=torch.float64,
+                                                 requires_grad=True)
+        tensors += [m.router, m.lora_A, m.lora_B, m.base_layer.weight if plain else None,
+                    m.base_layer.bias if plain else None, results]
+    return members, plan, x, tensors, gen
+
+
 @pytest.mark.parametrize("dropout", [False, True])
-def test_input_side_backward_is_the_gradient_of_its_forward(dropout):
-    """`_InputSide` writes its own backward (one input-gradient buffer, recomputed dropout): check it against
-    numerical differentiation, with two bases (one with a bias, one trainable) and the mask of a dropout."""
-    from mola_search.mola.layer import _InputSide
+@pytest.mark.parametrize("formulation", [PER_MODULE, MOLA_OFFICIAL])
+def test_adapters_backward_is_the_gradient_of_its_forward(dropout, formulation):
+    """`_Adapters` writes its own backward (routing, gates, the balance sums, one input-gradient buffer, recomputed
+    dropout): check it against numerical differentiation, for two blocks of members, one of them a sub-network,
+    one trainable base with a bias, padding left out of the balance sums and the mask of a dropout."""
+    from mola_search.mola.layer import _Adapters, _Plan
 
-    gen = torch.Generator().manual_seed(0)
+    members, plan, x, tensors, gen = _adapters_case(formulation)
+    mask = (torch.rand(6, 5, generator=gen) > 0.3).long().neg() if dropout else None  # keep-bits of float64
+    inputs = [x] + [t for t in tensors if t is not None]
+    where = [i for i, t in enumerate(tensors) if t is not None]
 
-    def rand(*shape, grad=True):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_(grad)
+    def run(x, *flat):
+        full = list(tensors)
+        for i, t in zip(where, flat):
+            full[i] = t
+        return _Adapters.apply(x, mask, _Plan(members, plan.rows, True, False, 0.3 if dropout else 0.0), *full)
 
-    x = rand(6, 5)
-    mask = (torch.rand(6, 5, generator=gen) > 0.3).double() / 0.7 if dropout else None
-    routers, experts = rand(4, 5), rand(8, 5)
-    bases = (rand(3, 5, grad=False), rand(3, grad=False), rand(2, 5), None)
-    assert torch.autograd.gradcheck(lambda *t: _InputSide.apply(t[0], mask, *t[1:]), (x, routers, experts, *bases))
+    outs = run(*inputs)
+    assert len(outs) == 6 and [o.shape for o in outs[3:]] == [(4,), (4,), (3,)]  # 3 outputs, 3 prob sums
+    assert torch.autograd.gradcheck(run, tuple(inputs))
 
 
-def test_output_side_backward_is_the_gradient_of_its_forward():
-    """`_OutputSide` (gated experts added into the base output in place) against numerical differentiation."""
-    from mola_search.mola.layer import _OutputSide
+def test_adapters_backward_with_bases_that_are_not_plain_linears():
+    """The base outputs come in (a quantised base computed them) and are added to in place."""
+    from mola_search.mola.layer import _Adapters, _Plan
 
-    gen = torch.Generator().manual_seed(0)
-    result, hidden, lora_b = (torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True)
-                              for s in ((6, 4), (6, 3 * 2), (4, 3 * 2)))
-    gates = torch.rand(6, 3, generator=gen, dtype=torch.float64).requires_grad_()
-    assert torch.autograd.gradcheck(lambda res, *t: _OutputSide.apply(res.clone(), *t), (result, hidden, gates, lora_b))
+    members, plan, x, tensors, _ = _adapters_case(PER_MODULE, plain=False)
+    inputs = [x] + [t for t in tensors if t is not None]
+    where = [i for i, t in enumerate(tensors) if t is not None]
+
+    def run(x, *flat):
+        full = list(tensors)
+        for i, t in zip(where, flat):
+            full[i] = t.clone() if i % 6 == 5 else t  # the base outputs are modified in place
+        return _Adapters.apply(x, None, _Plan(members, plan.rows, True, False), *full)
+
+    assert torch.autograd.gradcheck(run, tuple(inputs))
+
+
+def test_balance_loss_stacked_equals_term_by_term():
+    """`balance_loss` stacks the terms of one expert count: the same loss as a switch loss per term (per module)
+    or per decoder layer's pooled terms (official)."""
+    from mola_search.mola.layer import BalanceTerm, balance_loss, switch_loss
+
+    gen = torch.Generator().manual_seed(3)
+    terms = [BalanceTerm(layer, torch.randint(0, 9, (e,), generator=gen).float(), torch.rand(e, generator=gen),
+                         torch.tensor(7.0 + layer), k)
+             for layer, e, k in ((0, 3, 1), (0, 3, 1), (1, 5, 2), (1, 5, 2), (1, 5, 2), (2, 3, 2))]
+    by_term = torch.stack([switch_loss(t.selected, t.prob_sum, t.tokens, t.top_k) for t in terms]).mean()
+    torch.testing.assert_close(balance_loss(terms, PER_MODULE), by_term)
+    layers = {}
+    for t in terms:
+        layers.setdefault(t.layer, []).append(t)
+    pooled = sum(switch_loss(sum(t.selected for t in g), sum(t.prob_sum for t in g), sum(t.tokens for t in g),
+                             g[0].top_k) for g in layers.values())
+    torch.testing.assert_close(balance_loss(terms, MOLA_OFFICIAL), pooled)
 
 
 def test_a_base_that_is_not_a_plain_linear_is_called_and_trains_the_same():

@@ -53,7 +53,8 @@ class DropoutPool:
 
     `torch.nn.Dropout` draws a fresh Bernoulli mask per call; for SmolLM2 that is 210 masks of
     2048 x 576..1536 per step, a quarter of a CPU step. Here one draw per forward fills a pool of
-    keep-multipliers (0 or 1/(1-p)); a linear's mask is a slice of it at an offset that is a hash of
+    keep-bits (an integer as wide as the input's dtype: all bits set where an element is kept, none where
+    it is dropped; `keep` applies them); a linear's mask is a slice of it at an offset that is a hash of
     the forward's random key and the linear's `key` (its layer and kind). Within a slice every element
     is kept with probability 1-p, independently; two linears' masks are shifted slices of one sequence,
     so at any one position they are independent draws unless the offsets coincide. Linears that read
@@ -65,6 +66,11 @@ class DropoutPool:
     backward, gets the very masks of the first pass. `new_forward()` (MoLAModel calls it before each
     forward) makes the next `apply` draw a new pool; `width` (the widest input of the adapted linears)
     sizes it so that it never has to grow within a forward.
+
+    Bits rather than keep-multipliers (0 or 1/(1-p)) because applying them is an integer AND: a bf16
+    multiply runs at a third of the speed on a CPU (`benchmarks/bench_ops.py`), and the dropped input is
+    formed three times a step (forward, and again in backward with the masked input gradient). The scale
+    1/(1-p) is the caller's: MoLA folds it into the gates.
     """
 
     def __init__(self, width: int = 0) -> None:
@@ -73,34 +79,45 @@ class DropoutPool:
         self._pool_p = 0.0
         self._key = 0
         self._fresh = True
-        self._last: tuple[torch.Tensor, float, torch.Tensor] | None = None  # (input, p, its mask)
+        self._last: tuple[torch.Tensor, float, torch.dtype, torch.Tensor] | None = None  # (input, p, dtype, mask)
 
     def new_forward(self) -> None:
         self._fresh, self._last = True, None
 
-    def mask(self, x: torch.Tensor, p: float, key: int = 0) -> torch.Tensor:
-        """The keep-multipliers (0 or 1/(1-p), `x`'s shape and dtype) of dropout with probability `p` on
-        `x`, as in training mode; `key` picks the slice. The same tensor `x` gets the same mask again."""
-        if self._last is not None and self._last[0] is x and self._last[1] == p:
-            return self._last[2]
+    def mask(self, x: torch.Tensor, p: float, key: int = 0, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The keep-bits of dropout with probability `p` on `x` (x's shape; an integer type as wide as `dtype`,
+        by default x's), as in training mode; `key` picks the slice. The same tensor `x` gets the same mask again."""
+        bits = _BITS[(dtype or x.dtype).itemsize]
+        last = self._last
+        if last is not None and last[0] is x and last[1] == p and last[2] == bits:
+            return last[3]
         n = x.numel()
         pool = self._pool
-        if (self._fresh or pool is None or pool.numel() < 2 * n or pool.dtype != x.dtype
+        if (self._fresh or pool is None or pool.numel() < 2 * n or pool.dtype != bits
                 or pool.device != x.device or self._pool_p != p):
             rows = n // x.shape[-1] if x.dim() and x.shape[-1] else n
             size = max(2 * n, 2 * rows * self.width)  # every input of this forward fits: one draw per forward
-            keep = torch.rand(size, device=x.device) >= p
-            self._pool, self._pool_p, self._fresh = keep.to(x.dtype) * (1.0 / (1.0 - p)), p, False
+            keep_ = torch.rand(size, device=x.device) >= p
+            self._pool, self._pool_p, self._fresh = keep_.to(bits).neg_(), p, False  # 1 -> -1: all bits set
             self._key = int(torch.randint(0, 2**62, ()))  # the CPU generator: no device sync
             pool = self._pool
         offset = _mix(self._key ^ key) % (pool.numel() - n + 1)
         mask = pool[offset:offset + n].view(x.shape)
-        self._last = (x, p, mask)
+        self._last = (x, p, bits, mask)
         return mask
 
     def apply(self, x: torch.Tensor, p: float, key: int = 0) -> torch.Tensor:
         """`x` with dropout probability `p` (scaled by 1/(1-p)), as in training mode; `key` picks the slice."""
-        return x * self.mask(x, p, key)
+        return keep(x, self.mask(x, p, key)) * (1.0 / (1.0 - p))
+
+
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def keep(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """`x` where the keep-bits `bits` (a `DropoutPool.mask`, as wide as x's dtype) keep it, +0 where they drop
+    it (unscaled): an integer AND of x's bits."""
+    return torch.bitwise_and(x.view(bits.dtype), bits).view(x.dtype)
 
 
 def _mix(z: int) -> int:
@@ -136,137 +153,271 @@ class RoutingState:
     recording: bool = True
     keep_token_mask: bool = False
 
+    _rows: tuple | None = field(default=None, repr=False)  # token_rows' last answer, with what it was for
+
     def __post_init__(self) -> None:
         self.balance_loss = canonical_balance_loss(self.balance_loss)  # "mola-official" -> "official"
 
+    def token_rows(self, rows: int, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Which of a forward's `rows` flattened positions are real tokens, as a bool (1, 1, rows) row (None: all
+        of them, when there is no token mask or it does not describe these positions), and their count (float32):
+        worked out once per forward, not per adapted linear."""
+        mask, last = self.token_mask, self._rows
+        if last is not None and last[0] is mask and last[1] == rows and last[2] == device:
+            return last[3], last[4]
+        if mask is not None and mask.numel() == rows:
+            keep = mask.reshape(1, 1, rows).to(device) > 0
+            count = keep.sum(dtype=torch.float32)
+        else:
+            keep, count = None, torch.tensor(float(rows), device=device)
+        self._rows = (mask, rows, device, keep, count)
+        return keep, count
 
-class _InputSide(torch.autograd.Function):
-    """Everything that reads the input `x` of one adapted linear, or of a shared-input group, as one autograd
-    node: each member's frozen base output x W^T + b, the router logits x R^T and the expert projections
-    (x * mask) A^T, with R and A the members' weights stacked.
 
-    These are the same products autograd would record one by one, but its backward would compute an input
-    gradient per product (and the mask's multiply) and add them up pass by pass, keep the dropped input for
-    the A's gradient, and form weight gradients as x^T g, a transposed operand CPU matmuls handle slowly.
-    This backward accumulates the input gradient in one buffer (`addmm_`, `addcmul_`), recomputes x * mask
-    instead of keeping it, and computes weight gradients as g^T x with the thin g^T made contiguous.
+class _Plan:
+    """What one `_Adapters` call computes besides its tensors, and what its forward counted (`selected`, `tallies`).
 
-    apply(x (tokens x d_in), mask (x's shape: keep-multipliers) or None, routers, experts,
-          W_1, b_1, ..., W_n, b_n) -> (base output 1, ..., base output n, logits, hidden)
+    Members sharing (active experts, top-k, rank, scaling), which a decoder layer's linears do, form one block:
+    their routing runs as one softmax, top-k and scatter over an (members, experts, tokens) stack.
+    """
+
+    __slots__ = ("experts", "totals", "ranks", "top_k", "scaling", "blocks", "rows", "balance", "official",
+                 "stats", "selected", "tallies")
+
+    def __init__(self, members: Sequence["MoLALinear"], rows: torch.Tensor | None, balance: bool, stats: bool,
+                 dropout: float = 0.0) -> None:
+        self.experts = tuple(m.active_experts for m in members)
+        self.totals = tuple(m.num_experts for m in members)
+        self.ranks = tuple(m.rank for m in members)
+        self.top_k = tuple(m.active_top_k for m in members)
+        self.scaling = tuple(m.scaling / (1.0 - dropout) for m in members)  # dropout's 1/(1-p) folded into the gates
+        self.blocks: list[tuple[int, int]] = []  # (first, last + 1) member of each block
+        for i in range(len(members)):
+            if self.blocks and self._key(i) == self._key(self.blocks[-1][0]):
+                self.blocks[-1] = (self.blocks[-1][0], i + 1)
+            else:
+                self.blocks.append((i, i + 1))
+        self.rows = rows  # bool (1, 1, tokens): the real tokens; None: all positions count
+        self.balance = balance  # training: the balance loss's sums are outputs (its prob sums differentiable)
+        self.official = balance and canonical_balance_loss(members[0].state.balance_loss) == OFFICIAL
+        self.stats = stats
+        self.selected: list[torch.Tensor] = []  # per member (experts,): selections for the balance loss
+        self.tallies: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # per member, for the statistics
+
+    def _key(self, i: int) -> tuple:
+        return self.experts[i], self.ranks[i], self.top_k[i], self.scaling[i]
+
+
+class _Adapters(torch.autograd.Function):
+    """Every adapted linear that reads one input `x` (q/k/v, gate/up, or one linear alone), whole, as one autograd node:
+    each member's frozen base output x W^T + b, its router's top-k routing and its gated experts added in place,
+    result_i = x W_i^T + b_i + ((x * mask) A_i^T * gates_i) B_i^T, with every member's routers and A's stacked
+    into one (or, with dropout, two) matmuls and the routing of a block of members run as one.
+
+    Autograd would record some fifty small operations per linear (the master weights' casts and slices, softmax,
+    top-k, scatter, gate expansion, the balance sums, and their backward nodes), each paying dispatch costs larger
+    than its arithmetic on 2048 x 5 tensors; here the forward runs them unrecorded and the backward is written out.
+    It also accumulates the input gradient in one buffer (`addmm_`, `addcmul_` for the masked part), recomputes
+    x * mask instead of keeping it, forms weight gradients as g^T x with the thin g^T made contiguous (x^T g, the
+    large x transposed, is slower on a CPU), multiplies gates expanded to the hidden width (a bf16 multiply
+    broadcast over the rank is slower), routes over (experts, tokens) with the tokens contiguous (a softmax over a
+    last dimension of 5 is slower; all timed by benchmarks/bench_ops.py), and adds the experts inside the B matmul.
+
+    The fp32 master weights are cast to x's dtype here (routers and A's straight into the stacked operand), and the
+    gradients returned in the masters' dtype, full size when a supernet's sub-network uses the first experts only.
+
+    apply(x (tokens x d_in), mask (x's shape: `DropoutPool` keep-bits, the scale 1/(1-p) in the plan's scaling) or None,
+          plan (`_Plan`),
+          then per member: router, lora_A, lora_B, W, b, result)
+      -> (output 1, ..., output n, and in training the balance loss's prob sums (experts,) 1, ..., n)
+    `result` is None for a plain `nn.Linear` base (computed here from W and b); otherwise the base's own output,
+    (tokens x d_out) in x's dtype, which is modified in place and returned.
     """
 
     @staticmethod
-    def forward(ctx, x, mask, routers, experts, *bases):
-        weights, biases = bases[0::2], bases[1::2]
-        results = tuple(F.linear(x, w, b) for w, b in zip(weights, biases))
+    def forward(ctx, x, mask, plan, *tensors):
+        routers, lora_as, lora_bs, weights, biases, results = (tensors[i::6] for i in range(6))
+        n, d, dtype = len(routers), x.shape[1], x.dtype
+        es, rs = plan.experts, plan.ranks
+        ne, widths = sum(es), [e * r for e, r in zip(es, rs)]
+        w_in = torch.cat([p[:e] for p, e in zip(routers, es)] + [a[:e].reshape(-1, d) for a, e in zip(lora_as, es)],
+                         out=x.new_empty(ne + sum(widths), d))  # cast straight into the stacked operand
+        lora_b = [b[:, :e].to(dtype).view(b.shape[0], w) for b, e, w in zip(lora_bs, es, widths)]
+        plain = results[0] is None
+        outs = [F.linear(x, w, b) for w, b in zip(weights, biases)] if plain else list(results)
         if mask is None:  # routers and A's read the same tensor: one matmul
-            both = F.linear(x, torch.cat((routers, experts)))
-            logits, hidden = both.split((routers.shape[0], experts.shape[0]), dim=-1)
+            both = F.linear(x, w_in)
+            logits, hidden = both[:, :ne], both[:, ne:]
         else:
-            logits, hidden = F.linear(x, routers), F.linear(x * mask, experts)
-        ctx.save_for_backward(x, mask, routers, experts, *weights)
+            logits, hidden = F.linear(x, w_in[:ne]), F.linear(keep(x, mask), w_in[ne:])
+        tokens, fp = x.shape[0], torch.promote_types(dtype, torch.float32)  # routing in fp32 (fp64 for fp64)
+        wexp = x.new_empty(tokens, sum(widths))  # each token's scaled gates repeated over each expert's rank
+        routed, prob_sums = [], []
+        plan.selected, plan.tallies = [], []
+        for i0, i1 in plan.blocks:
+            nb, e, r, k, scale = i1 - i0, es[i0], rs[i0], plan.top_k[i0], plan.scaling[i0]
+            c0, w0 = sum(es[:i0]), sum(widths[:i0])
+            probs = (logits[:, c0:c0 + nb * e].t().to(fp, memory_format=torch.contiguous_format)
+                     .view(nb, e, tokens).softmax(1))
+            top_w, top_i = probs.topk(k, dim=1)
+            total = top_w.sum(1, keepdim=True)
+            top_w.div_(total)
+            gates = torch.zeros_like(probs).scatter_(1, top_i, top_w)
+            wexp[:, w0:w0 + nb * e * r].view(tokens, nb, e, r).copy_(
+                (gates * scale).permute(2, 0, 1).unsqueeze(-1).expand(tokens, nb, e, r))
+            routed += [probs, top_i, top_w, total]
+            _tally(plan, probs, gates, prob_sums)
+        gated = hidden * wexp
+        w0 = 0
+        for out, b, w in zip(outs, lora_b, widths):
+            out.addmm_(gated[:, w0:w0 + w], b.t())
+            w0 += w
+        if not plain:
+            ctx.mark_dirty(*results)
+        ctx.plan, ctx.plain = plan, plain
+        ctx.masters = [tuple((p.shape, p.dtype) for p in ps) for ps in zip(routers, lora_as, lora_bs)]
         ctx.has_bias = tuple(b is not None for b in biases)
-        return (*results, logits, hidden)
+        ctx.save_for_backward(x, mask, w_in, hidden, wexp, gated, *weights, *lora_b, *routed)
+        return (*outs, *prob_sums)
 
     @staticmethod
     def backward(ctx, *grads):
-        x, mask, routers, experts, *weights = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        g_results = grads[:-2]
-        g_logits = grads[-2] if grads[-2] is not None else x.new_zeros(x.shape[0], routers.shape[0])
-        g_hidden = grads[-1] if grads[-1] is not None else x.new_zeros(x.shape[0], experts.shape[0])
-        g_adapter = torch.cat((g_logits, g_hidden), dim=-1) if mask is None else None
+        plan, plain = ctx.plan, ctx.plain
+        x, mask, w_in, hidden, wexp, gated, *rest = ctx.saved_tensors
+        n = len(plan.experts)
+        weights, lora_b, routed = rest[:n], rest[n:2 * n], rest[2 * n:]
+        need = ctx.needs_input_grad[3:]  # per member: router, lora_A, lora_B, W, b, result
+        es, rs = plan.experts, plan.ranks
+        ne, widths = sum(es), [e * r for e, r in zip(es, rs)]
+        tokens = x.shape[0]
+        g_outs = grads[:n]
+        g_gated = [g @ b if g is not None else x.new_zeros(tokens, w) for g, b, w in zip(g_outs, lora_b, widths)]
+        g_gated = torch.cat(g_gated, dim=1) if n > 1 else g_gated[0]
+        gated_t = gated.t().contiguous()
+        g_adapter = x.new_empty(tokens, ne + sum(widths))  # (router logits, hidden): both gradients, side by side
+        g_logits, g_hidden = g_adapter[:, :ne], g_adapter[:, ne:]
+        torch.mul(g_gated, wexp, out=g_hidden)
+        g_prod = g_gated * hidden
+        g_sums = grads[n:] if plan.balance else ()
+        for j, (i0, i1) in enumerate(plan.blocks):
+            nb, e, r, scale = i1 - i0, es[i0], rs[i0], plan.scaling[i0]
+            c0, w0 = sum(es[:i0]), sum(widths[:i0])
+            probs, top_i, top_w, total = routed[4 * j:4 * j + 4]
+            g_w = g_prod[:, w0:w0 + nb * e * r].view(tokens, nb * e, r).sum(-1)  # d loss / d scaled gates
+            g_gates = g_w.t().to(probs.dtype, memory_format=torch.contiguous_format).view(nb, e, tokens).mul_(scale)
+            g_top = g_gates.gather(1, top_i)  # through the renormalised top-k weights w_i / sum_j w_j
+            g_top = g_top.sub_((g_top * top_w).sum(1, keepdim=True)).div_(total)
+            g_probs = torch.zeros_like(probs).scatter_(1, top_i, g_top)
+            if g_sums and any(g is not None for g in g_sums[i0:i1]):  # the balance loss's prob sums
+                g_sum = torch.stack([g if g is not None else probs.new_zeros(e) for g in g_sums[i0:i1]]).unsqueeze(-1)
+                rows = None if plan.official else plan.rows
+                g_probs.add_(g_sum if rows is None else torch.where(rows, g_sum, 0.0))
+            g_logit = torch._softmax_backward_data(g_probs, probs, 1, probs.dtype)
+            g_logits[:, c0:c0 + nb * e].copy_(g_logit.view(nb * e, tokens).t())
         grad_x = None
-        if need[0]:
-            for g, w in zip(g_results, weights):
-                if g is not None:
+        if ctx.needs_input_grad[0]:
+            if mask is not None:  # the masked part first, masked in place: the buffer the rest is added into
+                grad_x = g_hidden @ w_in[ne:]
+                grad_x.view(mask.dtype).bitwise_and_(mask)
+            for g, w in zip(g_outs, weights):
+                if plain and g is not None:
                     grad_x = g @ w if grad_x is None else grad_x.addmm_(g, w)
             if mask is None:
-                w = torch.cat((routers, experts))
-                grad_x = g_adapter @ w if grad_x is None else grad_x.addmm_(g_adapter, w)
+                grad_x = g_adapter @ w_in if grad_x is None else grad_x.addmm_(g_adapter, w_in)
             else:
-                grad_x = g_logits @ routers if grad_x is None else grad_x.addmm_(g_logits, routers)
-                grad_x.addcmul_(g_hidden @ experts, mask)
-        grad_routers = grad_experts = None
-        if mask is None and (need[2] or need[3]):
-            grad_routers, grad_experts = (g_adapter.t().contiguous() @ x).split((routers.shape[0], experts.shape[0]))
+                grad_x.addmm_(g_logits, w_in[:ne])
+        if mask is None:
+            g_in = g_adapter.t().contiguous() @ x  # (routers and A's stacked, d_in)
         else:
-            if need[2]:
-                grad_routers = g_logits.t().contiguous() @ x
-            if need[3]:
-                grad_experts = g_hidden.t().contiguous() @ (x * mask)
-        grad_bases = []
-        for i, (g, has_bias) in enumerate(zip(g_results, ctx.has_bias)):  # frozen in MoLA; trainable if unfrozen
-            grad_w = g.t() @ x if need[4 + 2 * i] and g is not None else None
-            grad_b = g.sum(0) if has_bias and need[5 + 2 * i] and g is not None else None
-            grad_bases += [grad_w, grad_b]
-        return (grad_x, None, grad_routers, grad_experts, *grad_bases)
+            g_in = torch.cat((g_logits.t().contiguous() @ x, g_hidden.t().contiguous() @ keep(x, mask)))
+        out = []
+        c0, w0 = 0, ne
+        for i, (e, w, g) in enumerate(zip(es, widths, g_outs)):
+            need_r, need_a, need_b, need_w, need_bias, need_result = need[6 * i:6 * i + 6]
+            (r_shape, r_dtype), (a_shape, a_dtype), (b_shape, b_dtype) = ctx.masters[i]
+            grad_r = _master_grad(g_in[c0:c0 + e], r_shape, r_dtype) if need_r else None
+            grad_a = _master_grad(g_in[w0:w0 + w].view(e, *a_shape[1:]), a_shape, a_dtype) if need_a else None
+            grad_b = None
+            if need_b:
+                g_b = (gated_t[w0 - ne:w0 - ne + w] @ g).t() if g is not None else lora_b[i].new_zeros(lora_b[i].shape)
+                grad_b = _master_grad(g_b.view(b_shape[0], e, b_shape[2]), b_shape, b_dtype, dim=1)
+            grad_w = g.t() @ x if need_w and g is not None else None
+            grad_bias = g.sum(0) if ctx.has_bias[i] and need_bias and g is not None else None
+            out += [grad_r, grad_a, grad_b, grad_w, grad_bias, g if need_result else None]
+            c0, w0 = c0 + e, w0 + w
+        return (grad_x, None, None, *out)
 
 
-def input_side(members: Sequence["MoLALinear"], x: torch.Tensor,
-               mask: torch.Tensor | None) -> list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]:
-    """(base output or None, router logits, A projection) of each of `members` (linears reading `x`), all
-    flattened to (tokens, features); `mask` is the dropout's keep-multipliers for `x` (None: no dropout).
+def _tally(plan: _Plan, probs: torch.Tensor, gates: torch.Tensor, prob_sums: list[torch.Tensor]) -> None:
+    """The balance loss's per-expert sums of one block (probs, gates: (members, experts, tokens)), and the
+    statistics' when asked, each member's own: `plan.selected`, `plan.tallies` and `prob_sums` (differentiable)."""
+    rows = plan.rows
+    chosen = gates > 0
+    if plan.balance:
+        if plan.official or rows is None:  # the official code counts every position
+            selected, prob_sum = chosen.sum(-1, dtype=probs.dtype), probs.sum(-1)
+        else:  # padding rows must not leak NaN/inf into the sums
+            selected, prob_sum = (chosen & rows).sum(-1, dtype=probs.dtype), torch.where(rows, probs, 0.0).sum(-1)
+        plan.selected += selected.unbind(0)
+        prob_sums += prob_sum.unbind(0)
+    if plan.stats:
+        kept = chosen if rows is None else chosen & rows
+        masked_g, masked_p = (gates, probs) if rows is None else (torch.where(rows, gates, 0.0),
+                                                                  torch.where(rows, probs, 0.0))
+        plan.tallies += zip(kept.sum(-1, dtype=probs.dtype).unbind(0), masked_g.sum(-1).unbind(0),
+                            masked_p.sum(-1).unbind(0))
 
-    The base output is None where a member's base is not a plain `nn.Linear` (a quantised layer, say): that
-    member calls its own base.
+
+def _master_grad(grad: torch.Tensor, shape: torch.Size, dtype: torch.dtype, dim: int = 0) -> torch.Tensor:
+    """`grad`, the gradient of a master parameter's active experts (its first entries along `dim`), as the
+    parameter's: its dtype, contiguous, full size with zeros for the experts a sub-network leaves out."""
+    if grad.shape[dim] == shape[dim]:
+        return grad.to(dtype, memory_format=torch.contiguous_format)
+    full = grad.new_zeros(shape, dtype=dtype)
+    full.narrow(dim, 0, grad.shape[dim]).copy_(grad)
+    return full
+
+
+def adapted(members: Sequence["MoLALinear"], x: torch.Tensor, mask: torch.Tensor | None,
+            p: float = 0.0) -> list[torch.Tensor]:
+    """The outputs of `members` (adapted linears that all read `x`), flattened to (tokens, d_out): one `_Adapters`
+    call; `mask` is the keep-bits of a dropout with probability `p` on `x` (a `DropoutPool.mask` as wide as the
+    compute dtype; None: no dropout). In training it records each member's `BalanceTerm`, and when asked, its
+    selection statistics.
+
+    A member whose base is not a plain `nn.Linear` (a quantised layer, say) calls its own base, here; then every
+    member does.
     """
+    state, lead = members[0].state, members[0]
     dtype = compute_dtype(x)  # the base's dtype, or autocast's; fp32 master weights are cast to it
     x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-    mask2 = None if mask is None else mask.reshape(x2.shape).to(dtype)
-    routers = [m.router[:m.active_experts] for m in members]
-    experts = [m.lora_A[:m.active_experts].reshape(-1, m.lora_A.shape[-1]) for m in members]
+    mask2 = None if mask is None else mask.reshape(x2.shape)
+    rows, tokens = state.token_rows(x2.shape[0], x2.device)
+    recording = state.recording
+    plan = _Plan(members, rows, balance=lead.training, stats=state.collect_stats and recording,
+                 dropout=0.0 if mask is None else p)
     plain = all(type(m.base_layer) is nn.Linear for m in members)
-    bases = [None if t is None else t.to(dtype)
-             for m in members for t in (m.base_layer.weight, m.base_layer.bias)] if plain else []
-    *results, logits, hidden = _InputSide.apply(
-        x2, mask2, (torch.cat(routers) if len(members) > 1 else routers[0]).to(dtype),
-        (torch.cat(experts) if len(members) > 1 else experts[0]).to(dtype), *bases)
-    if len(members) > 1:
-        logits = logits.split([r.shape[0] for r in routers], dim=-1)
-        hidden = hidden.split([a.shape[0] for a in experts], dim=-1)
-    else:
-        logits, hidden = (logits,), (hidden,)
-    return list(zip(results if plain else [None] * len(members), logits, hidden))
-
-
-class _OutputSide(torch.autograd.Function):
-    """The output side of one adapted linear, in place on its base output: result += (hidden * gates) B^T.
-
-    `hidden` is the A projection (tokens, experts * rank), `weights` the scaled gates (tokens, experts), zero
-    for unselected experts. Autograd would record the gating as a broadcast multiply, which a CPU runs on
-    bf16 nearly three times slower than an elementwise one, and B's gradient as g^T (hidden * gates) with the
-    large g transposed; here the gates are expanded to hidden's shape and the gradient is (hidden * gates)^T g
-    with the thin operand made contiguous (both timed by benchmarks/bench_ops.py). The base output is this
-    layer's own new tensor, which no backward needs, so the experts' sum is added inside the B matmul rather
-    than as another pass over it.
-
-    apply(result (tokens, d_out), hidden, weights, lora_b (d_out, experts * rank)) -> result, modified
-    """
-
-    @staticmethod
-    def forward(ctx, result, hidden, weights, lora_b):
-        gated = hidden * _expand_gates(weights, hidden.shape[1])
-        result.addmm_(gated, lora_b.t())
-        ctx.mark_dirty(result)
-        ctx.save_for_backward(hidden, weights, lora_b, gated)
-        return result
-
-    @staticmethod
-    def backward(ctx, g):
-        hidden, weights, lora_b, gated = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        g_gated = g @ lora_b
-        grad_hidden = g_gated * _expand_gates(weights, hidden.shape[1]) if need[1] else None
-        grad_weights = (g_gated * hidden).view(*weights.shape, -1).sum(-1) if need[2] else None
-        grad_b = (gated.t().contiguous() @ g).t() if need[3] else None
-        return g, grad_hidden, grad_weights, grad_b
-
-
-def _expand_gates(weights: torch.Tensor, width: int) -> torch.Tensor:
-    """(tokens, experts) gates repeated over each expert's rank: (tokens, width), contiguous."""
-    tokens, experts = weights.shape
-    return weights.unsqueeze(-1).expand(tokens, experts, width // experts).reshape(tokens, width)
+    tensors = []
+    for m in members:
+        base = m.base_layer
+        result = None if plain else base(x).reshape(-1, base.out_features).to(dtype, copy=True)
+        weight, bias = (base.weight.to(dtype), None if base.bias is None else base.bias.to(dtype)) if plain else (None, None)
+        tensors += [m.router, m.lora_A, m.lora_B, weight, bias, result]
+    outs = _Adapters.apply(x2, mask2, plan, *tensors)
+    n = len(members)
+    if plan.balance and recording:
+        counted = x2.new_tensor(float(x2.shape[0]), dtype=torch.float32) if plan.official else tokens
+        state.balance_terms += [BalanceTerm(m.layer_index, s, p, counted, m.active_top_k)
+                                for m, s, p in zip(members, plan.selected, outs[n:])]
+    if plan.stats:
+        with torch.no_grad():
+            for m, (count, weight_sum, prob_sum) in zip(members, plan.tallies):
+                e = m.active_experts
+                m.stat_counts[:e] += count.double()
+                m.stat_weights[:e] += weight_sum.double()
+                m.stat_probs[:e] += prob_sum.double()  # full softmax: P_i of the balance loss
+                m.stat_tokens += tokens.double()
+    return list(outs[:n])
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -294,22 +445,22 @@ class InputGroup:
         self.members = list(members)
         self.enabled = len(self.members) > 1
         self._x: torch.Tensor | None = None
-        self._parts: dict[int, tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = {}
+        self._outs: dict[int, torch.Tensor] = {}
 
-    def parts(self, member: "MoLALinear", x: torch.Tensor,
-              mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] | None:
-        """`member`'s part of `input_side` for input `x`, or None when the group cannot serve."""
+    def output(self, member: "MoLALinear", x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """`member`'s output for input `x` (flattened to (tokens, d_out)), or None when the group cannot serve;
+        `mask`: `member`'s dropout keep-bits for `x`, which all members use."""
         if self._x is not x:
-            if self._parts:  # members of the last input never came: they read other tensors
-                self.enabled, self._x, self._parts = False, None, {}
+            if self._outs:  # members of the last input never came: they read other tensors
+                self.enabled, self._x, self._outs = False, None, {}
                 return None
             self._x = x
-            self._parts = {id(m): part for m, part in zip(self.members, input_side(self.members, x, mask))}
-        out = self._parts.pop(id(member), None)
+            self._outs = {id(m): out for m, out in zip(self.members, adapted(self.members, x, mask, member.dropout_p))}
+        out = self._outs.pop(id(member), None)
         if out is None:  # the same member twice on one tensor: not a shared-input group
-            self.enabled, self._x, self._parts = False, None, {}
+            self.enabled, self._x, self._outs = False, None, {}
             return None
-        if not self._parts:
+        if not self._outs:
             self._x = None  # every member served: hold no activations past this forward
         return out
 
@@ -396,52 +547,13 @@ class MoLALinear(nn.Module):
         return probs.t().reshape(logits.shape), gates.t().reshape(logits.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        e, r = self.active_experts, self.rank  # a supernet's sub-network uses the first e experts
-        mask = (self.state.dropout.mask(x, self.dropout_p, self.dropout_key)
+        mask = (self.state.dropout.mask(x, self.dropout_p, self.dropout_key, compute_dtype(x))
                 if self.training and self.dropout_p > 0 else None)
         group = self.group if self.group is not None and self.group.enabled and self.state.fuse_groups else None
-        parts = group.parts(self, x, mask) if group is not None else None
-        result, logits, hidden = parts if parts is not None else input_side([self], x, mask)[0]
-        probs, gates = self._gates(logits)
-        if self.training or self.state.collect_stats:
-            self._record(probs, gates)
-        dtype = hidden.dtype  # what input_side computed in: compute_dtype(x)
-        lora_b = (self.lora_B if e == self.num_experts else self.lora_B[:, :e]).reshape(-1, e * r).to(dtype)
-        weights = (gates * self.scaling).to(dtype)  # the LoRA scaling folded into the (tokens x experts) gates
-        if result is None:  # a base that is not a plain nn.Linear: its own forward, its output left untouched
-            result = self.base_layer(x).reshape(-1, lora_b.shape[0]).to(dtype, copy=True)
-        return _OutputSide.apply(result, hidden, weights, lora_b).view(*x.shape[:-1], lora_b.shape[0])
-
-    def _record(self, probs: torch.Tensor, gates: torch.Tensor) -> None:
-        """Balance-loss sums (training) and selection statistics (on demand), padding excluded.
-
-        The one exception is the "official" balance loss, which counts every position as the
-        official code does (it never sees the attention mask).
-        """
-        mask = self.state.token_mask
-        e = self.active_experts  # balance and statistics over the active experts only
-        all_p = probs.reshape(-1, e)
-        chosen = (gates.reshape(-1, e) > 0).to(all_p.dtype)
-        if mask is not None and mask.numel() == all_p.shape[0]:
-            m = mask.reshape(-1, 1).to(all_p.dtype)
-            flat_p = torch.where(m > 0, all_p, 0.0)  # padding rows must not leak NaN/inf into the sums
-        else:  # no mask, or one that does not describe these positions: all are real tokens
-            m = torch.ones_like(all_p[:, :1])
-            flat_p = all_p
-        if self.training:
-            if self.state.balance_loss == OFFICIAL:
-                term = BalanceTerm(self.layer_index, chosen.sum(0), all_p.sum(0),
-                                   all_p.new_tensor(float(all_p.shape[0])), self.active_top_k)
-            else:
-                term = BalanceTerm(self.layer_index, (chosen * m).sum(0), flat_p.sum(0), m.sum(), self.active_top_k)
-            if self.state.recording:
-                self.state.balance_terms.append(term)
-        if self.state.collect_stats and self.state.recording:
-            with torch.no_grad():
-                self.stat_counts[:e] += (chosen * m).sum(0).double()
-                self.stat_weights[:e] += (gates.reshape(-1, e).float() * m).sum(0).double()
-                self.stat_probs[:e] += (flat_p.float() * m).sum(0).double()  # full softmax: P_i of the balance loss
-                self.stat_tokens += m.sum().double()
+        out = group.output(self, x, mask) if group is not None else None
+        if out is None:
+            out = adapted([self], x, mask, self.dropout_p)[0]
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     def reset_stats(self) -> None:
         self.stat_counts.zero_()
@@ -493,15 +605,27 @@ def balance_loss(terms: Sequence[BalanceTerm], formulation: str) -> torch.Tensor
     * "official" (alias "mola-official"): as GCYZSL/MoLA's `load_balancing_loss_func`: the modules of one
       decoder layer pooled into one group (their selections and probabilities summed; they share the
       layer's expert count and top-k), one `switch_loss` per layer, summed over the layers.
+
+    Terms of one expert count and top-k are stacked and computed together (a forward records 7 per decoder layer).
     """
     if not terms:
         return None
-    if canonical_balance_loss(formulation) == PER_MODULE:
-        return torch.stack([switch_loss(t.selected, t.prob_sum, t.tokens, t.top_k) for t in terms]).mean()
-    layers: dict[int, list[BalanceTerm]] = defaultdict(list)
+    stacks: dict[tuple[int, int], list[BalanceTerm]] = defaultdict(list)
     for t in terms:
-        layers[t.layer].append(t)
-    return torch.stack([switch_loss(torch.stack([t.selected for t in group]).sum(0),
-                                    torch.stack([t.prob_sum for t in group]).sum(0),
-                                    torch.stack([t.tokens for t in group]).sum(), group[0].top_k)
-                        for group in layers.values()]).sum()
+        stacks[(t.selected.numel(), t.top_k)].append(t)
+    official = canonical_balance_loss(formulation) != PER_MODULE
+    total = None
+    for (experts, top_k), group in stacks.items():
+        selected = torch.stack([t.selected for t in group])
+        prob_sum = torch.stack([t.prob_sum for t in group])
+        tokens = torch.stack([t.tokens for t in group]).unsqueeze(-1)
+        if official:  # one pool per decoder layer
+            layers = sorted({t.layer for t in group})
+            if len(layers) < len(group):
+                index = torch.tensor([layers.index(t.layer) for t in group], device=selected.device)
+                pool = lambda v: v.new_zeros(len(layers), v.shape[1]).index_add_(0, index, v)  # noqa: E731
+                selected, prob_sum, tokens = pool(selected), pool(prob_sum), pool(tokens)
+        tokens = tokens.clamp_min(1.0)
+        part = experts * ((selected / (tokens * top_k)) * (prob_sum / tokens)).sum()
+        total = part if total is None else total + part
+    return total if official else total / len(terms)
