@@ -6,11 +6,13 @@
 Each row is one choice made in `mola.layer`, timed both ways on the same random tensors (median of `--repeats`
 runs of `--inner` calls each, interleaved):
 - weight gradient of a thin matmul: x^T g with the large x transposed (what autograd forms) vs g^T x with the
-  thin g^T made contiguous (`_InputSide`, `_OutputSide`);
+  thin g^T made contiguous (`_Adapters`);
 - gating: hidden (tokens, experts, rank) times gates broadcast over the rank vs gates expanded to hidden's
-  shape first (`_expand_gates`);
+  shape first (`_Adapters`);
 - routing softmax and top-k over a last dimension of `--experts` vs over the first, tokens contiguous
-  (`MoLALinear._gates`);
+  (`_route`);
+- dropout on an input: a multiply by keep-multipliers (0 or 1/(1-p), the input's dtype) vs an AND of keep-bits
+  (`DropoutPool`, `keep`);
 - the adapter's thin A matmul vs a base projection of the same input to `--base-out` columns (what the adapters cost
   against their FLOPs).
 """
@@ -62,6 +64,10 @@ def main() -> None:
         x, g, a, w = rand(t, d), rand(t, e * r), rand(e * r, d), rand(args.base_out, d)
         pairs[f"weight gradient, d_in {d}"] = ("x^T g", lambda x=x, g=g: x.t() @ g,
                                                "g^T x, g^T contiguous", lambda x=x, g=g: g.t().contiguous() @ x)
+        multipliers = (torch.rand(t, d, generator=gen) >= 0.05).to(dtype) / 0.95
+        bits = (torch.rand(t, d, generator=gen) >= 0.05).to({2: torch.int16, 4: torch.int32}[x.element_size()]).neg()
+        pairs[f"dropout, d_in {d}"] = ("x * keep-multipliers", lambda x=x, m=multipliers: x * m,
+                                       "keep-bits AND", lambda x=x, b=bits: torch.bitwise_and(x.view(b.dtype), b))
         pairs[f"A matmul vs base projection, d_in {d}"] = (
             f"x A^T ({e * r} columns)", lambda x=x, a=a: torch.nn.functional.linear(x, a),
             f"x W^T ({args.base_out} columns)", lambda x=x, w=w: torch.nn.functional.linear(x, w))

@@ -60,7 +60,7 @@ def test_bench_step_times_every_variant_against_the_floor(tmp_path: Path) -> Non
     assert all(v["step_s"] > 0 and len(v["steps"]) == 1 for v in variants.values())
     assert variants["mola-checkpointed"]["trainable_params"] == variants["mola"]["trainable_params"] > 0
     profile = result["profile"]  # MoLA's own operators, backward included, and none of them in the floor
-    assert "_InputSideBackward" in profile["mola_ms"] and "_InputSideBackward" not in profile["floor_ms"]
+    assert "_AdaptersBackward" in profile["mola_ms"] and "_AdaptersBackward" not in profile["floor_ms"]
     assert len(profile["top"]) == 4 and profile["extra_ms"] == pytest.approx(
         sum(profile["mola_ms"].values()) - sum(profile["floor_ms"].values()))
     extras = [row["extra_ms"] for row in profile["top"]]
@@ -78,8 +78,8 @@ def test_bench_ops_times_both_layouts_of_every_choice(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(out.read_text())["results"]
-    assert set(results) == {"weight gradient, d_in 32", "A matmul vs base projection, d_in 32", "gating",
-                            "routing softmax", "routing top-k"}
+    assert set(results) == {"weight gradient, d_in 32", "dropout, d_in 32", "A matmul vs base projection, d_in 32",
+                            "gating", "routing softmax", "routing top-k"}
     for name, row in results.items():
         a, b = (v for key, v in row.items() if key != "ratio")
         assert a > 0 and b > 0 and row["ratio"] == pytest.approx(a / b), name

@@ -14,10 +14,10 @@ CPU with bf16 matmuls), with fp32 master weights cast per forward, as autocast d
 fp32 copy of every activation. Dropout masks come from a `DropoutPool` (one random draw per
 forward, see there): on a CPU, one Bernoulli draw per adapted linear was a quarter of a step.
 
-Two autograd functions carry a linear's work: `_InputSide` (base outputs, router logits and A
-projections of everything reading one input, with one input-gradient buffer in backward) and
-`_OutputSide` (the gated experts added into the base output in place). Their backward passes are
-checked against numerical differentiation in `tests/test_mola_layer.py`.
+One autograd function carries the work of every adapted linear that reads one input (q/k/v; gate/up; o and
+down alone): `_Adapters` (base outputs, routers and A's as one or two matmuls, the routing of the linears
+together, the gated experts added in place, the balance loss's sums; one input-gradient buffer in backward).
+Its backward is checked against numerical differentiation in `tests/test_mola_layer.py`.
 """
 
 from __future__ import annotations
@@ -97,8 +97,7 @@ class DropoutPool:
                 or pool.device != x.device or self._pool_p != p):
             rows = n // x.shape[-1] if x.dim() and x.shape[-1] else n
             size = max(2 * n, 2 * rows * self.width)  # every input of this forward fits: one draw per forward
-            keep_ = torch.rand(size, device=x.device) >= p
-            self._pool, self._pool_p, self._fresh = keep_.to(bits).neg_(), p, False  # 1 -> -1: all bits set
+            self._pool, self._pool_p, self._fresh = _keep_bits(size, p, bits, x.device), p, False
             self._key = int(torch.randint(0, 2**62, ()))  # the CPU generator: no device sync
             pool = self._pool
         offset = _mix(self._key ^ key) % (pool.numel() - n + 1)
@@ -112,6 +111,15 @@ class DropoutPool:
 
 
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _keep_bits(size: int, p: float, bits: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`size` keep-bits of dropout probability `p`, each kept with probability 1 - p (p rounded to a multiple of
+    2^-16), independently: four uniform 16-bit integers per 64-bit random draw, compared with a threshold (a
+    quarter of the draws `torch.rand` would make, and integer work)."""
+    draws = torch.randint(-2**63, 2**63 - 1, ((size + 3) // 4,), dtype=torch.int64, device=device)
+    kept = draws.view(torch.int16)[:size] >= -2**15 + round(p * 2**16)
+    return kept.to(bits).neg_()  # 1 -> -1: all bits set
 
 
 def keep(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
@@ -257,12 +265,7 @@ class _Adapters(torch.autograd.Function):
         for i0, i1 in plan.blocks:
             nb, e, r, k, scale = i1 - i0, es[i0], rs[i0], plan.top_k[i0], plan.scaling[i0]
             c0, w0 = sum(es[:i0]), sum(widths[:i0])
-            probs = (logits[:, c0:c0 + nb * e].t().to(fp, memory_format=torch.contiguous_format)
-                     .view(nb, e, tokens).softmax(1))
-            top_w, top_i = probs.topk(k, dim=1)
-            total = top_w.sum(1, keepdim=True)
-            top_w.div_(total)
-            gates = torch.zeros_like(probs).scatter_(1, top_i, top_w)
+            probs, top_i, top_w, total, gates = _route(logits[:, c0:c0 + nb * e], nb, k, fp)
             wexp[:, w0:w0 + nb * e * r].view(tokens, nb, e, r).copy_(
                 (gates * scale).permute(2, 0, 1).unsqueeze(-1).expand(tokens, nb, e, r))
             routed += [probs, top_i, top_w, total]
@@ -304,15 +307,11 @@ class _Adapters(torch.autograd.Function):
             c0, w0 = sum(es[:i0]), sum(widths[:i0])
             probs, top_i, top_w, total = routed[4 * j:4 * j + 4]
             g_w = g_prod[:, w0:w0 + nb * e * r].view(tokens, nb * e, r).sum(-1)  # d loss / d scaled gates
-            g_gates = g_w.t().to(probs.dtype, memory_format=torch.contiguous_format).view(nb, e, tokens).mul_(scale)
-            g_top = g_gates.gather(1, top_i)  # through the renormalised top-k weights w_i / sum_j w_j
-            g_top = g_top.sub_((g_top * top_w).sum(1, keepdim=True)).div_(total)
-            g_probs = torch.zeros_like(probs).scatter_(1, top_i, g_top)
+            g_sum = None
             if g_sums and any(g is not None for g in g_sums[i0:i1]):  # the balance loss's prob sums
                 g_sum = torch.stack([g if g is not None else probs.new_zeros(e) for g in g_sums[i0:i1]]).unsqueeze(-1)
-                rows = None if plan.official else plan.rows
-                g_probs.add_(g_sum if rows is None else torch.where(rows, g_sum, 0.0))
-            g_logit = torch._softmax_backward_data(g_probs, probs, 1, probs.dtype)
+            rows = None if plan.official else plan.rows
+            g_logit = _route_backward(g_w, g_sum, rows, probs, top_i, top_w, total, scale)
             g_logits[:, c0:c0 + nb * e].copy_(g_logit.view(nb * e, tokens).t())
         grad_x = None
         if ctx.needs_input_grad[0]:
@@ -346,6 +345,34 @@ class _Adapters(torch.autograd.Function):
             out += [grad_r, grad_a, grad_b, grad_w, grad_bias, g if need_result else None]
             c0, w0 = c0 + e, w0 + w
         return (grad_x, None, None, *out)
+
+
+def _route(logits: torch.Tensor, members: int, top_k: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Top-k routing of a block of members from their logits (tokens, members * experts), in `dtype`, over
+    (members, experts, tokens) with the tokens contiguous: probabilities (full softmax), the top-k's indices,
+    their renormalised weights and the sums they were divided by, and the dense gates (zero where unselected)."""
+    tokens = logits.shape[0]
+    probs = logits.t().to(dtype, memory_format=torch.contiguous_format).view(members, -1, tokens).softmax(1)
+    top_w, top_i = probs.topk(top_k, dim=1)
+    total = top_w.sum(1, keepdim=True)
+    top_w.div_(total)
+    gates = torch.zeros_like(probs).scatter_(1, top_i, top_w)
+    return probs, top_i, top_w, total, gates
+
+
+def _route_backward(g_weights: torch.Tensor, g_sum: torch.Tensor | None, rows: torch.Tensor | None,
+                    probs: torch.Tensor, top_i: torch.Tensor, top_w: torch.Tensor, total: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """`_route`'s backward: the logits' gradient (members, experts, tokens) from the gradients of the scaled gates
+    (`g_weights`: tokens, members * experts) and of the balance loss's prob sums (`g_sum`: members, experts, 1,
+    summed over the `rows` that are real tokens; None: no gradient)."""
+    g_gates = g_weights.t().to(probs.dtype, memory_format=torch.contiguous_format).view(probs.shape).mul_(scale)
+    g_top = g_gates.gather(1, top_i)  # through the renormalised top-k weights w_i / sum_j w_j
+    g_top = g_top.sub_((g_top * top_w).sum(1, keepdim=True)).div_(total)
+    g_probs = torch.zeros_like(probs).scatter_(1, top_i, g_top)
+    if g_sum is not None:
+        g_probs.add_(g_sum if rows is None else torch.where(rows, g_sum, 0.0))
+    return torch._softmax_backward_data(g_probs, probs, 1, probs.dtype)
 
 
 def _tally(plan: _Plan, probs: torch.Tensor, gates: torch.Tensor, prob_sums: list[torch.Tensor]) -> None:
@@ -401,7 +428,8 @@ def adapted(members: Sequence["MoLALinear"], x: torch.Tensor, mask: torch.Tensor
     for m in members:
         base = m.base_layer
         result = None if plain else base(x).reshape(-1, base.out_features).to(dtype, copy=True)
-        weight, bias = (base.weight.to(dtype), None if base.bias is None else base.bias.to(dtype)) if plain else (None, None)
+        weight = base.weight.to(dtype) if plain else None
+        bias = base.bias.to(dtype) if plain and base.bias is not None else None
         tensors += [m.router, m.lora_A, m.lora_B, weight, bias, result]
     outs = _Adapters.apply(x2, mask2, plan, *tensors)
     n = len(members)
@@ -433,12 +461,12 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 class InputGroup:
     """Adapted linears of one decoder layer that read the same input tensor (q/k/v; gate/up).
 
-    The first member called with a tensor computes for all (`input_side`: their base outputs, router logits
-    and A projections as one autograd node, routers and A's stacked into one or two matmuls) and each
-    member takes its part. Mathematically this is each member's own computation; on a CPU it replaces 4-6
-    skinny matmuls, their backward and the accumulation of as many input gradients by one or two. A member
-    called with another tensor than its group's (an architecture whose projections read different inputs)
-    switches the group off for good and every member computes alone.
+    The first member called with a tensor computes for all (`adapted`: one `_Adapters` node, routers and A's
+    stacked into one or two matmuls, the routing of all members at once) and each member takes its output.
+    Mathematically this is each member's own computation; on a CPU it replaces 4-6 skinny matmuls, their backward
+    and the accumulation of as many input gradients by one or two. A member called with another tensor than its
+    group's (an architecture whose projections read different inputs) switches the group off for good and every
+    member computes alone.
     """
 
     def __init__(self, members: Sequence["MoLALinear"]) -> None:
