@@ -12,21 +12,28 @@ trainer uses (LM head on the last 2 positions). The floor is the base alone,
 forward and backward to the input embeddings: what any adapter method pays.
 The variants run interleaved, `--rounds` times (`--repeats` timed steps after a
 warm-up step each), so a busy machine slows them alike; we report the median
-step, its ratio to the floor, and each variant's peak resident memory (the
-process's high-water mark, reset before each variant via /proc/self/clear_refs). `--profile N` adds one
-profiled floor and MoLA step and the N operators that add the most self CPU time over the floor.
+step (wall and the process's CPU time: on a machine that other jobs load, the CPU time is the steadier
+measure, since waiting for a core does not count), its ratio to the floor, and each variant's peak resident
+memory (the process's high-water mark, reset before each variant via /proc/self/clear_refs). `--profile N`
+adds one profiled floor and MoLA step and the N operators that add the most self CPU time over the floor.
+`--baseline REV` adds "mola@REV": the same model and weights through `mola_search/mola/layer.py` as of git
+revision REV (its layer methods, shared-input groups, dropout pool and balance loss), for before/after in one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -48,8 +55,8 @@ def _sync(device: torch.device) -> None:
 
 
 def time_steps(model: torch.nn.Module, batch: dict[str, torch.Tensor], repeats: int,
-               opt: torch.optim.Optimizer | None = None) -> list[float]:
-    """`repeats` timed optimizer steps after one warm-up step."""
+               opt: torch.optim.Optimizer | None = None) -> list[tuple[float, float]]:
+    """`repeats` timed optimizer steps after one warm-up step: (wall seconds, process CPU seconds) of each."""
     params = [p for p in model.parameters() if p.requires_grad]
     if params and opt is None:
         opt = torch.optim.AdamW(params, lr=1e-6)
@@ -61,7 +68,7 @@ def time_steps(model: torch.nn.Module, batch: dict[str, torch.Tensor], repeats: 
     times = []
     for i in range(repeats + 1):
         _sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with autocast:
             logits = tail_logits(model, batch, 2)
         loss = answer_loss(logits, batch["labels"][:, -2:])
@@ -72,7 +79,7 @@ def time_steps(model: torch.nn.Module, batch: dict[str, torch.Tensor], repeats: 
             opt.zero_grad(set_to_none=True)
         _sync(device)
         if i:  # first step warms up allocator and kernels
-            times.append(time.perf_counter() - t0)
+            times.append((time.perf_counter() - t0, time.process_time() - c0))
     return times
 
 
@@ -123,6 +130,51 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def baseline_layer(rev: str) -> ModuleType:
+    """`mola_search/mola/layer.py` as of git revision `rev`, imported as a module of its own."""
+    root = Path(__file__).resolve().parents[1]
+    source = subprocess.run(["git", "-C", str(root), "show", f"{rev}:mola_search/mola/layer.py"],
+                            capture_output=True, text=True, check=True).stdout
+    path = Path(tempfile.mkdtemp()) / "layer.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(f"mola_layer_at_{rev}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def using_layer(module: ModuleType, mola: MoLAModel, groups: dict[int, object]):
+    """`mola` (the same weights) running another revision's layer code: its `MoLALinear` methods, the shared-input
+    `groups` built from its `InputGroup` (by id of the current group), its dropout pool and balance loss."""
+    import mola_search.mola.model as model_module
+
+    methods = {k: v for k, v in vars(module.MoLALinear).items() if callable(v) and not k.startswith("__")}
+    saved = {k: MoLALinear.__dict__.get(k) for k in methods}
+    layers = list(mola.mola_layers.values())
+    own_groups = [layer.group for layer in layers]
+    pool, loss = mola.state.dropout, model_module.balance_loss
+    try:
+        for k, v in methods.items():
+            setattr(MoLALinear, k, v)
+        for layer, group in zip(layers, own_groups):
+            layer.group = None if group is None else groups[id(group)]
+        if hasattr(module, "DropoutPool"):
+            mola.state.dropout = groups.setdefault("pool", module.DropoutPool(pool.width))
+        model_module.balance_loss = module.balance_loss
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                delattr(MoLALinear, k)
+            else:
+                setattr(MoLALinear, k, v)
+        for layer, group in zip(layers, own_groups):
+            layer.group = group
+        mola.state.dropout, model_module.balance_loss = pool, loss
+
+
 class Floor(torch.nn.Module):
     """The frozen base alone, with gradients flowing back to its input embeddings: no adapter at all."""
 
@@ -133,6 +185,22 @@ class Floor(torch.nn.Module):
 
     def forward(self, **kwargs):
         return self.base(**kwargs)
+
+
+def _ratios(results: dict[str, dict[str, float]], key: str) -> dict[str, float]:
+    """MoLA against the floor and PEFT LoRA, and each MoLA variant against MoLA, by `key` (step_s or cpu_s)."""
+    mola = results["mola"][key]
+    ratios = {"mola_over_floor": mola / results["floor"][key],
+              "lora_over_floor": results["peft-lora"][key] / results["floor"][key],
+              "mola_over_lora": mola / results["peft-lora"][key]}
+    for name, label in (("mola-ungrouped", "ungrouped"), ("mola-no-dropout", "no_dropout"),
+                        ("mola-checkpointed", "checkpointed"), ("mola-loop", "loop")):
+        if name in results:
+            ratios[f"{label}_over_mola"] = results[name][key] / mola
+    for name in results:
+        if name.startswith("mola@"):
+            ratios[f"{name}_over_mola"] = results[name][key] / mola
+    return ratios
 
 
 def main() -> None:
@@ -161,6 +229,8 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also profile one floor and one MoLA step (torch.profiler) and list the N operators that "
                          "add the most time over the floor")
+    ap.add_argument("--baseline", metavar="REV",
+                    help="also time MoLA through mola_search/mola/layer.py as of this git revision (\"mola@REV\")")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -199,10 +269,17 @@ def main() -> None:
         variants["mola-checkpointed"] = mola  # the same weights, decoder layers recomputed in backward
     if not args.skip_loop:
         variants["mola-loop"] = mola  # the same weights, through the per-expert loop (patched in below)
+    baseline, baseline_groups = None, {}
+    if args.baseline:
+        baseline = baseline_layer(args.baseline)
+        for layer in mola.mola_layers.values():
+            if layer.group is not None and id(layer.group) not in baseline_groups:
+                baseline_groups[id(layer.group)] = baseline.InputGroup(layer.group.members)
+        variants[f"mola@{args.baseline}"] = mola  # the same weights, through the baseline revision's layer code
     optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-6)
                   for name, m in variants.items() if name != "floor"}
 
-    times: dict[str, list[float]] = {name: [] for name in variants}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
     peaks: dict[str, float] = {name: 0.0 for name in variants}
     can_reset = _reset_peak_rss()
     original = MoLALinear.forward
@@ -213,9 +290,12 @@ def main() -> None:
             _configure(mola, name, config.lora_dropout)
             if name == "mola-checkpointed":
                 mola.activation_checkpointing_enable()
+            at_baseline = (using_layer(baseline, mola, baseline_groups) if name == f"mola@{args.baseline}"
+                           else contextlib.nullcontext())
             try:
                 _reset_peak_rss()
-                times[name] += time_steps(model, batch, args.repeats, optimizers.get(name))
+                with at_baseline:
+                    times[name] += time_steps(model, batch, args.repeats, optimizers.get(name))
                 peaks[name] = max(peaks[name], _peak_rss_mb())
             finally:
                 MoLALinear.forward = original
@@ -225,28 +305,24 @@ def main() -> None:
                 peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device) / 2**20)
                 torch.cuda.reset_peak_memory_stats(device)
 
-    floor_s = statistics.median(times["floor"])
+    floor_s = statistics.median(wall for wall, _ in times["floor"])
+    floor_cpu = statistics.median(cpu for _, cpu in times["floor"])
     results: dict[str, dict[str, float]] = {}
     memory = "peak_gpu_memory_mb" if device.type == "cuda" else "peak_rss_mb"
     for name, model in variants.items():
-        med = statistics.median(times[name])
+        med = statistics.median(wall for wall, _ in times[name])
+        cpu = statistics.median(c for _, c in times[name])
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if name != "floor" else 0
-        results[name] = {"step_s": med, "x_floor": med / floor_s, "tokens_per_s": tokens / med,
-                         "trainable_params": trainable, memory: peaks[name], "steps": times[name]}
-        print(f"{name:<17} step {med:6.3f} s  x{med / floor_s:5.2f} floor  {tokens / med:9.1f} tok/s  "
-              f"{memory.replace('_mb', '')} {peaks[name]:7.0f} MB  trainable {trainable:,}", flush=True)
-    ratios = {"mola_over_floor": results["mola"]["x_floor"], "lora_over_floor": results["peft-lora"]["x_floor"],
-              "mola_over_lora": results["mola"]["step_s"] / results["peft-lora"]["step_s"]}
-    if "mola-ungrouped" in results:
-        ratios["ungrouped_over_mola"] = results["mola-ungrouped"]["step_s"] / results["mola"]["step_s"]
-    if "mola-no-dropout" in results:
-        ratios["no_dropout_over_mola"] = results["mola-no-dropout"]["step_s"] / results["mola"]["step_s"]
-    if "mola-checkpointed" in results:
-        ratios["checkpointed_over_mola"] = results["mola-checkpointed"]["step_s"] / results["mola"]["step_s"]
-    if "mola-loop" in results:
-        ratios["loop_over_mola"] = results["mola-loop"]["step_s"] / results["mola"]["step_s"]
+        results[name] = {"step_s": med, "x_floor": med / floor_s, "cpu_s": cpu, "x_floor_cpu": cpu / floor_cpu,
+                         "tokens_per_s": tokens / med, "trainable_params": trainable, memory: peaks[name],
+                         "steps": [wall for wall, _ in times[name]], "steps_cpu": [c for _, c in times[name]]}
+        print(f"{name:<17} step {med:6.3f} s  x{med / floor_s:5.2f} floor  cpu {cpu:6.3f} s  x{cpu / floor_cpu:5.2f}  "
+              f"{tokens / med:9.1f} tok/s  {memory.replace('_mb', '')} {peaks[name]:7.0f} MB  trainable {trainable:,}",
+              flush=True)
+    ratios, ratios_cpu = _ratios(results, "step_s"), _ratios(results, "cpu_s")
     print(" ".join(f"{k}={v:.2f}" for k, v in ratios.items())
           + ("" if can_reset or device.type == "cuda" else " (peak RSS could not be reset: process-wide peaks)"))
+    print("CPU time: " + " ".join(f"{k}={v:.2f}" for k, v in ratios_cpu.items()))
     profiled = None
     if args.profile:
         _configure(mola, "mola", config.lora_dropout)  # MoLA as the table's row has it
@@ -260,7 +336,8 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({"args": vars(args), "device": str(device), "layers": layers,
                                                "allocation": list(config.experts), "threads": args.threads,
                                                "dtype": str(next(floor.base.parameters()).dtype),
-                                               "results": results, "ratios": ratios, "profile": profiled},
+                                               "results": results, "ratios": ratios, "ratios_cpu": ratios_cpu,
+                                               "profile": profiled},
                                               indent=2) + "\n")
 
 
