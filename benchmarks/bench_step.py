@@ -17,7 +17,8 @@ measure, since waiting for a core does not count), its ratio to the floor, and e
 memory (the process's high-water mark, reset before each variant via /proc/self/clear_refs). `--profile N`
 adds one profiled floor and MoLA step and the N operators that add the most self CPU time over the floor.
 `--baseline REV` adds "mola@REV": the same model and weights through `mola_search/mola/layer.py` as of git
-revision REV (its layer methods, shared-input groups, dropout pool and balance loss), for before/after in one run.
+revision REV (its layer methods, shared-input groups, dropout pool and balance loss) and PyTorch's default AdamW
+(the other variants use the trainer's, fused), for before/after in one run.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from mola_search.mola import DEFAULT_TARGETS, MoLAConfig, MoLALinear, MoLAModel 
 from mola_search.models import (LLAMA2_7B_SHAPE, decoder_layers, load_base_model, parse_device,  # noqa: E402
                                 random_llama, resolve_dtype)
 from mola_search.train.batching import model_device, tail_logits, to_device  # noqa: E402
-from mola_search.train.trainer import answer_loss  # noqa: E402
+from mola_search.train.trainer import adamw, answer_loss  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -59,7 +60,7 @@ def time_steps(model: torch.nn.Module, batch: dict[str, torch.Tensor], repeats: 
     """`repeats` timed optimizer steps after one warm-up step: (wall seconds, process CPU seconds) of each."""
     params = [p for p in model.parameters() if p.requires_grad]
     if params and opt is None:
-        opt = torch.optim.AdamW(params, lr=1e-6)
+        opt = adamw(params, lr=1e-6)
     aux_fn = getattr(model, "auxiliary_loss", None)
     model.train()
     device = model_device(model)
@@ -276,8 +277,9 @@ def main() -> None:
             if layer.group is not None and id(layer.group) not in baseline_groups:
                 baseline_groups[id(layer.group)] = baseline.InputGroup(layer.group.members)
         variants[f"mola@{args.baseline}"] = mola  # the same weights, through the baseline revision's layer code
-    optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-6)
-                  for name, m in variants.items() if name != "floor"}
+    # the trainer's AdamW (fused where it can be); the baseline revision's trainer used PyTorch's default
+    optimizers = {name: (torch.optim.AdamW if name.startswith("mola@") else adamw)(
+        [p for p in m.parameters() if p.requires_grad], lr=1e-6) for name, m in variants.items() if name != "floor"}
 
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
     peaks: dict[str, float] = {name: 0.0 for name in variants}

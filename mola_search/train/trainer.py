@@ -217,10 +217,24 @@ def train(model: nn.Module, tokenizer, examples: Sequence[Example], config: Trai
 
 def _optimizer(params: list[nn.Parameter], config: TrainConfig, total_steps: int):
     """AdamW over `params` and its schedule: linear warmup over `warmup_ratio` of the steps, then linear decay."""
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = adamw(params, lr=config.lr, weight_decay=config.weight_decay)
     warmup = int(config.warmup_ratio * total_steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
     return optimizer, schedule
+
+
+def adamw(params: list[nn.Parameter], **kwargs) -> torch.optim.AdamW:
+    """`torch.optim.AdamW(params, **kwargs)`, fused into one kernel per step where the parameters allow it (floating
+    point, on a CPU or a CUDA device). On a CPU PyTorch otherwise picks its per-tensor loop, a dozen passes over every
+    parameter and its two moments: for MoLA's 13 M SmolLM2 parameters about 4x the fused kernel's time."""
+    fusable = params and all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16,
+                                                                                 torch.float16) for p in params)
+    if fusable:
+        try:
+            return torch.optim.AdamW(params, fused=True, **kwargs)
+        except (RuntimeError, ValueError):  # a build or device without the fused kernel
+            pass
+    return torch.optim.AdamW(params, **kwargs)
 
 
 def _enable_activation_checkpointing(model: nn.Module) -> None:
