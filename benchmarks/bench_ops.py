@@ -14,7 +14,9 @@ runs of `--inner` calls each, interleaved):
 - dropout on an input: a multiply by keep-multipliers (0 or 1/(1-p), the input's dtype) vs an AND of keep-bits
   (`DropoutPool`, `keep`);
 - the adapter's thin A matmul vs a base projection of the same input to `--base-out` columns (what the adapters cost
-  against their FLOPs).
+  against their FLOPs);
+- with `--compile-routing`: the routing of a block of 3 members (q/k/v), forward and backward (`_route`,
+  `_route_backward`), eager vs `torch.compile`d (inductor, static shapes; needs a C compiler; compiling is not timed).
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--inner", type=int, default=20, help="calls per timed run")
+    ap.add_argument("--compile-routing", action="store_true",
+                    help="also time the routing eager vs torch.compile'd (compiles first, which takes a while)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -81,6 +85,21 @@ def main() -> None:
                                 "(experts, tokens), first dim", lambda: logits_t.softmax(0))
     pairs["routing top-k"] = ("(tokens, experts), last dim", lambda: logits.topk(k, dim=-1),
                               "(experts, tokens), first dim", lambda: logits_t.topk(k, dim=0))
+    if args.compile_routing:
+        from mola_search.mola.layer import _route, _route_backward
+
+        block_logits, g_gates, g_sum = rand(t, 3 * e), rand(t, 3 * e), torch.randn(3, e, 1, generator=gen)
+
+        def routing(route: Callable, backward: Callable) -> Callable[[], object]:
+            def step() -> object:
+                probs, top_i, top_w, total, _ = route(block_logits, 3, k, torch.float32)
+                return backward(g_gates, g_sum, None, probs, top_i, top_w, total, 2.0)
+            return step
+
+        compiled = routing(torch.compile(_route, dynamic=False), torch.compile(_route_backward, dynamic=False))
+        compiled()  # compiles
+        pairs["routing, 3 members, forward and backward"] = ("eager", routing(_route, _route_backward),
+                                                             "torch.compile", compiled)
 
     results = {}
     print(f"{args.dtype}, {t} tokens, {args.threads} thread(s), median of {args.repeats} x {args.inner} calls")
