@@ -58,7 +58,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # Longer than cpu-quick: trials of 16 steps ranked on the whole validation split, finalists trained 4x
     # longer. Measured on 2 cores / 24 GB (docs/strategies.md): the pilot and search take ~30 min on RTE but 16 steps do not
-    # learn RTE, and two finalist processes (8-13 GB each) need --max-concurrent 1 to fit in memory.
+    # learn RTE; one finalist process peaks at 3.65 GiB (docs/performance.md, "Memory over a whole run"), so two fit.
     "cpu-standard": {
         "model": "smollm2-135m-instruct", "trials": 14, "max_concurrent": None, "cpus_per_trial": 1,
         "finalist_top_n": 1, "finalist_seeds": 3, "finalist_train_examples": 1024, "max_finalist_runs": 40,
