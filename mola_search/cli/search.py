@@ -78,7 +78,9 @@ def _search_flags(p: argparse.ArgumentParser) -> None:
     s.add_argument("--oneshot-trials", type=int, dest="oneshot_trials",
                    help="one-shot: distinct allocations scored on the supernet (default 200)")
     s.add_argument("--oneshot-checks", type=int, dest="oneshot_checks",
-                   help="one-shot: allocations spread over the one-shot ranking also trained standalone (default 6)")
+                   help="one-shot: allocations spread over the one-shot ranking also trained standalone (default 6), "
+                        "beside the one-shot top --finalists, the router-usage, redundancy and saliency allocations "
+                        "and the seeded shapes, which are always checked")
     s.add_argument("--oneshot-eval-examples", type=int, dest="oneshot_eval_examples",
                    help="one-shot: validation examples per masked score (default 256)")
     s.add_argument("--supernet-factor", type=float, dest="supernet_factor",
