@@ -562,17 +562,11 @@ class MoLALinear(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router probabilities (fp32 softmax over the active experts) and dense gates with renormalised
-        top-k weights."""
-        return self._gates(F.linear(x, self.router[:self.active_experts].to(x.dtype)))
-
-    def _gates(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # In (experts, tokens) layout: a softmax over a short last dimension (N of 1-8 experts) runs an order of
-        # magnitude slower on a CPU than over the first, with the tokens contiguous (benchmarks/bench_ops.py).
-        probs = logits.reshape(-1, logits.shape[-1]).t().float().contiguous().softmax(dim=0)
-        top_w, top_i = probs.topk(self.active_top_k, dim=0)
-        top_w = top_w / top_w.sum(dim=0, keepdim=True)
-        gates = torch.zeros_like(probs).scatter(0, top_i, top_w)
-        return probs.t().reshape(logits.shape), gates.t().reshape(logits.shape)
+        top-k weights, each shaped as x with the experts last: the training path's `_route`, for analysis."""
+        logits = F.linear(x, self.router[:self.active_experts].to(x.dtype))
+        flat = logits.reshape(-1, logits.shape[-1])
+        probs, _, _, _, gates = _route(flat, 1, self.active_top_k, torch.float32)
+        return probs[0].t().reshape(logits.shape), gates[0].t().reshape(logits.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mask = (self.state.dropout.mask(x, self.dropout_p, self.dropout_key, compute_dtype(x))
