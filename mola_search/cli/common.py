@@ -52,8 +52,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 def run_main(prog: str, main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     """Call `main`; a UserError becomes `prog: error: <message>` on stderr and its exit code (2; a
-    ResourceTimeout 3), with the
-    parameters it names (errors.with_flags) shown as the flags of the command's parsers."""
+    ResourceTimeout 3), with the parameters it names (errors.with_flags) shown as the flags of the command's
+    parsers."""
     _PARSERS.clear()
     try:
         return int(main(argv) or 0)

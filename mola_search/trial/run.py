@@ -52,12 +52,12 @@ def run_trial(settings: TrialSettings, fidelity: Fidelity, request: TrialRequest
     except Exception as exc:  # noqa: BLE001 - every failure is recorded with its reason; the study goes on
         outcome.failure = _reason(exc)
     outcome.wall_time_s = time.perf_counter() - start
-    outcome.peak_rss_mb = _peak_rss_mb()
+    outcome.peak_rss_mb = peak_rss_mb()
     outcome.peak_gpu_mb = _peak_gpu_mb()
     return outcome
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
     """This process's peak resident memory (a Ray trial runs in a process of its own; in-process, the
     driver's peak, which includes more than the trial)."""
     import resource

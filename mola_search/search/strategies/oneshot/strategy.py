@@ -22,18 +22,10 @@ from mola_search.search.study import Contender, Finalist, Origin, choose_best
 from mola_search.search.study.records import DUPLICATE_OF, SEEDS_ENQUEUED, spec_key, trial_origin, trial_seed, \
     trial_spec
 from mola_search.stats.rank import kendall_tau, rank_agreement
+from mola_search.trial.run import peak_rss_mb
 
 if TYPE_CHECKING:
     from mola_search.search.context import StudyContext
-
-
-def _peak_rss_mb() -> float:
-    """This (the driver's) process's peak resident memory so far: the supernet's training and scoring."""
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / 1024 if sys.platform != "darwin" else peak / 2**20, 1)
 
 
 @register_strategy
@@ -70,7 +62,7 @@ class OneShot(Strategy):
                                                              "train_examples", "wall_time_s")},
                            scoring={"scored": len(scoring.ranked_allocations(self.oneshot)), "examples": examples,
                                     "seconds_per_allocation": self.oneshot.user_attrs.get("seconds_per_allocation"),
-                                    "peak_rss_mb": _peak_rss_mb()})
+                                    "peak_rss_mb": round(peak_rss_mb(), 1)})
         study.folder.write_oneshot(self.trust.to_dict())
         driver = study.driver
         if driver.study.user_attrs.get(SEEDS_ENQUEUED):  # resumed: the checks queued before are the ones trained
