@@ -15,7 +15,9 @@ warm-up step each), so a busy machine slows them alike; we report the median
 step (wall and the process's CPU time: on a machine that other jobs load, the CPU time is the steadier
 measure, since waiting for a core does not count), its ratio to the floor, and each variant's peak resident
 memory (the process's high-water mark, reset before each variant via /proc/self/clear_refs). `--profile N`
-adds one profiled floor and MoLA step and the N operators that add the most self CPU time over the floor.
+adds one profiled floor and MoLA step and the N operators that add the most self CPU time over the floor; `--flops`
+counts one step's FLOPs of the floor, PEFT LoRA and MoLA: the time ratio MoLA could reach if its thin matmuls ran
+as fast per FLOP as the base's.
 `--baseline REV` adds "mola@REV": the same model and weights through `mola_search/mola/layer.py` as of git
 revision REV (its layer methods, shared-input groups, dropout pool and balance loss) and PyTorch's default AdamW
 (the other variants use the trainer's, fused), for before/after in one run.
@@ -93,6 +95,24 @@ def profile_step(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         time_steps(model, batch, 0, opt)
     return {event.key: event.self_cpu_time_total / 1e3 for event in prof.key_averages()}
+
+
+def _addmm_flops(_self, mat1, mat2, *_args, out_shape=None, **_kwargs) -> int:
+    """FLOPs of addmm_ (its arguments' shapes, as torch's FLOP counter passes them)."""
+    return 2 * mat1[0] * mat1[1] * mat2[1]
+
+
+def step_flops(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+               opt: torch.optim.Optimizer | None = None) -> int:
+    """Floating-point operations of one training step (forward and backward; the optimizer's elementwise update
+    is not counted), from torch's FLOP counter: matmuls and attention, which is what the floor's time is made of."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    # torch's counter knows addmm but not the in-place addmm_ that MoLA accumulates its outputs and gradients with
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_flops})
+    with counter:
+        time_steps(model, batch, 0, opt)
+    return counter.get_total_flops()
 
 
 def where_mola_spends(floor_ms: dict[str, float], mola_ms: dict[str, float], top: int) -> dict[str, object]:
@@ -227,6 +247,8 @@ def main() -> None:
                     help="leave out MoLA with lora_dropout 0 (what dropout costs; LoRA keeps its 0.05)")
     ap.add_argument("--skip-checkpointed", action="store_true",
                     help="leave out MoLA with activation checkpointing (each decoder layer recomputed in backward)")
+    ap.add_argument("--flops", action="store_true",
+                    help="also count one step's FLOPs of the floor, PEFT LoRA and MoLA (torch's FLOP counter)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also profile one floor and one MoLA step (torch.profiler) and list the N operators that "
                          "add the most time over the floor")
@@ -325,6 +347,14 @@ def main() -> None:
     print(" ".join(f"{k}={v:.2f}" for k, v in ratios.items())
           + ("" if can_reset or device.type == "cuda" else " (peak RSS could not be reset: process-wide peaks)"))
     print("CPU time: " + " ".join(f"{k}={v:.2f}" for k, v in ratios_cpu.items()))
+    flops = None
+    if args.flops:
+        _configure(mola, "mola", config.lora_dropout)
+        flops = {name: step_flops(variants[name], batch, optimizers.get(name))
+                 for name in ("floor", "peft-lora", "mola")}
+        print("arithmetic (torch's FLOP counter, one step): " + "  ".join(
+            f"{name} {n / 1e9:.1f} GFLOP x{n / flops['floor']:.3f}" for name, n in flops.items())
+            + "  (a variant's time ratio over its FLOP ratio is what it loses to thin matmuls and other work)")
     profiled = None
     if args.profile:
         _configure(mola, "mola", config.lora_dropout)  # MoLA as the table's row has it
@@ -339,7 +369,7 @@ def main() -> None:
                                                "allocation": list(config.experts), "threads": args.threads,
                                                "dtype": str(next(floor.base.parameters()).dtype),
                                                "results": results, "ratios": ratios, "ratios_cpu": ratios_cpu,
-                                               "profile": profiled},
+                                               "profile": profiled, "flops": flops},
                                               indent=2) + "\n")
 
 

@@ -58,11 +58,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # Longer than cpu-quick: trials of 16 steps ranked on the whole validation split, finalists trained 4x
     # longer. Measured on 2 cores / 24 GB (docs/strategies.md): the pilot and search take ~30 min on RTE but 16 steps do not
-    # learn RTE; one finalist process peaks at 3.65 GiB (docs/performance.md, "Memory over a whole run"), so two fit.
+    # learn RTE. Batches of 16 run as two micro-batches of 8: a finalist process then peaks at 2.5 GiB instead of
+    # 3.6 GiB for a few % more CPU (docs/performance.md, "Memory over a whole run"); --micro-batch-size 16 trades back.
     "cpu-standard": {
         "model": "smollm2-135m-instruct", "trials": 14, "max_concurrent": None, "cpus_per_trial": 1,
         "finalist_top_n": 1, "finalist_seeds": 3, "finalist_train_examples": 1024, "max_finalist_runs": 40,
-        "train": {"batch_size": 16, "micro_batch_size": 16, "cutoff_len": 128, "lr": 1e-3},
+        "train": {"batch_size": 16, "micro_batch_size": 8, "cutoff_len": 128, "lr": 1e-3},
         "fidelity": {"max_train_examples": 256, "max_eval_examples": None, "rungs": [0.5, 1.0]},
         "seed_names": ["triangle", "inverted_triangle", "hourglass", "rectangle", "diamond", "alphalora"],
         "finalist_shapes": ["triangle", "inverted_triangle", "rectangle"],
