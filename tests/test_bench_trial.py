@@ -49,10 +49,11 @@ def test_bench_step_times_every_variant_against_the_floor(tmp_path: Path) -> Non
     out = tmp_path / "step.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--model", "tiny-llama",
                            "--batch", "2", "--seq", "16", "--repeats", "1", "--rounds", "1", "--threads", "1",
-                           "--profile", "4", "--json", str(out)], capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path)
+                           "--profile", "4", "--flops", "--json", str(out)], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
+    _check_flops(result["flops"], tokens=2 * 16, experts=5, rank=8)
     variants = result["results"]
     assert set(variants) == {"floor", "peft-lora", "mola", "mola-ungrouped", "mola-no-dropout", "mola-checkpointed",
                              "mola-loop"}
@@ -69,6 +70,24 @@ def test_bench_step_times_every_variant_against_the_floor(tmp_path: Path) -> Non
         variants["mola-no-dropout"]["step_s"] / variants["mola"]["step_s"])
     assert result["ratios"]["checkpointed_over_mola"] == pytest.approx(
         variants["mola-checkpointed"]["step_s"] / variants["mola"]["step_s"])
+
+
+def _check_flops(flops: dict[str, int], *, tokens: int, experts: int, rank: int) -> None:
+    """MoLA's counted FLOPs over the floor's are its adapters', by hand: per adapted linear and token, the router
+    (d_in x N) and the A's (d_in x N r) forward, input gradient and weight gradient, and the B's (N r x d_out)
+    forward, gated-input gradient and weight gradient: 6 (N r (d_in + d_out) + N d_in). Layer 0's q/k/v input is
+    the frozen embeddings' (no gradient), so MoLA skips its input gradient, base projections' included, where the
+    floor (gradients down to the embeddings) computes it."""
+    from mola_search.models import load_base_model
+
+    config = load_base_model("tiny-llama")[0].config
+    d, inter = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (d // config.num_attention_heads)
+    shapes = [(d, d), (d, kv), (d, kv), (d, d), (d, inter), (d, inter), (inter, d)]
+    per_layer = sum(6 * (experts * rank * (i + o) + experts * i) for i, o in shapes)
+    layer0_input_grad = 2 * d * (d + 2 * kv) + 3 * 2 * (experts * rank + experts) * d
+    assert flops["mola"] - flops["floor"] == tokens * (config.num_hidden_layers * per_layer - layer0_input_grad)
+    assert flops["floor"] < flops["peft-lora"] < flops["mola"]
 
 
 def test_bench_ops_times_both_layouts_of_every_choice(tmp_path: Path) -> None:

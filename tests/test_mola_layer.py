@@ -510,3 +510,21 @@ def test_reentrant_activation_checkpointing_is_refused():
     assert model.base_model.is_activation_checkpointing and model.state.keep_token_mask
     model.activation_checkpointing_disable()
     assert not model.base_model.is_activation_checkpointing and not model.state.keep_token_mask
+
+
+def test_activation_checkpointing_off_again_computes_no_embedding_gradient():
+    """transformers' enable makes the embeddings' output require grad; off again, the first layer's input must not
+    (bench_step's MoLA rows after its checkpointed variant computed that unused gradient every step)."""
+    model = MoLAModel(tiny_llama(num_layers=2, hidden_size=32, vocab_size=64),
+                      MoLAConfig(experts=(2, 2), top_k=(1, 1), rank=(4, 4)))
+    seen = []
+    first = model.base_model.model.layers[0]
+    first.register_forward_pre_hook(lambda _m, args, kwargs: seen.append(
+        (args[0] if args else kwargs["hidden_states"]).requires_grad), with_kwargs=True)
+    ids = torch.randint(0, 64, (2, 5))
+    model(input_ids=ids)
+    model.activation_checkpointing_enable()
+    model(input_ids=ids)
+    model.activation_checkpointing_disable()
+    model(input_ids=ids)
+    assert seen == [False, True, False]

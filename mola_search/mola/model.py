@@ -167,11 +167,16 @@ class MoLAModel(Adapter):
         self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     def activation_checkpointing_disable(self) -> None:
+        """Back to keeping every activation. transformers' enable also made the input embeddings' output require
+        grad (a hook its disable leaves on unless PEFT loaded the model); it is removed here, or every later step
+        would compute the first layer's input gradient, which nothing uses."""
         base = self.base_model
         if hasattr(base, "activation_checkpointing_disable"):
             base.activation_checkpointing_disable()
         else:
             base.gradient_checkpointing_disable()
+        if hasattr(base, "disable_input_require_grads"):
+            base.disable_input_require_grads()
         self.state.keep_token_mask = False
 
     # --- parameters ----------------------------------------------------------------

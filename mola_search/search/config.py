@@ -59,7 +59,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Longer than cpu-quick: trials of 16 steps ranked on the whole validation split, finalists trained 4x
     # longer. Measured on 2 cores / 24 GB (docs/strategies.md): the pilot and search take ~30 min on RTE but 16 steps do not
     # learn RTE. Batches of 16 run as two micro-batches of 8: a finalist process then peaks at 2.5 GiB instead of
-    # 3.6 GiB for a few % more CPU (docs/performance.md, "Memory over a whole run"); --micro-batch-size 16 trades back.
+    # 3.7 GiB for 7 % more CPU (docs/performance.md, "Memory over a whole run"); --micro-batch-size 16 trades back.
     "cpu-standard": {
         "model": "smollm2-135m-instruct", "trials": 14, "max_concurrent": None, "cpus_per_trial": 1,
         "finalist_top_n": 1, "finalist_seeds": 3, "finalist_train_examples": 1024, "max_finalist_runs": 40,
