@@ -33,9 +33,9 @@ echo "== 1. device tests"
 
 echo "== 2. step benchmark"
 # shellcheck disable=SC2086
-"$PY" benchmarks/bench_step.py --device "$DEVICE" $SMALL $BATCH --repeats 2 --json "$OUT/bench_small.json"
+"$PY" benchmarks/bench_step.py --device "$DEVICE" $SMALL $BATCH --repeats 2 --flops --json "$OUT/bench_small.json"
 # shellcheck disable=SC2086
-"$PY" benchmarks/bench_step.py --device "$DEVICE" $BIG $BATCH --repeats 2 --json "$OUT/bench_big.json"
+"$PY" benchmarks/bench_step.py --device "$DEVICE" $BIG $BATCH --repeats 2 --flops --json "$OUT/bench_big.json"
 
 echo "== 3. two trials sharing a device (--gpus-per-trial $GPUS)"
 "$PY" - "$OUT/task" "$TRAIN" <<'PYTASK'
@@ -74,6 +74,7 @@ for name in ("bench_small", "bench_big"):
     cells = ", ".join(f"{k} {v['step_s']:.3f} s" + (f" ({v['peak_gpu_memory_mb']:.0f} MB)" if "peak_gpu_memory_mb" in v else "")
                       for k, v in b["results"].items())
     ratios = ", ".join(f"{k}={v:.2f}" for k, v in b["ratios"].items())
+    ratios += "; FLOPs x floor: " + ", ".join(f"{k} {v / b['flops']['floor']:.3f}" for k, v in b["flops"].items())
     print(f"| step, {b['args']['model'] or 'smollm2'} ({b['layers']} layers, {sum(b['allocation'])} experts) on "
           f"{b['device']} | {cells}; {ratios} |")
 rows = list(csv.DictReader((out / "study" / "trials.csv").open()))

@@ -23,7 +23,7 @@ def test_gpu_check_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = proc.stdout[proc.stdout.index("| check (cpu) |"):]
     assert "device tests | " in table and " passed" in table
-    assert table.count("| step, ") == 2 and "loop_over_mola=" in table
+    assert table.count("| step, ") == 2 and "loop_over_mola=" in table and table.count("FLOPs x floor: floor 1.000") == 2
     assert table.count("COMPLETE") == 2
     big = json.loads((tmp_path / "bench_big.json").read_text())
     assert big["layers"] == 8 and sum(big["allocation"]) == 40 and big["allocation"][0] < big["allocation"][-1]
