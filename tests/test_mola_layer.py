@@ -528,3 +528,22 @@ def test_activation_checkpointing_off_again_computes_no_embedding_gradient():
     model.activation_checkpointing_disable()
     model(input_ids=ids)
     assert seen == [False, True, False]
+
+
+def test_a_training_forward_holds_no_activation_after_it():
+    """Nothing of MoLA's keeps a layer's input once the forward is over (the dropout pool used to keep the last
+    input it cut a mask for until the next step: one activation pinned in the heap between steps)."""
+    import gc
+    import weakref
+
+    model = MoLAModel(tiny_llama(num_layers=2, hidden_size=32, vocab_size=64),
+                      MoLAConfig(experts=(2, 2), top_k=(1, 1), rank=(4, 4), lora_dropout=0.1))
+    model.train()
+    inputs = []
+    for layer in model.mola_layers.values():
+        layer.register_forward_pre_hook(lambda _m, args: inputs.append(weakref.ref(args[0])))
+    with torch.no_grad():  # autograd saves nothing: only MoLA's own references could keep an input alive
+        out = model(input_ids=torch.randint(0, 64, (2, 5)))
+    del out
+    gc.collect()
+    assert inputs and all(ref() is None for ref in inputs)

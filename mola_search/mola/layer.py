@@ -84,6 +84,11 @@ class DropoutPool:
     def new_forward(self) -> None:
         self._fresh, self._last = True, None
 
+    def release(self) -> None:
+        """Forget the last input a mask was cut for (MoLAModel calls it after each forward): the pool stays for a
+        checkpointed layer's replay, the activation is not held until the next step."""
+        self._last = None
+
     def mask(self, x: torch.Tensor, p: float, key: int = 0, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The keep-bits of dropout with probability `p` on `x` (x's shape; an integer type as wide as `dtype`,
         by default x's), as in training mode; `key` picks the slice. The same tensor `x` gets the same mask again."""

@@ -341,9 +341,10 @@ def _track_tokens(state: RoutingState, _module: nn.Module, args: tuple, kwargs: 
 
 
 def _forget_tokens(state: RoutingState, _module: nn.Module, _args: tuple, _output: Any) -> None:
-    """After each forward of the base model: stop recording; drop the token mask unless a checkpointed
-    layer's replay during backward still needs it."""
+    """After each forward of the base model: stop recording, let the dropout pool forget the last input it masked,
+    and drop the token mask unless a checkpointed layer's replay during backward still needs it."""
     state.recording = False
+    state.dropout.release()
     if not state.keep_token_mask:
         state.token_mask = None
 
